@@ -1,0 +1,12 @@
+"""rmt: the RMT vision backbone (Retentive Networks Meet Vision Transformers) as timm models.
+
+``import rmt`` registers ``rmt_tiny``, ``rmt_small``, ``rmt_base`` and ``rmt_large`` with timm.
+"""
+from .model import MODEL_ARGS, RMT, MaSA, RMTBlock, RMTStage
+from .checkpoint import CheckpointError, convert, load_into
+
+__version__ = "0.1.0"
+VARIANTS = tuple(MODEL_ARGS)
+
+__all__ = ["RMT", "MaSA", "RMTBlock", "RMTStage", "MODEL_ARGS", "VARIANTS", "CheckpointError",
+           "convert", "load_into", "__version__"]

@@ -1,0 +1,540 @@
+"""RMT: Retentive Networks Meet Vision Transformers (Fan et al., CVPR 2024) as timm models.
+
+Top to bottom: helpers, attention (MaSA), block, stage, model, checkpoint hooks, configs and the
+``rmt_tiny/small/base/large`` registrations. Token tensors inside the model are channels-last
+``(b, h, w, c)``; images and returned feature maps are NCHW.
+
+Layer names are this package's own (a fused ``qkv`` projection, timm-style ``stages`` with the
+downsample at the start of the stage it feeds); :mod:`rmt.checkpoint` converts to and from the
+released layout without changing any number.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from timm.layers import DropPath, LayerScale, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from .ops.masa import FORMS, IMPLS, head_decays, masa, rotation_tables
+
+__all__ = ["RMT", "MaSA", "RMTBlock", "RMTStage", "MIN_INPUT_SIZE"]
+
+MIN_INPUT_SIZE = 32
+FormSpec = Union[str, Sequence[str]]
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+def _dwconv_nhwc(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Depthwise conv on a channels-last token tensor ``(b, h, w, c)``; returns ``(b, h, w, c)``.
+
+    The permute is a view: ``(b, h, w, c)`` contiguous is NCHW in channels-last memory format.
+    """
+    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def _normalize_forms(forms: FormSpec, num_stages: int) -> Tuple[str, ...]:
+    """Accept ``"full"``, ``"decomposed"``, a per-stage sequence, or a string like ``"TTFF"``."""
+    if isinstance(forms, str):
+        if forms in FORMS:
+            return (forms,) * num_stages
+        if len(forms) == num_stages and set(forms) <= {"T", "F"}:
+            return tuple("decomposed" if f == "T" else "full" for f in forms)
+        raise ValueError(
+            f"attention form {forms!r} not understood: use 'decomposed', 'full', a string of "
+            f"{num_stages} letters T/F (T = decomposed), or a sequence of {num_stages} forms")
+    forms = tuple(forms)
+    if len(forms) != num_stages or any(f not in FORMS for f in forms):
+        raise ValueError(f"expected {num_stages} attention forms from {FORMS}, got {forms!r}")
+    return forms
+
+
+class Stem(nn.Sequential):
+    """Four 3x3 convs (strides 2, 1, 2, 1) with BatchNorm; ``(b, 3, H, W) -> (b, c, H/4, W/4)``.
+
+    Indices match the released ``patch_embed.proj`` Sequential (0,1,3,4,6,7,9,10 hold weights).
+    """
+
+    def __init__(self, in_chans: int, out_chans: int, device=None, dtype=None):
+        dd = dict(device=device, dtype=dtype)
+        mid = out_chans // 2
+        super().__init__(
+            nn.Conv2d(in_chans, mid, 3, 2, 1, **dd), nn.BatchNorm2d(mid, **dd), nn.GELU(),
+            nn.Conv2d(mid, mid, 3, 1, 1, **dd), nn.BatchNorm2d(mid, **dd), nn.GELU(),
+            nn.Conv2d(mid, out_chans, 3, 2, 1, **dd), nn.BatchNorm2d(out_chans, **dd), nn.GELU(),
+            nn.Conv2d(out_chans, out_chans, 3, 1, 1, **dd), nn.BatchNorm2d(out_chans, **dd),
+        )
+
+
+class Downsample(nn.Module):
+    """Conv3x3 stride 2 + BatchNorm between stages; ``(b, h, w, c_in) -> (b, ceil(h/2), ceil(w/2), c_out)``."""
+
+    def __init__(self, in_chs: int, out_chs: int, device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.conv = nn.Conv2d(in_chs, out_chs, 3, 2, 1, **dd)
+        self.norm = nn.BatchNorm2d(out_chs, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention
+# ----------------------------------------------------------------------------------------------
+
+class MaSA(nn.Module):
+    """Manhattan Self-Attention with rotation, decay bias and LePE; ``(b, h, w, c) -> (b, h, w, c)``.
+
+    ``form`` ("decomposed" or "full") and ``impl`` (see :data:`rmt.ops.masa.IMPLS`) are plain
+    attributes: they can be changed on a built model without touching the weights.
+    """
+
+    def __init__(self, dim: int, num_heads: int, form: str = "full", impl: str = "auto",
+                 device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        if dim % num_heads or (dim // num_heads) % 2:
+            raise ValueError(f"dim {dim} must split into {num_heads} heads of even width")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.form = form
+        self.impl = impl
+        self.qkv = nn.Linear(dim, 3 * dim, **dd)
+        self.lepe = nn.Conv2d(dim, dim, 5, 1, 2, groups=dim, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
+
+    def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
+                decay: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=-1)
+        lepe = _dwconv_nhwc(self.lepe, v)
+        shape = (b, h, w, self.num_heads, self.head_dim)
+        out = masa(q.view(shape), k.view(shape), v.view(shape), sin, cos, decay, self.scale,
+                   form=self.form, impl=self.impl)
+        return self.proj(out.view(b, h, w, c) + lepe)
+
+
+# ----------------------------------------------------------------------------------------------
+# block
+# ----------------------------------------------------------------------------------------------
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> (+ depthwise 3x3) -> fc2 on ``(b, h, w, c)`` tokens."""
+
+    def __init__(self, dim: int, hidden: int, device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.fc1 = nn.Linear(dim, hidden, **dd)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden, **dd)
+        self.fc2 = nn.Linear(hidden, dim, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = F.gelu(self.fc1(x))
+        u = u + _dwconv_nhwc(self.dwconv, u)
+        return self.fc2(u)
+
+
+class RMTBlock(nn.Module):
+    """CPE, then MaSA and FFN residual branches with optional layer scale and drop path."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, form: str, impl: str,
+                 layerscale: bool, layer_init_value: float, drop_path: float,
+                 device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.cpe = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim, **dd)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6, **dd)
+        self.attn = MaSA(dim, num_heads, form, impl, **dd)
+        self.ls1 = LayerScale(dim, layer_init_value, **dd) if layerscale else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6, **dd)
+        self.mlp = Mlp(dim, int(mlp_ratio * dim), **dd)
+        self.ls2 = LayerScale(dim, layer_init_value, **dd) if layerscale else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
+                decay: torch.Tensor) -> torch.Tensor:
+        x = x + _dwconv_nhwc(self.cpe, x)
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), sin, cos, decay)))
+        x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+# ----------------------------------------------------------------------------------------------
+# stage
+# ----------------------------------------------------------------------------------------------
+
+class RMTStage(nn.Module):
+    """Optional downsample, then ``depth`` blocks sharing one rotation table and decay vector."""
+
+    def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, init_value: float,
+                 heads_range: float, mlp_ratio: float, form: str, impl: str, layerscale: bool,
+                 layer_init_value: float, drop_path: Sequence[float], downsample: bool,
+                 device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.init_value = init_value
+        self.heads_range = heads_range
+        self.grad_checkpointing = False
+        self.downsample = Downsample(in_dim, dim, **dd) if downsample else nn.Identity()
+        self.blocks = nn.ModuleList([
+            RMTBlock(dim, num_heads, mlp_ratio, form, impl, layerscale, layer_init_value,
+                     drop_path[i], **dd)
+            for i in range(depth)])
+
+    @property
+    def form(self) -> str:
+        return self.blocks[0].attn.form if len(self.blocks) else "full"
+
+    def set_form(self, form: str) -> None:
+        for blk in self.blocks:
+            blk.attn.form = form
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        _, h, w, _ = x.shape
+        sin, cos = rotation_tables(h, w, self.head_dim, device=x.device)
+        decay = head_decays(self.num_heads, self.init_value, self.heads_range, device=x.device)
+        for blk in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                x = torch.utils.checkpoint.checkpoint(blk, x, sin, cos, decay, use_reentrant=False)
+            else:
+                x = blk(x, sin, cos, decay)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------
+# model
+# ----------------------------------------------------------------------------------------------
+
+class ClassifierHead(nn.Module):
+    """Per-token Linear(c -> hidden) + BatchNorm + Swish, global average pool, Linear(hidden -> classes).
+
+    ``global_pool=''`` returns the unpooled ``(b, h, w, hidden)`` map.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, num_classes: int, global_pool: str = "avg",
+                 drop_rate: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.proj = nn.Linear(in_dim, hidden, **dd)
+        self.norm = nn.BatchNorm1d(hidden, **dd)
+        self.global_pool = global_pool
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(hidden, num_classes, **dd) if num_classes > 0 else nn.Identity()
+
+    def reset(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        ref = self.proj.weight
+        self.fc = (nn.Linear(self.proj.out_features, num_classes, device=ref.device, dtype=ref.dtype)
+                   if num_classes > 0 else nn.Identity())
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        b, h, w, _ = x.shape
+        x = self.proj(x)
+        x = self.norm(x.reshape(b * h * w, -1)).view(b, h, w, -1)
+        x = x * torch.sigmoid(x)
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
+        x = self.drop(x)
+        return x if pre_logits else self.fc(x)
+
+
+class RMT(nn.Module):
+    """The RMT backbone and classifier.
+
+    ``forward_features`` returns ``(b, h/32, w/32, c3)`` (NHWC), ``forward`` logits ``(b, classes)``.
+    ``forward_intermediates`` returns NCHW stage outputs taken before each downsample (strides
+    4/8/16/32), passed through ``feature_norms`` when the model has them (dense prediction).
+    """
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = "avg",
+            embed_dims: Sequence[int] = (64, 128, 256, 512),
+            depths: Sequence[int] = (2, 2, 8, 2),
+            num_heads: Sequence[int] = (4, 4, 8, 16),
+            init_values: Sequence[float] = (2, 2, 2, 2),
+            heads_ranges: Sequence[float] = (4, 4, 6, 6),
+            mlp_ratios: Sequence[float] = (3, 3, 3, 3),
+            attn_forms: FormSpec = ("decomposed", "decomposed", "full", "full"),
+            layerscales: Sequence[bool] = (False, False, False, False),
+            layer_init_values: float = 1e-6,
+            head_hidden_size: int = 1024,
+            drop_rate: float = 0.0,
+            drop_path_rate: float = 0.1,
+            feature_norms: bool = False,
+            masa_impl: str = "auto",
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        num_stages = len(depths)
+        if masa_impl not in IMPLS:
+            raise ValueError(f"masa_impl must be one of {IMPLS}, got {masa_impl!r}")
+        forms = _normalize_forms(attn_forms, num_stages)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.embed_dims = tuple(embed_dims)
+        self.num_features = embed_dims[-1]
+        self.head_hidden_size = head_hidden_size
+        self.output_fmt = "NHWC"
+        self.drop_rate = drop_rate
+
+        self.stem = Stem(in_chans, embed_dims[0], **dd)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        stages, self.feature_info = [], []
+        for i in range(num_stages):
+            start = sum(depths[:i])
+            stages.append(RMTStage(
+                embed_dims[max(i - 1, 0)], embed_dims[i], depths[i], num_heads[i], init_values[i],
+                heads_ranges[i], mlp_ratios[i], forms[i], masa_impl, layerscales[i],
+                layer_init_values, dpr[start:start + depths[i]], downsample=i > 0, **dd))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f"stages.{i}"))
+        self.stages = nn.Sequential(*stages)
+        self.feature_norms = nn.ModuleList(
+            [nn.LayerNorm(d, eps=1e-5, **dd) for d in embed_dims]) if feature_norms else None
+        self.head = ClassifierHead(embed_dims[-1], head_hidden_size, num_classes, global_pool,
+                                   drop_rate, **dd)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # --- attention form and implementation -----------------------------------------------------
+
+    @property
+    def attention_forms(self) -> Tuple[str, ...]:
+        """The MaSA form of each stage, e.g. ``('decomposed', 'decomposed', 'full', 'full')``."""
+        return tuple(s.form for s in self.stages)
+
+    def set_attention_form(self, forms: FormSpec) -> None:
+        """Choose the MaSA form per stage without touching weights.
+
+        ``forms``: ``"decomposed"``, ``"full"``, a per-stage sequence, or a string like ``"TTFF"``
+        (T = decomposed, F = full), one letter per stage.
+        """
+        for stage, form in zip(self.stages, _normalize_forms(forms, len(self.stages))):
+            stage.set_form(form)
+
+    def set_masa_impl(self, impl: str) -> None:
+        """Select the MaSA implementation: ``"auto"`` (fast path where available) or ``"reference"``."""
+        if impl not in IMPLS:
+            raise ValueError(f"masa_impl must be one of {IMPLS}, got {impl!r}")
+        for m in self.modules():
+            if isinstance(m, MaSA):
+                m.impl = impl
+
+    # --- timm model interface -------------------------------------------------------------------
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {"*.ls1.gamma", "*.ls2.gamma"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.downsample", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^feature_norms\.(\d+)", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"RMT expects images of shape (batch, {self.in_chans}, height, width), got "
+                f"{tuple(x.shape)}; convert grayscale images to {self.in_chans} channels or "
+                f"create the model with in_chans={x.shape[1] if x.ndim == 4 else '...'}")
+        if x.shape[-2] < MIN_INPUT_SIZE or x.shape[-1] < MIN_INPUT_SIZE:
+            raise ValueError(
+                f"RMT needs inputs of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels (output "
+                f"stride 32), got {x.shape[-2]}x{x.shape[-1]}; resize or pad the image")
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs before each downsample, NCHW (``output_fmt='NHWC'`` keeps tokens layout).
+
+        Args:
+            indices: last n stages if int, all if None, else the stage indices to return.
+            norm: kept for the timm interface; per-stage norms apply whenever the model has them.
+            stop_early: stop after the last requested stage.
+            intermediates_only: return only the list of features.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        self._check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages[:max_index + 1] if stop_early else self.stages
+        intermediates = []
+        x = self.stem(x).permute(0, 2, 3, 1)
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                feat = self.feature_norms[i](x) if self.feature_norms is not None else x
+                intermediates.append(feat.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else feat)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the stages after the last requested one (and the head); returns the kept indices."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if self.feature_norms is not None:
+            self.feature_norms = self.feature_norms[:max_index + 1]
+        if prune_head or max_index < len(self.embed_dims) - 1:
+            self.num_features = self.embed_dims[max_index]
+            self.head = nn.Identity()
+            self.num_classes = 0
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(b, C, H, W) -> (b, ceil(H/32), ceil(W/32), c3)``."""
+        self._check_input(x)
+        x = self.stem(x).permute(0, 2, 3, 1)
+        return self.stages(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # --- checkpoints ------------------------------------------------------------------------------
+
+    def load_pretrained(self, path: str) -> None:
+        """Load a checkpoint file (ours, released or converted); see :mod:`rmt.checkpoint`."""
+        from .checkpoint import load_into
+        load_into(self, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# configs and registrations
+# ----------------------------------------------------------------------------------------------
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: RMT) -> Dict[str, torch.Tensor]:
+    """Convert any supported checkpoint layout (released, ours, wrapped) to this model's keys."""
+    from .checkpoint import filter_state_dict
+    return filter_state_dict(state_dict, model)
+
+
+def _create_rmt(variant: str, pretrained: bool = False, **kwargs) -> RMT:
+    if kwargs.get("features_only"):
+        kwargs.setdefault("feature_norms", True)
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(
+        RMT, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        **kwargs)
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+        "crop_pct": 0.9, "interpolation": "bicubic", "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.0", "classifier": "head.fc", "custom_load": True,
+        "license": "apache-2.0", "paper_ids": "arXiv:2309.11523",
+        "paper_name": "RMT: Retentive Networks Meet Vision Transformers", **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "rmt_tiny.in1k": _cfg(),
+    "rmt_small.in1k": _cfg(),
+    "rmt_base.in1k": _cfg(),
+    "rmt_large.in1k": _cfg(),
+})
+
+# Architecture of each variant (SPEC section 4); ``rmt.variants`` reads this table too.
+MODEL_ARGS: Dict[str, Dict[str, Any]] = {
+    "rmt_tiny": dict(
+        embed_dims=(64, 128, 256, 512), depths=(2, 2, 8, 2), num_heads=(4, 4, 8, 16),
+        init_values=(2, 2, 2, 2), heads_ranges=(4, 4, 6, 6), mlp_ratios=(3, 3, 3, 3),
+        attn_forms="TTFF", layerscales=(False,) * 4, drop_path_rate=0.1),
+    "rmt_small": dict(
+        embed_dims=(64, 128, 256, 512), depths=(3, 4, 18, 4), num_heads=(4, 4, 8, 16),
+        init_values=(2, 2, 2, 2), heads_ranges=(4, 4, 6, 6), mlp_ratios=(4, 4, 3, 3),
+        attn_forms="TTTF", layerscales=(False,) * 4, drop_path_rate=0.15),
+    "rmt_base": dict(
+        embed_dims=(80, 160, 320, 512), depths=(4, 8, 25, 8), num_heads=(5, 5, 10, 16),
+        init_values=(2, 2, 2, 2), heads_ranges=(5, 5, 6, 6), mlp_ratios=(4, 4, 3, 3),
+        attn_forms="TTTF", layerscales=(False, False, True, True), drop_path_rate=0.4),
+    "rmt_large": dict(
+        embed_dims=(112, 224, 448, 640), depths=(4, 8, 25, 8), num_heads=(7, 7, 14, 20),
+        init_values=(2, 2, 2, 2), heads_ranges=(6, 6, 6, 6), mlp_ratios=(4, 4, 3, 3),
+        attn_forms="TTTF", layerscales=(False, False, True, True), drop_path_rate=0.5),
+}
+
+
+@register_model
+def rmt_tiny(pretrained: bool = False, **kwargs) -> RMT:
+    """RMT-T: 14.3M params, 2.5 GFLOPs, 82.4% ImageNet top-1."""
+    return _create_rmt("rmt_tiny", pretrained, **dict(MODEL_ARGS["rmt_tiny"], **kwargs))
+
+
+@register_model
+def rmt_small(pretrained: bool = False, **kwargs) -> RMT:
+    """RMT-S: 27.0M params, 4.5 GFLOPs, 84.1% ImageNet top-1."""
+    return _create_rmt("rmt_small", pretrained, **dict(MODEL_ARGS["rmt_small"], **kwargs))
+
+
+@register_model
+def rmt_base(pretrained: bool = False, **kwargs) -> RMT:
+    """RMT-B: 54.2M params, 9.7 GFLOPs, 85.0% ImageNet top-1."""
+    return _create_rmt("rmt_base", pretrained, **dict(MODEL_ARGS["rmt_base"], **kwargs))
+
+
+@register_model
+def rmt_large(pretrained: bool = False, **kwargs) -> RMT:
+    """RMT-L: 95.5M params, 18.2 GFLOPs, 85.5% ImageNet top-1."""
+    return _create_rmt("rmt_large", pretrained, **dict(MODEL_ARGS["rmt_large"], **kwargs))

@@ -1,0 +1,143 @@
+"""Reference Manhattan Self-Attention (MaSA): the plain PyTorch oracle and the CPU path.
+
+Every tensor that enters or leaves the public functions here uses the token layout of the model:
+``q, k, v`` are ``(b, h, w, n, d)`` views of the projections (any strides), the output is a
+contiguous ``(b, h, w, n, d)`` tensor, so ``out.view(b, h, w, n * d)`` is the concatenated heads.
+
+The math follows the specification exactly (section 3):
+
+* ``k`` is scaled by ``d ** -0.5`` before the rotation;
+* the rotation uses the row-major token index ``p = r * w + s`` of the current grid;
+* the decay ``lambda_j * distance`` is an additive bias on the logits before the softmax;
+* the "full" form attends over all ``h * w`` tokens with the Manhattan distance, the "decomposed"
+  form attends along each row and then along each column, feeding only ``v`` from the first pass
+  into the second.
+
+Fast kernels elsewhere in this package are tested against these functions.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+# A full-form softmax row block of (rows x tokens) logits per head is materialised at a time; this
+# bounds the memory of the reference path at large inputs (the result does not depend on it).
+_FULL_FORM_MAX_LOGITS = 1 << 24
+
+
+def rotation_angles(head_dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """Per-channel rotation frequencies ``[t0, t0, t1, t1, ...]`` of length ``head_dim`` (float32).
+
+    ``t_m = 10000 ** -(m / (head_dim/2 - 1))`` for ``m = 0 .. head_dim/2 - 1``.
+    """
+    if head_dim % 2:
+        raise ValueError(f"MaSA head width must be even for the rotation, got {head_dim}")
+    half = head_dim // 2
+    theta = 1.0 / (10000 ** torch.linspace(0, 1, half, dtype=torch.float32, device=device))
+    return theta.unsqueeze(-1).repeat(1, 2).flatten()
+
+
+def head_decays(num_heads: int, init_value: float, heads_range: float,
+                device: torch.device | None = None) -> torch.Tensor:
+    """Per-head decay ``lambda_j = log(1 - 2 ** (-init_value - heads_range * j / n))``, shape ``(n,)``."""
+    j = torch.arange(num_heads, dtype=torch.float32, device=device)
+    return torch.log(1 - 2 ** (-init_value - heads_range * j / num_heads))
+
+
+def rotation_tables(h: int, w: int, head_dim: int,
+                    device: torch.device | None = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(sin, cos)`` of ``p * angle`` for every token of an ``h x w`` grid, each ``(h, w, head_dim)`` float32."""
+    angle = rotation_angles(head_dim, device)
+    index = torch.arange(h * w, dtype=torch.float32, device=device)
+    phase = index[:, None] * angle[None, :]
+    return torch.sin(phase).view(h, w, head_dim), torch.cos(phase).view(h, w, head_dim)
+
+
+def rotate(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs ``(2i, 2i+1)`` of ``x`` (..., d) by the angles whose sin/cos are given.
+
+    ``out_2i = x_2i cos - x_2i+1 sin``, ``out_2i+1 = x_2i+1 cos + x_2i sin``.
+    """
+    x1 = x[..., 0::2]
+    x2 = x[..., 1::2]
+    swapped = torch.stack((-x2, x1), dim=-1).flatten(-2)
+    return x * cos + swapped * sin
+
+
+def _distance_1d(n: int, device: torch.device) -> torch.Tensor:
+    """``|i - j|`` for ``i, j < n`` as float32, shape ``(n, n)``."""
+    idx = torch.arange(n, device=device)
+    return (idx[:, None] - idx[None, :]).abs().to(torch.float32)
+
+
+def _rotate_qk(q: torch.Tensor, k: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
+               scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scale k, rotate q and k; inputs ``(b, h, w, n, d)``, tables ``(h, w, d)``; outputs ``(b, n, h, w, d)``."""
+    q = q.permute(0, 3, 1, 2, 4)
+    k = k.permute(0, 3, 1, 2, 4) * scale
+    return rotate(q, sin, cos), rotate(k, sin, cos)
+
+
+def masa_decomposed_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              sin: torch.Tensor, cos: torch.Tensor, decay: torch.Tensor,
+                              scale: float) -> torch.Tensor:
+    """Decomposed MaSA: attention along rows, then along columns.
+
+    Args:
+        q, k, v: ``(b, h, w, n, d)``.
+        sin, cos: rotation tables ``(h, w, d)`` (float32).
+        decay: per-head ``lambda`` ``(n,)`` (float32, negative).
+        scale: multiplier applied to ``k`` before the rotation.
+    Returns:
+        ``(b, h, w, n, d)`` contiguous.
+    """
+    b, h, w, n, d = q.shape
+    qr, kr = _rotate_qk(q, k, sin, cos, scale)              # (b, n, h, w, d)
+    v = v.permute(0, 3, 1, 2, 4)                             # (b, n, h, w, d)
+    bias_w = decay[:, None, None] * _distance_1d(w, q.device)  # (n, w, w)
+    bias_h = decay[:, None, None] * _distance_1d(h, q.device)  # (n, h, h)
+
+    logits_w = qr @ kr.transpose(-1, -2) + bias_w[None, :, None]   # (b, n, h, w, w)
+    v = torch.softmax(logits_w, dim=-1).to(v.dtype) @ v            # (b, n, h, w, d)
+
+    qr_h = qr.transpose(2, 3)                                       # (b, n, w, h, d)
+    kr_h = kr.transpose(2, 3)
+    logits_h = qr_h @ kr_h.transpose(-1, -2) + bias_h[None, :, None]  # (b, n, w, h, h)
+    out = torch.softmax(logits_h, dim=-1).to(v.dtype) @ v.transpose(2, 3)  # (b, n, w, h, d)
+    return out.permute(0, 3, 2, 1, 4).contiguous()
+
+
+def masa_full_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        sin: torch.Tensor, cos: torch.Tensor, decay: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    """Full MaSA over all ``h * w`` tokens with a Manhattan-distance decay.
+
+    Same arguments and result layout as :func:`masa_decomposed_reference`. Query rows are processed
+    in blocks so that the logits never exceed a fixed size; each row's softmax is independent, so the
+    blocking does not change the result.
+    """
+    b, h, w, n, d = q.shape
+    L = h * w
+    qr, kr = _rotate_qk(q, k, sin, cos, scale)
+    qr = qr.reshape(b, n, L, d)
+    kr = kr.reshape(b, n, L, d)
+    v = v.permute(0, 3, 1, 2, 4).reshape(b, n, L, v.shape[-1])
+    idx = torch.arange(L, device=q.device)
+    rows, cols = idx // w, idx % w
+    block = max(1, min(L, _FULL_FORM_MAX_LOGITS // max(1, b * n * L)))
+    outs = []
+    for start in range(0, L, block):
+        stop = min(L, start + block)
+        dist = ((rows[start:stop, None] - rows[None, :]).abs()
+                + (cols[start:stop, None] - cols[None, :]).abs()).to(torch.float32)
+        bias = decay[:, None, None] * dist                              # (n, rows, L)
+        logits = qr[:, :, start:stop] @ kr.transpose(-1, -2) + bias     # (b, n, rows, L)
+        outs.append(torch.softmax(logits, dim=-1).to(v.dtype) @ v)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)         # (b, n, L, d)
+    return out.view(b, n, h, w, -1).permute(0, 2, 3, 1, 4).contiguous()
+
+
+def default_scale(head_dim: int) -> float:
+    """The key scale of the specification, ``head_dim ** -0.5``."""
+    return head_dim ** -0.5
