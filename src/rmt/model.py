@@ -8,7 +8,6 @@ Layer names are this package's own (a fused ``qkv`` projection, timm-style ``sta
 downsample at the start of the stage it feeds); :mod:`rmt.checkpoint` converts to and from the
 released layout without changing any number.
 """
-from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -17,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.layers import DropPath, LayerScale, trunc_normal_
+from timm.layers._fx import register_notrace_function
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -33,12 +33,30 @@ FormSpec = Union[str, Sequence[str]]
 # helpers
 # ----------------------------------------------------------------------------------------------
 
-def _dwconv_nhwc(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Depthwise conv on a channels-last token tensor ``(b, h, w, c)``; returns ``(b, h, w, c)``.
+@torch.jit.ignore
+def check_image(x: torch.Tensor, in_chans: int) -> None:
+    """Raise ValueError unless ``x`` is ``(b, in_chans, H, W)`` with ``H, W >= MIN_INPUT_SIZE``."""
+    if x.ndim != 4 or x.shape[1] != in_chans:
+        raise ValueError(
+            f"RMT expects images of shape (batch, {in_chans}, height, width), got {tuple(x.shape)}; "
+            f"convert the images to {in_chans} channels or create the model with a matching in_chans")
+    if x.shape[-2] < MIN_INPUT_SIZE or x.shape[-1] < MIN_INPUT_SIZE:
+        raise ValueError(
+            f"RMT needs inputs of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels (output stride 32), "
+            f"got {x.shape[-2]}x{x.shape[-1]}; resize or pad the image")
 
-    The permute is a view: ``(b, h, w, c)`` contiguous is NCHW in channels-last memory format.
-    """
-    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+def stage_positions(h: int, w: int, head_dim: int, num_heads: int, init_value: float,
+                     heads_range: float, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rotation tables ``(h, w, d)`` and per-head decay ``(n,)`` of one stage (float32)."""
+    sin, cos = rotation_tables(h, w, head_dim, device=device)
+    return sin, cos, head_decays(num_heads, init_value, heads_range, device=device)
+
+
+# shape-dependent helpers stay opaque to torch.fx tracing (feature extraction by graph rewriting)
+register_notrace_function(check_image)
+register_notrace_function(stage_positions)
+register_notrace_function(masa)
 
 
 def _normalize_forms(forms: FormSpec, num_stages: int) -> Tuple[str, ...]:
@@ -117,7 +135,7 @@ class MaSA(nn.Module):
                 decay: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=-1)
-        lepe = _dwconv_nhwc(self.lepe, v)
+        lepe = self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         shape = (b, h, w, self.num_heads, self.head_dim)
         out = masa(q.view(shape), k.view(shape), v.view(shape), sin, cos, decay, self.scale,
                    form=self.form, impl=self.impl)
@@ -140,7 +158,7 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = F.gelu(self.fc1(x))
-        u = u + _dwconv_nhwc(self.dwconv, u)
+        u = u + self.dwconv(u.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.fc2(u)
 
 
@@ -163,7 +181,7 @@ class RMTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
                 decay: torch.Tensor) -> torch.Tensor:
-        x = x + _dwconv_nhwc(self.cpe, x)
+        x = x + self.cpe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (b,h,w,c) is NCHW channels-last
         x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), sin, cos, decay)))
         x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return x
@@ -176,6 +194,8 @@ class RMTBlock(nn.Module):
 class RMTStage(nn.Module):
     """Optional downsample, then ``depth`` blocks sharing one rotation table and decay vector."""
 
+    __jit_unused_properties__ = ["form"]
+
     def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, init_value: float,
                  heads_range: float, mlp_ratio: float, form: str, impl: str, layerscale: bool,
                  layer_init_value: float, drop_path: Sequence[float], downsample: bool,
@@ -184,8 +204,8 @@ class RMTStage(nn.Module):
         dd = dict(device=device, dtype=dtype)
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.init_value = init_value
-        self.heads_range = heads_range
+        self.init_value = float(init_value)
+        self.heads_range = float(heads_range)
         self.grad_checkpointing = False
         self.downsample = Downsample(in_dim, dim, **dd) if downsample else nn.Identity()
         self.blocks = nn.ModuleList([
@@ -204,8 +224,8 @@ class RMTStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         _, h, w, _ = x.shape
-        sin, cos = rotation_tables(h, w, self.head_dim, device=x.device)
-        decay = head_decays(self.num_heads, self.init_value, self.heads_range, device=x.device)
+        sin, cos, decay = stage_positions(h, w, self.head_dim, self.num_heads, self.init_value,
+                                           self.heads_range, x.device)
         for blk in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
                 x = torch.utils.checkpoint.checkpoint(blk, x, sin, cos, decay, use_reentrant=False)
@@ -241,7 +261,7 @@ class ClassifierHead(nn.Module):
             self.global_pool = global_pool
         ref = self.proj.weight
         self.fc = (nn.Linear(self.proj.out_features, num_classes, device=ref.device, dtype=ref.dtype)
-                   if num_classes > 0 else nn.Identity())
+                   if num_classes > 0 else nn.Identity()).train(self.training)
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         b, h, w, _ = x.shape
@@ -261,6 +281,8 @@ class RMT(nn.Module):
     ``forward_intermediates`` returns NCHW stage outputs taken before each downsample (strides
     4/8/16/32), passed through ``feature_norms`` when the model has them (dense prediction).
     """
+
+    __jit_unused_properties__ = ["attention_forms"]
 
     def __init__(
             self,
@@ -299,7 +321,8 @@ class RMT(nn.Module):
         self.drop_rate = drop_rate
 
         self.stem = Stem(in_chans, embed_dims[0], **dd)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        total = sum(depths)
+        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         stages, self.feature_info = [], []
         for i in range(num_stages):
             start = sum(depths[:i])
@@ -379,17 +402,6 @@ class RMT(nn.Module):
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool)
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"RMT expects images of shape (batch, {self.in_chans}, height, width), got "
-                f"{tuple(x.shape)}; convert grayscale images to {self.in_chans} channels or "
-                f"create the model with in_chans={x.shape[1] if x.ndim == 4 else '...'}")
-        if x.shape[-2] < MIN_INPUT_SIZE or x.shape[-1] < MIN_INPUT_SIZE:
-            raise ValueError(
-                f"RMT needs inputs of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels (output "
-                f"stride 32), got {x.shape[-2]}x{x.shape[-1]}; resize or pad the image")
-
     def forward_intermediates(
             self,
             x: torch.Tensor,
@@ -409,7 +421,7 @@ class RMT(nn.Module):
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        self._check_input(x)
+        check_image(x, self.in_chans)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         stages = self.stages[:max_index + 1] if stop_early else self.stages
         intermediates = []
@@ -438,7 +450,7 @@ class RMT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(b, C, H, W) -> (b, ceil(H/32), ceil(W/32), c3)``."""
-        self._check_input(x)
+        check_image(x, self.in_chans)
         x = self.stem(x).permute(0, 2, 3, 1)
         return self.stages(x)
 

@@ -33,7 +33,7 @@ def masa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor, c
         return masa_decomposed_reference(q, k, v, sin, cos, decay, scale)
     if form == "full":
         return masa_full_reference(q, k, v, sin, cos, decay, scale)
-    raise ValueError(f"unknown MaSA form {form!r}; expected one of {FORMS}")
+    raise ValueError("unknown MaSA form '" + form + "'; expected 'decomposed' or 'full'")
 
 
 __all__ = [

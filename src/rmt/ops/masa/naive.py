@@ -17,16 +17,11 @@ Fast kernels elsewhere in this package are tested against these functions.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
-# A full-form softmax row block of (rows x tokens) logits per head is materialised at a time; this
-# bounds the memory of the reference path at large inputs (the result does not depend on it).
-_FULL_FORM_MAX_LOGITS = 1 << 24
-
-
-def rotation_angles(head_dim: int, device: torch.device | None = None) -> torch.Tensor:
+def rotation_angles(head_dim: int, device: Optional[torch.device] = None) -> torch.Tensor:
     """Per-channel rotation frequencies ``[t0, t0, t1, t1, ...]`` of length ``head_dim`` (float32).
 
     ``t_m = 10000 ** -(m / (head_dim/2 - 1))`` for ``m = 0 .. head_dim/2 - 1``.
@@ -39,14 +34,14 @@ def rotation_angles(head_dim: int, device: torch.device | None = None) -> torch.
 
 
 def head_decays(num_heads: int, init_value: float, heads_range: float,
-                device: torch.device | None = None) -> torch.Tensor:
+                device: Optional[torch.device] = None) -> torch.Tensor:
     """Per-head decay ``lambda_j = log(1 - 2 ** (-init_value - heads_range * j / n))``, shape ``(n,)``."""
     j = torch.arange(num_heads, dtype=torch.float32, device=device)
     return torch.log(1 - 2 ** (-init_value - heads_range * j / num_heads))
 
 
 def rotation_tables(h: int, w: int, head_dim: int,
-                    device: torch.device | None = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                    device: Optional[torch.device] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(sin, cos)`` of ``p * angle`` for every token of an ``h x w`` grid, each ``(h, w, head_dim)`` float32."""
     angle = rotation_angles(head_dim, device)
     index = torch.arange(h * w, dtype=torch.float32, device=device)
@@ -110,12 +105,12 @@ def masa_decomposed_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def masa_full_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         sin: torch.Tensor, cos: torch.Tensor, decay: torch.Tensor,
-                        scale: float) -> torch.Tensor:
+                        scale: float, max_logits: int = 1 << 24) -> torch.Tensor:
     """Full MaSA over all ``h * w`` tokens with a Manhattan-distance decay.
 
     Same arguments and result layout as :func:`masa_decomposed_reference`. Query rows are processed
-    in blocks so that the logits never exceed a fixed size; each row's softmax is independent, so the
-    blocking does not change the result.
+    in blocks of at most ``max_logits`` logits, which bounds memory at large inputs; each row's
+    softmax is independent, so the blocking does not change the result.
     """
     b, h, w, n, d = q.shape
     L = h * w
@@ -125,7 +120,7 @@ def masa_full_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     v = v.permute(0, 3, 1, 2, 4).reshape(b, n, L, v.shape[-1])
     idx = torch.arange(L, device=q.device)
     rows, cols = idx // w, idx % w
-    block = max(1, min(L, _FULL_FORM_MAX_LOGITS // max(1, b * n * L)))
+    block = max(1, min(L, max_logits // max(1, b * n * L)))
     outs = []
     for start in range(0, L, block):
         stop = min(L, start + block)
