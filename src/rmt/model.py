@@ -481,6 +481,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: RMT) -> Dic
 def _create_rmt(variant: str, pretrained: bool = False, **kwargs) -> RMT:
     if kwargs.get("features_only"):
         kwargs.setdefault("feature_norms", True)
+    overlay = kwargs.get("pretrained_cfg_overlay")
+    if overlay and overlay.get("file"):
+        # read local files with RMT's own loader (clear errors, any layout) instead of timm's
+        kwargs["pretrained_cfg_overlay"] = dict(overlay, custom_load=overlay.get("custom_load", True))
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     return build_model_with_cfg(
         RMT, variant, pretrained,

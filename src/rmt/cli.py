@@ -1,0 +1,54 @@
+"""The ``rmt`` command line: one sub-command per task.
+
+Each sub-command lives in its own module exposing ``add_arguments(parser)`` and ``run(args)``;
+this file only wires them up, so ``rmt --help`` and ``rmt CMD --help`` stay fast and uniform.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "info": ("rmt.commands.info", "parameters, MACs, feature channels and MaSA forms of a variant"),
+    "convert": ("rmt.commands.convert", "convert a released or trained checkpoint to .safetensors"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    parser = argparse.ArgumentParser(
+        prog="rmt", description="RMT vision backbones: models, training, dense prediction, export.")
+    parser.add_argument("--version", action="version", version=f"rmt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(_module=mod)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_module", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"rmt {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

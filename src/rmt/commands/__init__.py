@@ -1,0 +1,1 @@
+"""Sub-commands of the ``rmt`` command line (see :mod:`rmt.cli`)."""

@@ -1,0 +1,45 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import rmt  # noqa: F401  (registers the models)
+
+DATA = Path(__file__).parent / "data"
+
+# a small configuration for fast tests: every feature of the real variants (layer scale,
+# both forms, odd mlp ratios), a fraction of the compute
+SMALL_ARGS = dict(embed_dims=(16, 32, 64, 128), depths=(1, 2, 2, 1), num_heads=(2, 2, 4, 8),
+                  heads_ranges=(4, 4, 6, 6), mlp_ratios=(3, 3, 4, 3), layerscales=(False, False, True, True),
+                  head_hidden_size=64, drop_path_rate=0.0)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(scope="session")
+def golden():
+    z = np.load(DATA / "rmt_mini.npz")
+    cfg = json.loads(bytes(z["config_json"]))
+    sd = {k[len("official_state_dict."):]: torch.from_numpy(np.array(z[k]))
+          for k in z.files if k.startswith("official_state_dict.")}
+    arrays = {k: torch.from_numpy(np.array(z[k])) for k in z.files
+              if not k.startswith("official_state_dict.") and k != "config_json"}
+    return cfg, sd, arrays
+
+
+def golden_model_kwargs(cfg):
+    return dict(num_classes=cfg["num_classes"], embed_dims=cfg["embed_dims"], depths=cfg["depths"],
+                num_heads=cfg["num_heads"], init_values=cfg["init_values"],
+                heads_ranges=cfg["heads_ranges"], mlp_ratios=cfg["mlp_ratios"],
+                layerscales=cfg["layerscales"], layer_init_values=cfg["layer_init_values"],
+                head_hidden_size=cfg["projection"], drop_path_rate=cfg["drop_path_rate"])
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
