@@ -354,3 +354,26 @@ def test_torchrun_two_processes_train_and_evaluate(shapes, tmp_path):
     state = torch.load(tmp_path / "ddp/last.pth", weights_only=True)
     assert state["step"] == 3 and len(state["rng"]) == 2  # 6 images / (1 x 2 ranks)
     assert state["metrics"]["num_images"] == 4  # every val image evaluated once across the ranks
+
+
+def _benchmark_module():
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "detection.py"
+    spec = importlib.util.spec_from_file_location("detection_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_skips_without_cuda_and_runs_on_cpu(tmp_path, monkeypatch, capsys):
+    bench = _benchmark_module()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["--json", str(tmp_path / "gpu.json")]) == 0
+    assert "skipped: no CUDA" in capsys.readouterr().out and not (tmp_path / "gpu.json").exists()
+    tiny = json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()})
+    assert bench.main(["--device", "cpu", "--fp32", "--size", "96x64", "--steps", "1", "--warmup", "0",
+                       "--models", "rmt_tiny", "--backbone-kwargs", tiny, "--json", str(tmp_path / "cpu.json")]) == 0
+    row = json.loads((tmp_path / "cpu.json").read_text())["results"][0]
+    assert row["size"] == "96x64" and row["attn_forms"] == "TTTF" and row["batch"] == 2
+    assert row["train_img_s"] > 0 and row["infer_img_s"] > 0
+    assert "| rmt_tiny | mask_rcnn | 96x64 |" in capsys.readouterr().out

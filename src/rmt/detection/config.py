@@ -7,9 +7,24 @@ not what it computes) may change on the command line.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-from .models import SCHEDULES
+
+@dataclass(frozen=True)
+class Schedule:
+    """An mmdetection-style schedule: ``epochs``, LR x0.1 after the ``milestones`` epochs."""
+    epochs: int
+    milestones: Tuple[int, ...]
+    multiscale: bool
+
+
+SCHEDULES = {
+    "1x": Schedule(epochs=12, milestones=(8, 11), multiscale=False),
+    "3x": Schedule(epochs=36, milestones=(27, 33), multiscale=True),
+}
+BASE_LR, BASE_BATCH = 1e-4, 16      # AdamW LR at a total batch of 16, scaled linearly
+WARMUP_RATIO = 1e-3                 # linear warm-up starts at lr * WARMUP_RATIO
+TEST_SIZE = (800, 1333)             # shorter side, longer side limit
 
 
 @dataclass
@@ -31,6 +46,8 @@ class TrainConfig:
     frozen_stages: int = -1
     bn: str = "sync"                # sync (SyncBatchNorm under multi-GPU DDP), batch, frozen
     fpn_channels: int = 256
+    mask_head_channels: int = 256   # Mask R-CNN mask head conv width
+    box_head_size: int = 1024       # Mask R-CNN box head FC width
     # schedule (None: from the schedule preset)
     schedule: str = "1x"
     epochs: Optional[int] = None
@@ -40,8 +57,8 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_iters: int = 500
     batch_size: int = 2             # images per process
-    min_size: int = 800
-    max_size: int = 1333
+    min_size: Optional[int] = None  # shorter side; None: 800 (the shapes dataset: its own size)
+    max_size: Optional[int] = None  # longer side limit; None: 1333 (the shapes dataset: its own size)
     clip_grad: Optional[float] = None
     seed: int = 0
     # run (may change when resuming)
@@ -74,7 +91,12 @@ class TrainConfig:
         else:  # keep the preset's position of the LR steps for a custom length (8/12, 11/12)
             d["milestones"] = [max(1, round(m * d["epochs"] / preset.epochs)) for m in preset.milestones]
         d["multiscale"] = preset.multiscale if self.multiscale is None else self.multiscale
-        d["lr"] = self.lr if self.lr is not None else preset.lr * self.batch_size * world_size / preset.base_batch
+        shapes = self.data == "shapes" and not (self.train_ann or self.val_ann)
+        if self.min_size is None:
+            d["min_size"] = self.shapes_size if shapes else TEST_SIZE[0]
+        if self.max_size is None:
+            d["max_size"] = self.shapes_size if shapes else TEST_SIZE[1]
+        d["lr"] = self.lr if self.lr is not None else BASE_LR * self.batch_size * world_size / BASE_BATCH
         return TrainConfig(**d)
 
     def train_min_sizes(self) -> List[int]:

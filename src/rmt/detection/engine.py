@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ..engine import (DistInfo, JsonlLogger, capture_rng_state, cleanup_distributed, load_checkpoint,
                       plot_curves, restore_rng_state, save_checkpoint, seed_everything, setup_distributed)
 from ..engine.distributed import all_reduce_mean
-from .config import TrainConfig, merge_config
+from .config import WARMUP_RATIO, TrainConfig, merge_config
 from .data import CocoInstances, TrainSampler, collate, find_split, shard_indices
 from .evaluation import coco_evaluate, format_metrics, to_coco_results
 from .models import build_detector, detector_has_masks
@@ -121,6 +121,7 @@ def evaluate(model: nn.Module, dataset: CocoInstances, info: DistInfo, amp: bool
     ``limit`` evaluates the first ``limit`` images only. Keys: ``bbox_AP``, ``bbox_AP50`` ... and
     ``segm_*`` when ``with_masks`` (the model predicts masks), plus the counts of images and detections.
     """
+    model = unwrap(model)  # no DDP collectives: ranks may hold one image more or less
     was_training = model.training
     model.eval()
     indices = shard_indices(len(dataset), info.rank, info.world_size, limit)
@@ -158,6 +159,7 @@ def build_from_config(cfg: TrainConfig, num_classes: int, pretrained: Optional[s
         min_size=tuple(cfg.train_min_sizes()) if cfg.multiscale else cfg.min_size,
         max_size=cfg.max_size, frozen_stages=cfg.frozen_stages, frozen_bn=cfg.bn == "frozen",
         attn_forms=cfg.attn_forms, fpn_channels=cfg.fpn_channels,
+        mask_head_channels=cfg.mask_head_channels, box_head_size=cfg.box_head_size,
         backbone_kwargs=cfg.backbone_kwargs, **cfg.detector_kwargs)
 
 
@@ -218,7 +220,7 @@ def _train(cfg: TrainConfig, info: DistInfo, state: Optional[Dict[str, Any]], re
     iters = sampler.batches_per_epoch()
     scheduler = MultiStepLRScheduler(
         optimizer, decay_t=[m * iters for m in cfg.milestones], decay_rate=0.1,
-        warmup_t=cfg.warmup_iters, warmup_lr_init=cfg.lr * 1e-3, warmup_prefix=False, t_in_epochs=False)
+        warmup_t=cfg.warmup_iters, warmup_lr_init=cfg.lr * WARMUP_RATIO, warmup_prefix=False, t_in_epochs=False)
     epoch, batch, step, metrics = 0, 0, 0, {}
     if state:
         optimizer.load_state_dict(state["optimizer"])
@@ -240,7 +242,7 @@ def _train(cfg: TrainConfig, info: DistInfo, state: Optional[Dict[str, Any]], re
         print(f"training {cfg.detector} with {cfg.model} on {len(train_set)} images ({len(train_set.cat_ids)} "
               f"classes), {cfg.epochs} epochs of {iters} iterations, batch {cfg.batch_size}x{info.world_size}, "
               f"lr {cfg.lr:.3g}, {'bf16' if amp else 'fp32'} on {info.device}")
-        logger.log({"event": "config", "step": 0, **asdict(cfg)})
+        logger.log({"event": "config", "step": 0, "config": asdict(cfg)})
     loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                         collate_fn=collate, pin_memory=info.device.type == "cuda",
                         generator=torch.Generator())  # worker seeds drawn apart from the global RNG

@@ -52,7 +52,8 @@ def coco_evaluate(coco_gt: COCO, results: List[Dict], image_ids: Iterable[int],
                   iou_types: Sequence[str] = ("bbox", "segm")) -> Dict[str, float]:
     """COCO AP over ``image_ids`` for each IoU type; keys like ``bbox_AP``, ``segm_AP50``, in percent.
 
-    No detections at all gives zeros (COCOeval cannot load an empty result list).
+    A figure without ground truth (e.g. ``APl`` when no object is large) is None. No detections
+    at all gives zeros (COCOeval cannot load an empty result list).
     """
     image_ids = sorted(set(int(i) for i in image_ids))
     metrics: Dict[str, float] = {}
@@ -67,8 +68,8 @@ def coco_evaluate(coco_gt: COCO, results: List[Dict], image_ids: Iterable[int],
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
-        # COCOeval reports -1 where a size range has no ground truth
-        metrics.update({f"{iou_type}_{n}": round(100 * max(float(v), 0.0), 3)
+        # COCOeval reports -1 where there is no ground truth (e.g. no large objects): None here
+        metrics.update({f"{iou_type}_{n}": round(100 * float(v), 3) if v >= 0 else None
                         for n, v in zip(STAT_NAMES, ev.stats[:6])})
     return metrics
 
@@ -78,6 +79,7 @@ def format_metrics(metrics: Dict[str, float]) -> str:
     lines = []
     for iou_type in ("bbox", "segm"):
         if f"{iou_type}_AP" in metrics:
-            figures = "  ".join(f"{n} {metrics[f'{iou_type}_{n}']:5.1f}" for n in STAT_NAMES)
+            figures = "  ".join(f"{n} " + ("  n/a" if metrics[f"{iou_type}_{n}"] is None
+                                           else f"{metrics[f'{iou_type}_{n}']:5.1f}") for n in STAT_NAMES)
             lines.append(f"{'box ' if iou_type == 'bbox' else 'mask'}  {figures}")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""torchvision detectors on RMT feature pyramids, and the paper's training recipe.
+"""torchvision detectors on RMT feature pyramids.
 
 Detectors: ``mask_rcnn`` (boxes and masks), ``retinanet`` and ``fcos`` (boxes). torchvision has
 no Cascade R-CNN heads, so Cascade Mask R-CNN is not offered; FCOS is the second one-stage
@@ -10,13 +10,14 @@ one-stage detectors), so the three share one label convention.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.models.detection import FCOS, MaskRCNN, RetinaNet
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
 from .backbone import DETECTION_FORMS, build_rmt_fpn
 
@@ -34,28 +35,6 @@ _UNSUPPORTED = {
 }
 
 
-@dataclass
-class Schedule:
-    """An mmdetection-style schedule: AdamW, linear warm-up, LR x0.1 at ``milestones`` (epochs)."""
-    epochs: int
-    milestones: Tuple[int, ...]
-    multiscale: bool
-    lr: float = 1e-4             # at a total batch of ``base_batch``; scaled linearly
-    base_batch: int = 16
-    weight_decay: float = 0.05
-    warmup_iters: int = 500
-    warmup_ratio: float = 1e-3   # warm-up starts at lr * warmup_ratio
-    min_size: int = 800          # shorter image side (test, and train without multi-scale)
-    max_size: int = 1333
-    train_min_sizes: Tuple[int, ...] = field(default_factory=lambda: tuple(range(480, 801, 32)))
-
-
-SCHEDULES = {
-    "1x": Schedule(epochs=12, milestones=(8, 11), multiscale=False),
-    "3x": Schedule(epochs=36, milestones=(27, 33), multiscale=True),
-}
-
-
 def build_detector(
         detector: str,
         model_name: str,
@@ -67,6 +46,8 @@ def build_detector(
         frozen_bn: bool = False,
         attn_forms: str = DETECTION_FORMS,
         fpn_channels: int = 256,
+        mask_head_channels: int = 256,
+        box_head_size: int = 1024,
         backbone_kwargs: Optional[Dict[str, Any]] = None,
         **detector_kwargs,
 ) -> nn.Module:
@@ -80,6 +61,9 @@ def build_detector(
         min_size: shorter image side; a tuple draws one per training batch (multi-scale).
         max_size: longer side limit.
         frozen_stages, frozen_bn, attn_forms, fpn_channels: see :func:`build_rmt_fpn`.
+        mask_head_channels: width of the four convs of the Mask R-CNN mask head (256 in the paper).
+        box_head_size: width of the two FC layers of the Mask R-CNN box head (1024 in the paper).
+            Narrower heads make small CPU runs (the built-in dataset) several times faster.
         backbone_kwargs: extra ``timm.create_model`` arguments (``drop_path_rate``, widths ...).
         **detector_kwargs: passed to the torchvision detector (e.g. ``box_batch_size_per_image``).
 
@@ -97,7 +81,14 @@ def build_detector(
     kwargs = dict(_TEST_DEFAULTS[detector], min_size=min_size, max_size=max_size,
                   image_mean=list(IMAGENET_DEFAULT_MEAN), image_std=list(IMAGENET_DEFAULT_STD))
     kwargs.update(detector_kwargs)
-    cls = {"mask_rcnn": MaskRCNN, "retinanet": RetinaNet, "fcos": FCOS}[detector]
+    if detector == "mask_rcnn":
+        pool = 7 * 7  # torchvision's box RoIAlign output size
+        kwargs.setdefault("box_head", TwoMLPHead(fpn_channels * pool, box_head_size))
+        kwargs.setdefault("box_predictor", FastRCNNPredictor(box_head_size, num_classes + 1))
+        kwargs.setdefault("mask_head", MaskRCNNHeads(fpn_channels, [mask_head_channels] * 4, 1))
+        kwargs.setdefault("mask_predictor", MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes + 1))
+        return MaskRCNN(backbone, num_classes=None, **kwargs)
+    cls = {"retinanet": RetinaNet, "fcos": FCOS}[detector]
     return cls(backbone, num_classes=num_classes + 1, **kwargs)
 
 

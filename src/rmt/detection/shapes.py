@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -100,12 +100,3 @@ def write_shapes_dataset(root: str | Path, num_train: int = 300, num_val: int = 
     marker.write_text(json.dumps(spec))
     return root
 
-
-def shapes_spec(root: str | Path) -> Optional[Dict[str, int]]:
-    """How the shapes dataset under ``root`` was generated, or None if it is not one."""
-    marker = Path(root) / _MARKER
-    return json.loads(marker.read_text()) if marker.is_file() else None
-
-
-def category_names() -> Sequence[str]:
-    return CATEGORIES
