@@ -22,6 +22,8 @@ from rmt.detection.evaluation import coco_evaluate, to_coco_results
 from rmt.detection.models import build_detector
 from rmt.detection.shapes import write_shapes_dataset
 
+from test_checkpoint import _randomize  # random weights and BatchNorm statistics
+
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
 
 TINY = dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 8), drop_path_rate=0.0)
@@ -46,14 +48,6 @@ def shapes(tmp_path_factory):
 
 def _read_png(path):
     return torch.from_numpy(np.array(Image.open(path).convert("RGB")))
-
-
-def _randomize(module):
-    with torch.no_grad():
-        for name, t in module.state_dict().items():
-            if t.is_floating_point():
-                t.copy_(torch.rand_like(t) + 0.5 if "running_var" in name else torch.randn_like(t) * 0.2)
-    return module
 
 
 # ------------------------------------------------------------------------------------------------
@@ -150,6 +144,16 @@ def test_imagenet_checkpoint_loads_without_head_and_norms(tmp_path):
     torch.testing.assert_close(got, torch.nn.functional.layer_norm(expected, (128,), eps=1e-5).permute(0, 3, 1, 2))
     # stage 0's norm feeds no P3-P7 level: frozen so that DDP sees no unused trainable parameter
     assert not any(p.requires_grad for p in backbone.rmt.feature_norms[0].parameters())
+
+
+@pytest.mark.parametrize("detector", ["mask_rcnn", "retinanet", "fcos"])
+def test_boxes_are_decoded_in_float32_under_bf16_autocast(detector):
+    model = build_detector(detector, "rmt_tiny", 3, min_size=96, max_size=96, fpn_channels=32,
+                           backbone_kwargs=TINY).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model([torch.rand(3, 96, 96), torch.rand(3, 80, 96)])[0]
+    assert out["boxes"].dtype == out["scores"].dtype == torch.float32
+    assert out.get("masks", out["boxes"]).dtype == torch.float32
 
 
 def test_cascade_is_explained_and_unknown_detector_refused():
@@ -295,6 +299,11 @@ def test_train_resume_eval_predict_cli(shapes, tmp_path, capsys):
     assert (out / "curves.png").stat().st_size > 1000
     losses = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
     assert [r["step"] for r in losses] == [1, 2, 3, 4, 5, 6] and "loss_mask" in losses[0]
+
+    # its backbone initialises another detector (a Mask R-CNN run's backbone into RetinaNet's)
+    trained = {k[len("backbone.body."):]: v for k, v in full["model"].items() if k.startswith("backbone.body.")}
+    reused = build_rmt_fpn("rmt_tiny", "p3-p7", pretrained=out / "last.pth", **TINY)
+    assert all(torch.equal(v, trained[k]) for k, v in reused.body.state_dict().items())
 
     # the same run again into the same folder is refused; resuming with other settings too
     capsys.readouterr()

@@ -85,6 +85,7 @@ class CocoInstances(Dataset):
         self.seed = seed
         self.epoch = 0
         self.ids: List[int] = list(self.base.ids)
+        self._base_index = {image_id: i for i, image_id in enumerate(self.ids)}
         if train:
             self.ids = [i for i in self.ids if self._annotations(i)]
             if not self.ids:
@@ -113,7 +114,7 @@ class CocoInstances(Dataset):
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
         try:
-            image = TF.pil_to_tensor(self.base._load_image(image_id))
+            image = TF.pil_to_tensor(self.base[self._base_index[image_id]][0])
         except (OSError, FileNotFoundError) as e:
             raise OSError(f"image '{info['file_name']}' (id {image_id}) could not be read: {e}") from e
         h, w = image.shape[-2:]

@@ -257,55 +257,61 @@ def _train(cfg: TrainConfig, info: DistInfo, state: Optional[Dict[str, Any]], re
 
     model.train()
     stopped = False
-    while epoch < cfg.epochs and not stopped:
-        sampler.set_epoch(epoch, skip_batches=batch)
-        train_set.set_epoch(epoch)
-        bar = tqdm(total=iters, initial=batch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
-                   disable=not info.is_main, dynamic_ncols=True)
-        window, t0, n_images = [], time.perf_counter(), 0
-        for images, targets in loader:
-            images, targets = to_device(images, targets, info.device)
-            with autocast(info.device, amp):
-                losses = model(images, targets)
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise RuntimeError(
-                    f"loss became {loss.item()} at step {step} ({ {k: round(v.item(), 4) for k, v in losses.items()} }); "
-                    f"lower --lr, add --clip-grad, or resume from the last good checkpoint '{out / 'last.pth'}'")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad:
-                torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), cfg.clip_grad)
-            optimizer.step()
-            step += 1
-            batch += 1
-            scheduler.step_update(step)
-            n_images += len(images) * info.world_size
-            window.append(torch.stack([loss.detach(), *[v.detach() for v in losses.values()]]).float())
-            bar.update(1)
-            if step % cfg.log_every == 0 or batch == iters:
-                mean = all_reduce_mean(torch.stack(window).mean(0)).tolist()
-                record = {"step": step, "epoch": epoch + batch / iters, "loss": mean[0],
-                          **dict(zip(losses.keys(), mean[1:])), "lr": optimizer.param_groups[0]["lr"],
-                          "img_per_s": n_images / (time.perf_counter() - t0)}
-                logger.log(record)
-                bar.set_postfix(loss=f"{mean[0]:.3f}", lr=f"{record['lr']:.2e}")
-                window, t0, n_images = [], time.perf_counter(), 0
-            if cfg.max_steps is not None and step >= cfg.max_steps:
-                stopped = True
-                break
-            if cfg.save_every and step % cfg.save_every == 0 and batch < iters:
-                save(epoch, batch)
-        bar.close()
-        if batch >= iters:
-            epoch, batch = epoch + 1, 0
-            last = epoch == cfg.epochs
-            if last or (cfg.eval_every and epoch % cfg.eval_every == 0):
-                metrics = evaluate(model, val_set, info, amp, with_masks, cfg.batch_size, cfg.workers)
-                logger.log({"step": step, "epoch": epoch, **metrics})
-                if info.is_main:
-                    print(f"epoch {epoch}: COCO AP on {metrics['num_images']} val images\n{format_metrics(metrics)}")
-        save(epoch, batch)
+    try:
+        while epoch < cfg.epochs and not stopped:
+            sampler.set_epoch(epoch, skip_batches=batch)
+            train_set.set_epoch(epoch)
+            bar = tqdm(total=iters, initial=batch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
+                       disable=not info.is_main, dynamic_ncols=True)
+            window, t0, n_images = [], time.perf_counter(), 0
+            for images, targets in loader:
+                images, targets = to_device(images, targets, info.device)
+                with autocast(info.device, amp):
+                    losses = model(images, targets)
+                loss = sum(losses.values())
+                if not torch.isfinite(loss):
+                    raise RuntimeError(
+                        f"loss became {loss.item()} at step {step} ({ {k: round(v.item(), 4) for k, v in losses.items()} }); "
+                        f"lower --lr, add --clip-grad, or resume from the last good checkpoint '{out / 'last.pth'}'")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), cfg.clip_grad)
+                optimizer.step()
+                step += 1
+                batch += 1
+                scheduler.step_update(step)
+                n_images += len(images) * info.world_size
+                window.append(torch.stack([loss.detach(), *[v.detach() for v in losses.values()]]).float())
+                bar.update(1)
+                if step % cfg.log_every == 0 or batch == iters:
+                    mean = all_reduce_mean(torch.stack(window).mean(0)).tolist()
+                    record = {"step": step, "epoch": epoch + batch / iters, "loss": mean[0],
+                              **dict(zip(losses.keys(), mean[1:])), "lr": optimizer.param_groups[0]["lr"],
+                              "img_per_s": n_images / (time.perf_counter() - t0)}
+                    logger.log(record)
+                    bar.set_postfix(loss=f"{mean[0]:.3f}", lr=f"{record['lr']:.2e}")
+                    window, t0, n_images = [], time.perf_counter(), 0
+                if cfg.max_steps is not None and step >= cfg.max_steps:
+                    stopped = True
+                    break
+                if cfg.save_every and step % cfg.save_every == 0 and batch < iters:
+                    save(epoch, batch)
+            bar.close()
+            if batch >= iters:
+                epoch, batch = epoch + 1, 0
+                last = epoch == cfg.epochs
+                if last or (cfg.eval_every and epoch % cfg.eval_every == 0):
+                    metrics = evaluate(model, val_set, info, amp, with_masks, cfg.batch_size, cfg.workers)
+                    logger.log({"step": step, "epoch": epoch, **metrics})
+                    if info.is_main:
+                        print(f"epoch {epoch}: COCO AP on {metrics['num_images']} val images\n{format_metrics(metrics)}")
+            save(epoch, batch)
+    except KeyboardInterrupt:
+        if not info.distributed:  # other ranks may be gone: no collective save under DDP
+            save(epoch, batch)
+            print(f"\ninterrupted: saved the run after step {step} to {out / 'last.pth'} (--resume continues it)")
+        raise
     if info.is_main:
         print(f"{'stopped at' if stopped else 'finished after'} step {step}; checkpoint {out / 'last.pth'}, "
               f"log {out / 'log.jsonl'}, curves {out / 'curves.png'}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.models.detection import FCOS, MaskRCNN, RetinaNet
@@ -87,9 +88,29 @@ def build_detector(
         kwargs.setdefault("box_predictor", FastRCNNPredictor(box_head_size, num_classes + 1))
         kwargs.setdefault("mask_head", MaskRCNNHeads(fpn_channels, [mask_head_channels] * 4, 1))
         kwargs.setdefault("mask_predictor", MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes + 1))
-        return MaskRCNN(backbone, num_classes=None, **kwargs)
-    cls = {"retinanet": RetinaNet, "fcos": FCOS}[detector]
-    return cls(backbone, num_classes=num_classes + 1, **kwargs)
+        model = MaskRCNN(backbone, num_classes=None, **kwargs)
+        heads = [model.rpn.head, model.roi_heads.box_predictor, model.roi_heads.mask_predictor]
+    else:
+        model = {"retinanet": RetinaNet, "fcos": FCOS}[detector](backbone, num_classes=num_classes + 1, **kwargs)
+        heads = [model.head]
+    for head in heads:
+        head.register_forward_hook(_outputs_to_float32)
+    return model
+
+
+def _outputs_to_float32(module: nn.Module, inputs: Any, output: Any) -> Any:
+    """Forward hook: head outputs in float32, so that boxes are decoded in float32 under autocast.
+
+    torchvision decodes boxes in the dtype of the regression output; in bfloat16 a coordinate near
+    1000 px would be rounded to a multiple of 4-8 px.
+    """
+    if torch.is_tensor(output):
+        return output.float() if output.is_floating_point() else output
+    if isinstance(output, dict):
+        return {k: _outputs_to_float32(module, inputs, v) for k, v in output.items()}
+    if isinstance(output, (list, tuple)):
+        return type(output)(_outputs_to_float32(module, inputs, v) for v in output)
+    return output
 
 
 def detector_has_masks(detector: str) -> bool:
