@@ -52,17 +52,14 @@ def coco_evaluate(coco_gt: COCO, results: List[Dict], image_ids: Iterable[int],
                   iou_types: Sequence[str] = ("bbox", "segm")) -> Dict[str, float]:
     """COCO AP over ``image_ids`` for each IoU type; keys like ``bbox_AP``, ``segm_AP50``, in percent.
 
-    A figure without ground truth (e.g. ``APl`` when no object is large) is None. No detections
-    at all gives zeros (COCOeval cannot load an empty result list).
+    A figure without ground truth (e.g. ``APl`` when no object is large) is None; no detections
+    at all give zeros for the others.
     """
     image_ids = sorted(set(int(i) for i in image_ids))
     metrics: Dict[str, float] = {}
     for iou_type in iou_types:
-        if not results:
-            metrics.update({f"{iou_type}_{n}": 0.0 for n in STAT_NAMES})
-            continue
         with contextlib.redirect_stdout(io.StringIO()):
-            coco_dt = coco_gt.loadRes([dict(r) for r in results])
+            coco_dt = coco_gt.loadRes([dict(r) for r in results]) if results else _no_detections(coco_gt)
             ev = COCOeval(coco_gt, coco_dt, iouType=iou_type)
             ev.params.imgIds = image_ids
             ev.evaluate()
@@ -72,6 +69,15 @@ def coco_evaluate(coco_gt: COCO, results: List[Dict], image_ids: Iterable[int],
         metrics.update({f"{iou_type}_{n}": round(100 * float(v), 3) if v >= 0 else None
                         for n, v in zip(STAT_NAMES, ev.stats[:6])})
     return metrics
+
+
+def _no_detections(coco_gt: COCO) -> COCO:
+    """An empty result set (``loadRes`` cannot make one from an empty list)."""
+    empty = COCO()
+    empty.dataset = dict(images=list(coco_gt.dataset.get("images", [])),
+                         categories=list(coco_gt.dataset.get("categories", [])), annotations=[])
+    empty.createIndex()
+    return empty
 
 
 def format_metrics(metrics: Dict[str, float]) -> str:
