@@ -138,8 +138,8 @@ class MaSA(nn.Module):
         lepe = self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         shape = (b, h, w, self.num_heads, self.head_dim)
         out = masa(q.view(shape), k.view(shape), v.view(shape), sin, cos, decay, self.scale,
-                   form=self.form, impl=self.impl)
-        return self.proj(out.view(b, h, w, c) + lepe)
+                   form=self.form, impl=self.impl, add=lepe.reshape(shape))
+        return self.proj(out.view(b, h, w, c))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -402,6 +402,11 @@ class RMT(nn.Module):
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool)
 
+    def _stem_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Image ``(b, C, H, W)`` -> contiguous tokens ``(b, H/4, W/4, c0)`` (convs run channels-last)."""
+        x = self.stem(x.contiguous(memory_format=torch.channels_last))
+        return x.permute(0, 2, 3, 1).contiguous()
+
     def forward_intermediates(
             self,
             x: torch.Tensor,
@@ -425,7 +430,7 @@ class RMT(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         stages = self.stages[:max_index + 1] if stop_early else self.stages
         intermediates = []
-        x = self.stem(x).permute(0, 2, 3, 1)
+        x = self._stem_tokens(x)
         for i, stage in enumerate(stages):
             x = stage(x)
             if i in take_indices:
@@ -451,8 +456,7 @@ class RMT(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(b, C, H, W) -> (b, ceil(H/32), ceil(W/32), c3)``."""
         check_image(x, self.in_chans)
-        x = self.stem(x).permute(0, 2, 3, 1)
-        return self.stages(x)
+        return self.stages(self._stem_tokens(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)

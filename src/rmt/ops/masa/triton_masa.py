@@ -1,0 +1,137 @@
+"""Fused MaSA on GPU: Triton kernels wrapped as ``torch.library`` ops with autograd.
+
+``masa_triton`` computes exactly what :mod:`rmt.ops.masa.naive` computes (same layouts, same
+rotation tables), forward and backward, for float32 (IEEE dot products), bfloat16 and float16.
+Being ``triton_op``s, the kernels compose with ``torch.compile(fullgraph=True)`` and activation
+checkpointing. Under ``TRITON_INTERPRET=1`` they also run on CPU tensors (slowly), which is how the
+test suite checks them without a GPU.
+"""
+from typing import Optional, Tuple
+
+import torch
+import triton
+from torch.library import triton_op, wrap_triton
+
+from .triton_kernels import (MODE_COL, MODE_FULL, MODE_ROW, masa_bwd_dkdv_kernel, masa_bwd_dq_kernel,
+                             masa_fwd_kernel)
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _geometry(shape: Tuple[int, ...], mode: int) -> Tuple[int, int]:
+    """``(tokens per sequence, sequences per image)`` of a ``(b, h, w, n, d)`` input."""
+    _, h, w, _, _ = shape
+    if mode == MODE_ROW:
+        return w, h
+    if mode == MODE_COL:
+        return h, w
+    return h * w, 1
+
+
+def _launch_config(seq: int, head_dim: int) -> Tuple[int, int, int]:
+    """Block sizes and warps: one tile for short rows/columns, 64x64 flash tiles otherwise."""
+    block = min(64, max(16, triton.next_power_of_2(seq)))
+    warps = 4 if block * head_dim >= 64 * 32 else 2
+    return block, block, warps
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _strides(t: torch.Tensor) -> Tuple[int, int, int, int]:
+    s = t.stride()
+    return s[0], s[1], s[2], s[3]
+
+
+@triton_op("rmt::masa_attend", mutates_args={})
+def masa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor,
+                cos: torch.Tensor, decay: torch.Tensor, add: Optional[torch.Tensor], scale: float,
+                mode: int, need_lse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One attention pass over sequences of ``mode``; returns ``(out (b,h,w,n,d), lse (b,h,w,n))``."""
+    b, h, w, n, d = q.shape
+    out = torch.empty((b, h, w, n, d), dtype=v.dtype, device=q.device)
+    lse = torch.empty((b, h, w, n) if need_lse else (1,), dtype=torch.float32, device=q.device)
+    seq, nseq = _geometry(q.shape, mode)
+    block_m, block_n, warps = _launch_config(seq, d)
+    extra = add if add is not None else out
+    grid = (triton.cdiv(seq, block_m), nseq * n, b)
+    wrap_triton(masa_fwd_kernel)[grid](
+        q, k, v, out, extra, lse, sin, cos, decay,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(extra),
+        n, w, seq, h * w, scale,
+        MODE=mode, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_ADD=add is not None,
+        STORE_LSE=need_lse, DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps)
+    return out, lse
+
+
+@triton_op("rmt::masa_attend_backward", mutates_args={})
+def masa_attend_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         out: torch.Tensor, lse: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
+                         decay: torch.Tensor, scale: float, mode: int
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the raw (unrotated, unscaled) q, k and of v, each ``(b, h, w, n, d)``."""
+    b, h, w, n, d = q.shape
+    grad_out = grad_out.contiguous()
+    delta = (grad_out.float() * out.float()).sum(-1)
+    dq = torch.empty((b, h, w, n, d), dtype=q.dtype, device=q.device)
+    dk = torch.empty((b, h, w, n, d), dtype=k.dtype, device=q.device)
+    dv = torch.empty((b, h, w, n, d), dtype=v.dtype, device=q.device)
+    seq, nseq = _geometry(q.shape, mode)
+    block_m, block_n, warps = _launch_config(seq, d)
+    common = dict(MODE=mode, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
+                  DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps)
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
+    wrap_triton(masa_bwd_dkdv_kernel)[(triton.cdiv(seq, block_n), nseq * n, b)](
+        q, k, v, grad_out, lse, delta, dk, dv, sin, cos, decay, *strides,
+        n, w, seq, h * w, scale, **common)
+    wrap_triton(masa_bwd_dq_kernel)[(triton.cdiv(seq, block_m), nseq * n, b)](
+        q, k, v, grad_out, lse, delta, dq, sin, cos, decay, *strides,
+        n, w, seq, h * w, scale, **common)
+    return dq, dk, dv
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, sin, cos, decay, add, scale, mode, need_lse = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, sin, cos, decay, out, lse)
+    ctx.scale, ctx.mode = scale, mode
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, sin, cos, decay, out, lse = ctx.saved_tensors
+    dq, dk, dv = masa_attend_backward(grad_out, q, k, v, out, lse, sin, cos, decay, ctx.scale, ctx.mode)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+masa_attend.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the fused kernels handle these inputs (else the caller falls back to the reference)."""
+    return (q.shape[-1] in SUPPORTED_HEAD_DIMS and q.dtype in SUPPORTED_DTYPES
+            and q.dtype == k.dtype == v.dtype
+            and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1)
+
+
+def masa_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor,
+                cos: torch.Tensor, decay: torch.Tensor, scale: float, form: str,
+                add: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Fused MaSA on ``(b, h, w, n, d)`` inputs; returns ``(b, h, w, n, d)`` contiguous (+ ``add``).
+
+    ``add`` (same shape, e.g. the LePE branch) is added inside the kernel when no gradient is
+    needed, and by a separate addition otherwise.
+    """
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, add))
+    fused_add = add if (add is not None and not grad) else None
+    sin, cos = sin.float().contiguous(), cos.float().contiguous()
+    decay = decay.float().contiguous()
+    if form == "full":
+        out, _ = masa_attend(q, k, v, sin, cos, decay, fused_add, scale, MODE_FULL, grad)
+    else:
+        rows, _ = masa_attend(q, k, v, sin, cos, decay, None, scale, MODE_ROW, grad)
+        out, _ = masa_attend(q, k, rows, sin, cos, decay, fused_add, scale, MODE_COL, grad)
+    if add is not None and fused_add is None:
+        out = out + add
+    return out
