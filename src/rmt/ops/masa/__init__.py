@@ -74,7 +74,7 @@ def masa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor, c
         if not triton_available(q, k, v):
             raise RuntimeError(
                 "the Triton MaSA kernels need CUDA tensors (or TRITON_INTERPRET=1), Triton installed, "
-                f"head width in {(16, 32, 64, 128)} and fp32/bf16/fp16 inputs; got device "
+                f"an even head width up to 128 and fp32/bf16/fp16 inputs; got device "
                 f"{q.device}, head width {q.shape[-1]}, dtype {q.dtype}. Use impl='reference'.")
         return masa_triton(q, k, v, sin, cos, decay, scale, form, add)
     if impl == "cpu":

@@ -39,34 +39,45 @@ def _coords(offs, seq_id, W, MODE: tl.constexpr):
 
 @triton.jit
 def _rotate(x, rows, cols, mask, W, SIN, COS, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-            INVERSE: tl.constexpr):
-    """Rotate channel pairs (2i, 2i+1) of ``x`` [BLOCK, HEAD_DIM] (float32) by the token angles.
+            BLOCK_D: tl.constexpr, INVERSE: tl.constexpr):
+    """Rotate channel pairs (2i, 2i+1) of ``x`` [BLOCK, BLOCK_D] (float32) by the token angles.
 
-    Tables ``SIN``/``COS`` are ``(h * w, HEAD_DIM)`` float32 with equal entries for 2i and 2i+1.
+    Tables ``SIN``/``COS`` are ``(h * w, HEAD_DIM)`` float32 with equal entries for 2i and 2i+1;
+    channels past ``HEAD_DIM`` (padding up to ``BLOCK_D``) stay zero.
     ``INVERSE`` applies the transpose (the backward of the rotation).
     """
-    HALF: tl.constexpr = HEAD_DIM // 2
+    HALF: tl.constexpr = BLOCK_D // 2
     pairs = tl.reshape(x, (BLOCK, HALF, 2))
     xe, xo = tl.split(pairs)
     pos = rows * W + cols
-    table = pos[:, None] * HEAD_DIM + 2 * tl.arange(0, HALF)[None, :]
-    s = tl.load(SIN + table, mask=mask[:, None], other=0.0)
-    c = tl.load(COS + table, mask=mask[:, None], other=0.0)
+    even = 2 * tl.arange(0, HALF)
+    table = pos[:, None] * HEAD_DIM + even[None, :]
+    tmask = mask[:, None] & (even[None, :] < HEAD_DIM)
+    s = tl.load(SIN + table, mask=tmask, other=0.0)
+    c = tl.load(COS + table, mask=tmask, other=0.0)
     if INVERSE:
         re = xe * c + xo * s
         ro = xo * c - xe * s
     else:
         re = xe * c - xo * s
         ro = xo * c + xe * s
-    return tl.reshape(tl.join(re, ro), (BLOCK, HEAD_DIM))
+    return tl.reshape(tl.join(re, ro), (BLOCK, BLOCK_D))
 
 
 @triton.jit
-def _load_tokens(base, rows, cols, mask, s_h, s_w, HEAD_DIM: tl.constexpr):
-    """Load ``[BLOCK, HEAD_DIM]`` rows of a ``(.., h, w, .., d)`` tensor at grid coordinates."""
-    offs_d = tl.arange(0, HEAD_DIM)
+def _load_tokens(base, rows, cols, mask, s_h, s_w, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Load ``[BLOCK, BLOCK_D]`` rows of a ``(.., h, w, .., d)`` tensor at grid coordinates (zero padded)."""
+    offs_d = tl.arange(0, BLOCK_D)
     return tl.load(base + rows[:, None] * s_h + cols[:, None] * s_w + offs_d[None, :],
-                   mask=mask[:, None], other=0.0)
+                   mask=mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _store_tokens(base, value, rows, cols, mask, s_h, s_w, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store ``[BLOCK, BLOCK_D]`` (first ``HEAD_DIM`` channels) at grid coordinates."""
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(base + rows[:, None] * s_h + cols[:, None] * s_w + offs_d[None, :], value,
+             mask=mask[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
 @triton.jit
@@ -83,7 +94,7 @@ def masa_fwd_kernel(
         q_sb, q_sh, q_sw, q_sn, k_sb, k_sh, k_sw, k_sn, v_sb, v_sh, v_sw, v_sn,
         o_sb, o_sh, o_sw, o_sn, a_sb, a_sh, a_sw, a_sn,
         NH, W, SEQ, TOKENS, scale,
-        MODE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        MODE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_ADD: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid ``(cdiv(SEQ, BLOCK_M), sequences * NH, b)``; writes ``O = softmax(..) V (+ ADD)`` and LSE."""
     pid_m = tl.program_id(0)
@@ -97,20 +108,20 @@ def masa_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < SEQ
     rows_m, cols_m = _coords(offs_m, seq_id, W, MODE)
-    q = _load_tokens(Q + b * q_sb + head * q_sn, rows_m, cols_m, mask_m, q_sh, q_sw, HEAD_DIM)
-    q = _rotate(q.to(tl.float32), rows_m, cols_m, mask_m, W, SIN, COS, BLOCK_M, HEAD_DIM, False).to(dtype)
+    q = _load_tokens(Q + b * q_sb + head * q_sn, rows_m, cols_m, mask_m, q_sh, q_sw, HEAD_DIM, BLOCK_D)
+    q = _rotate(q.to(tl.float32), rows_m, cols_m, mask_m, W, SIN, COS, BLOCK_M, HEAD_DIM, BLOCK_D, False).to(dtype)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, SEQ, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < SEQ
         rows_n, cols_n = _coords(offs_n, seq_id, W, MODE)
-        k = _load_tokens(K + b * k_sb + head * k_sn, rows_n, cols_n, mask_n, k_sh, k_sw, HEAD_DIM)
+        k = _load_tokens(K + b * k_sb + head * k_sn, rows_n, cols_n, mask_n, k_sh, k_sw, HEAD_DIM, BLOCK_D)
         k = _rotate(k.to(tl.float32) * scale, rows_n, cols_n, mask_n, W, SIN, COS, BLOCK_N, HEAD_DIM,
-                    False).to(dtype)
-        v = _load_tokens(V + b * v_sb + head * v_sn, rows_n, cols_n, mask_n, v_sh, v_sw, HEAD_DIM)
+                    BLOCK_D, False).to(dtype)
+        v = _load_tokens(V + b * v_sb + head * v_sn, rows_n, cols_n, mask_n, v_sh, v_sw, HEAD_DIM, BLOCK_D)
         s = _logits(q, k, rows_m, cols_m, rows_n, cols_n, decay, DOT_PRECISION)
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -121,11 +132,10 @@ def masa_fwd_kernel(
         m_i = m_new
     acc = acc / l_i[:, None]
     if HAS_ADD:
-        add = _load_tokens(ADD + b * a_sb + head * a_sn, rows_m, cols_m, mask_m, a_sh, a_sw, HEAD_DIM)
+        add = _load_tokens(ADD + b * a_sb + head * a_sn, rows_m, cols_m, mask_m, a_sh, a_sw, HEAD_DIM, BLOCK_D)
         acc += add.to(tl.float32)
-    offs_d = tl.arange(0, HEAD_DIM)
-    o_ptrs = O + b * o_sb + head * o_sn + rows_m[:, None] * o_sh + cols_m[:, None] * o_sw + offs_d[None, :]
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mask_m[:, None])
+    _store_tokens(O + b * o_sb + head * o_sn, acc.to(O.dtype.element_ty), rows_m, cols_m, mask_m,
+                  o_sh, o_sw, HEAD_DIM, BLOCK_D)
     if STORE_LSE:
         tok = (b * TOKENS + rows_m * W + cols_m) * NH + head
         tl.store(LSE + tok, m_i + tl.log(l_i), mask=mask_m)
@@ -137,7 +147,7 @@ def masa_bwd_dkdv_kernel(
         q_sb, q_sh, q_sw, q_sn, k_sb, k_sh, k_sw, k_sn, v_sb, v_sh, v_sw, v_sn,
         g_sb, g_sh, g_sw, g_sn,
         NH, W, SEQ, TOKENS, scale,
-        MODE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        MODE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr):
     """Grid ``(cdiv(SEQ, BLOCK_N), sequences * NH, b)``: gradients of the raw k and of v.
 
@@ -154,19 +164,19 @@ def masa_bwd_dkdv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < SEQ
     rows_n, cols_n = _coords(offs_n, seq_id, W, MODE)
-    k = _load_tokens(K + b * k_sb + head * k_sn, rows_n, cols_n, mask_n, k_sh, k_sw, HEAD_DIM)
-    k = _rotate(k.to(tl.float32) * scale, rows_n, cols_n, mask_n, W, SIN, COS, BLOCK_N, HEAD_DIM,
+    k = _load_tokens(K + b * k_sb + head * k_sn, rows_n, cols_n, mask_n, k_sh, k_sw, HEAD_DIM, BLOCK_D)
+    k = _rotate(k.to(tl.float32) * scale, rows_n, cols_n, mask_n, W, SIN, COS, BLOCK_N, HEAD_DIM, BLOCK_D,
                 False).to(dtype)
-    v = _load_tokens(V + b * v_sb + head * v_sn, rows_n, cols_n, mask_n, v_sh, v_sw, HEAD_DIM)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    v = _load_tokens(V + b * v_sb + head * v_sn, rows_n, cols_n, mask_n, v_sh, v_sw, HEAD_DIM, BLOCK_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start_m in range(0, SEQ, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < SEQ
         rows_m, cols_m = _coords(offs_m, seq_id, W, MODE)
-        q = _load_tokens(Q + b * q_sb + head * q_sn, rows_m, cols_m, mask_m, q_sh, q_sw, HEAD_DIM)
-        q = _rotate(q.to(tl.float32), rows_m, cols_m, mask_m, W, SIN, COS, BLOCK_M, HEAD_DIM, False).to(dtype)
-        do = _load_tokens(DO + b * g_sb + head * g_sn, rows_m, cols_m, mask_m, g_sh, g_sw, HEAD_DIM)
+        q = _load_tokens(Q + b * q_sb + head * q_sn, rows_m, cols_m, mask_m, q_sh, q_sw, HEAD_DIM, BLOCK_D)
+        q = _rotate(q.to(tl.float32), rows_m, cols_m, mask_m, W, SIN, COS, BLOCK_M, HEAD_DIM, BLOCK_D, False).to(dtype)
+        do = _load_tokens(DO + b * g_sb + head * g_sn, rows_m, cols_m, mask_m, g_sh, g_sw, HEAD_DIM, BLOCK_D)
         tok = (b * TOKENS + rows_m * W + cols_m) * NH + head
         lse = tl.load(LSE + tok, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + tok, mask=mask_m, other=0.0)
@@ -177,11 +187,10 @@ def masa_bwd_dkdv_kernel(
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(dtype)), q, input_precision=DOT_PRECISION)
-    dk = _rotate(dk, rows_n, cols_n, mask_n, W, SIN, COS, BLOCK_N, HEAD_DIM, True) * scale
-    offs_d = tl.arange(0, HEAD_DIM)
-    g = b * g_sb + head * g_sn + rows_n[:, None] * g_sh + cols_n[:, None] * g_sw + offs_d[None, :]
-    tl.store(DK + g, dk.to(DK.dtype.element_ty), mask=mask_n[:, None])
-    tl.store(DV + g, dv.to(DV.dtype.element_ty), mask=mask_n[:, None])
+    dk = _rotate(dk, rows_n, cols_n, mask_n, W, SIN, COS, BLOCK_N, HEAD_DIM, BLOCK_D, True) * scale
+    base = b * g_sb + head * g_sn
+    _store_tokens(DK + base, dk.to(DK.dtype.element_ty), rows_n, cols_n, mask_n, g_sh, g_sw, HEAD_DIM, BLOCK_D)
+    _store_tokens(DV + base, dv.to(DV.dtype.element_ty), rows_n, cols_n, mask_n, g_sh, g_sw, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -190,7 +199,7 @@ def masa_bwd_dq_kernel(
         q_sb, q_sh, q_sw, q_sn, k_sb, k_sh, k_sw, k_sn, v_sb, v_sh, v_sw, v_sn,
         g_sb, g_sh, g_sw, g_sn,
         NH, W, SEQ, TOKENS, scale,
-        MODE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        MODE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr):
     """Grid ``(cdiv(SEQ, BLOCK_M), sequences * NH, b)``: gradient of the raw q."""
     pid_m = tl.program_id(0)
@@ -204,28 +213,27 @@ def masa_bwd_dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < SEQ
     rows_m, cols_m = _coords(offs_m, seq_id, W, MODE)
-    q = _load_tokens(Q + b * q_sb + head * q_sn, rows_m, cols_m, mask_m, q_sh, q_sw, HEAD_DIM)
-    q = _rotate(q.to(tl.float32), rows_m, cols_m, mask_m, W, SIN, COS, BLOCK_M, HEAD_DIM, False).to(dtype)
-    do = _load_tokens(DO + b * g_sb + head * g_sn, rows_m, cols_m, mask_m, g_sh, g_sw, HEAD_DIM)
+    q = _load_tokens(Q + b * q_sb + head * q_sn, rows_m, cols_m, mask_m, q_sh, q_sw, HEAD_DIM, BLOCK_D)
+    q = _rotate(q.to(tl.float32), rows_m, cols_m, mask_m, W, SIN, COS, BLOCK_M, HEAD_DIM, BLOCK_D, False).to(dtype)
+    do = _load_tokens(DO + b * g_sb + head * g_sn, rows_m, cols_m, mask_m, g_sh, g_sw, HEAD_DIM, BLOCK_D)
     tok = (b * TOKENS + rows_m * W + cols_m) * NH + head
     lse = tl.load(LSE + tok, mask=mask_m, other=0.0)
     delta = tl.load(DELTA + tok, mask=mask_m, other=0.0)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, SEQ, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < SEQ
         rows_n, cols_n = _coords(offs_n, seq_id, W, MODE)
-        k = _load_tokens(K + b * k_sb + head * k_sn, rows_n, cols_n, mask_n, k_sh, k_sw, HEAD_DIM)
+        k = _load_tokens(K + b * k_sb + head * k_sn, rows_n, cols_n, mask_n, k_sh, k_sw, HEAD_DIM, BLOCK_D)
         k = _rotate(k.to(tl.float32) * scale, rows_n, cols_n, mask_n, W, SIN, COS, BLOCK_N, HEAD_DIM,
-                    False).to(dtype)
-        v = _load_tokens(V + b * v_sb + head * v_sn, rows_n, cols_n, mask_n, v_sh, v_sw, HEAD_DIM)
+                    BLOCK_D, False).to(dtype)
+        v = _load_tokens(V + b * v_sb + head * v_sn, rows_n, cols_n, mask_n, v_sh, v_sw, HEAD_DIM, BLOCK_D)
         s = _logits(q, k, rows_m, cols_m, rows_n, cols_n, decay, DOT_PRECISION)
         p = tl.exp(s - lse[:, None])
         p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(dtype), k, input_precision=DOT_PRECISION)
-    dq = _rotate(dq, rows_m, cols_m, mask_m, W, SIN, COS, BLOCK_M, HEAD_DIM, True)
-    offs_d = tl.arange(0, HEAD_DIM)
-    g = b * g_sb + head * g_sn + rows_m[:, None] * g_sh + cols_m[:, None] * g_sw + offs_d[None, :]
-    tl.store(DQ + g, dq.to(DQ.dtype.element_ty), mask=mask_m[:, None])
+    dq = _rotate(dq, rows_m, cols_m, mask_m, W, SIN, COS, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+    _store_tokens(DQ + b * g_sb + head * g_sn, dq.to(DQ.dtype.element_ty), rows_m, cols_m, mask_m,
+                  g_sh, g_sw, HEAD_DIM, BLOCK_D)

@@ -15,7 +15,7 @@ from torch.library import triton_op, wrap_triton
 from .triton_kernels import (MODE_COL, MODE_FULL, MODE_ROW, masa_bwd_dkdv_kernel, masa_bwd_dq_kernel,
                              masa_fwd_kernel)
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+MAX_HEAD_DIM = 128
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -34,6 +34,11 @@ def _launch_config(seq: int, head_dim: int) -> Tuple[int, int, int]:
     block = min(64, max(16, triton.next_power_of_2(seq)))
     warps = 4 if block * head_dim >= 64 * 32 else 2
     return block, block, warps
+
+
+def _block_d(head_dim: int) -> int:
+    """Head width padded to a power of two of at least 16 (the smallest matrix-unit tile)."""
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -61,7 +66,7 @@ def masa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Te
         q, k, v, out, extra, lse, sin, cos, decay,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(extra),
         n, w, seq, h * w, scale,
-        MODE=mode, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_ADD=add is not None,
+        MODE=mode, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=block_m, BLOCK_N=block_n, HAS_ADD=add is not None,
         STORE_LSE=need_lse, DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps)
     return out, lse
 
@@ -80,7 +85,7 @@ def masa_attend_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     dv = torch.empty((b, h, w, n, d), dtype=v.dtype, device=q.device)
     seq, nseq = _geometry(q.shape, mode)
     block_m, block_n, warps = _launch_config(seq, d)
-    common = dict(MODE=mode, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
+    common = dict(MODE=mode, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=block_m, BLOCK_N=block_n,
                   DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
     wrap_triton(masa_bwd_dkdv_kernel)[(triton.cdiv(seq, block_n), nseq * n, b)](
@@ -110,7 +115,7 @@ masa_attend.register_autograd(_backward, setup_context=_setup_context)
 
 def triton_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the fused kernels handle these inputs (else the caller falls back to the reference)."""
-    return (q.shape[-1] in SUPPORTED_HEAD_DIMS and q.dtype in SUPPORTED_DTYPES
+    return (q.shape[-1] % 2 == 0 and q.shape[-1] <= MAX_HEAD_DIM and q.dtype in SUPPORTED_DTYPES
             and q.dtype == k.dtype == v.dtype
             and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1)
 
