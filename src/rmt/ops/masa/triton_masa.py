@@ -41,8 +41,9 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _dot_precision(dtype: torch.dtype) -> Optional[str]:
+    """Exact float32 products for float32 inputs (no TF32); the default for 16-bit inputs."""
+    return "ieee" if dtype == torch.float32 else None
 
 
 def _strides(t: torch.Tensor) -> Tuple[int, int, int, int]:
