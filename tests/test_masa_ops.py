@@ -120,3 +120,30 @@ def test_torch_compile_fullgraph_has_no_graph_breaks(impl):
     x = torch.randn(1, 3, 64, 64, device=DEVICE)
     with torch.no_grad():
         assert rel_err(compiled(x), model(x)) <= 1e-6
+
+
+@needs_triton
+@pytest.mark.parametrize("form", ["decomposed", "full"])
+def test_custom_op_path_used_by_compile_matches_eager_path(form):
+    """The torch.library ops (taken under torch.compile) and the eager Function agree exactly."""
+    from rmt.ops.masa import triton_masa
+    qkv, (q, k, v, sin, cos, decay, scale), _ = _inputs((1, 6, 5, 2, 16), add=False)
+    mode = triton_masa.MODE_FULL if form == "full" else triton_masa.MODE_ROW
+    via_op, lse = triton_masa.masa_attend(q, k, v, sin, cos, decay, None, scale, mode, True)
+    via_fn = triton_masa._MasaAttend.apply(q, k, v, sin, cos, decay, None, scale, mode, True)
+    assert torch.equal(via_op, via_fn) and lse.shape == (1, 6, 5, 2)
+    g = torch.randn_like(via_op)
+    assert torch.equal(torch.autograd.grad(via_op, qkv, g)[0], torch.autograd.grad(via_fn, qkv, g)[0])
+
+
+def test_layer_norm_keeps_autocast_dtype_and_matches_float32():
+    from rmt.model import LayerNorm
+    ln = LayerNorm(32, eps=1e-6)
+    with torch.no_grad():
+        ln.weight.normal_(), ln.bias.normal_()
+    x = torch.randn(4, 7, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ln(x)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y.float(), ln(x)) < 1e-2
+    assert torch.equal(ln(x), torch.nn.functional.layer_norm(x, (32,), ln.weight, ln.bias, 1e-6))

@@ -75,6 +75,29 @@ def _normalize_forms(forms: FormSpec, num_stages: int) -> Tuple[str, ...]:
     return forms
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` that, under autocast, normalises in float32 but returns the autocast dtype.
+
+    Plain autocast runs LayerNorm in float32 and returns float32, which the next Linear casts back
+    to bf16/fp16: two extra passes over the activations. Outside autocast it is ``nn.LayerNorm``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return self._forward_autocast(x)
+
+    @torch.jit.unused
+    def _forward_autocast(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        if not torch.is_autocast_enabled(device):
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return F.layer_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype),
+                                self.bias.to(dtype), self.eps)
+
+
 class Stem(nn.Sequential):
     """Four 3x3 convs (strides 2, 1, 2, 1) with BatchNorm; ``(b, 3, H, W) -> (b, c, H/4, W/4)``.
 
@@ -171,10 +194,10 @@ class RMTBlock(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.cpe = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim, **dd)
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6, **dd)
+        self.norm1 = LayerNorm(dim, eps=1e-6, **dd)
         self.attn = MaSA(dim, num_heads, form, impl, **dd)
         self.ls1 = LayerScale(dim, layer_init_value, **dd) if layerscale else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6, **dd)
+        self.norm2 = LayerNorm(dim, eps=1e-6, **dd)
         self.mlp = Mlp(dim, int(mlp_ratio * dim), **dd)
         self.ls2 = LayerScale(dim, layer_init_value, **dd) if layerscale else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()

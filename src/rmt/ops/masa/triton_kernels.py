@@ -195,13 +195,17 @@ def masa_bwd_dkdv_kernel(
 
 @triton.jit
 def masa_bwd_dq_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, SIN, COS, DECAY,
+        Q, K, V, O, DO, LSE, DELTA, DQ, SIN, COS, DECAY,
         q_sb, q_sh, q_sw, q_sn, k_sb, k_sh, k_sw, k_sn, v_sb, v_sh, v_sw, v_sn,
         g_sb, g_sh, g_sw, g_sn,
         NH, W, SEQ, TOKENS, scale,
         MODE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr):
-    """Grid ``(cdiv(SEQ, BLOCK_M), sequences * NH, b)``: gradient of the raw q."""
+    """Grid ``(cdiv(SEQ, BLOCK_M), sequences * NH, b)``: gradient of the raw q.
+
+    Also computes ``delta = rowsum(dO * O)`` of its query rows and stores it for the dk/dv kernel,
+    which therefore runs after this one. ``O``, ``DO`` and ``DQ`` share the strides ``g_*``.
+    """
     pid_m = tl.program_id(0)
     pid_sn = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -216,9 +220,11 @@ def masa_bwd_dq_kernel(
     q = _load_tokens(Q + b * q_sb + head * q_sn, rows_m, cols_m, mask_m, q_sh, q_sw, HEAD_DIM, BLOCK_D)
     q = _rotate(q.to(tl.float32), rows_m, cols_m, mask_m, W, SIN, COS, BLOCK_M, HEAD_DIM, BLOCK_D, False).to(dtype)
     do = _load_tokens(DO + b * g_sb + head * g_sn, rows_m, cols_m, mask_m, g_sh, g_sw, HEAD_DIM, BLOCK_D)
+    o = _load_tokens(O + b * g_sb + head * g_sn, rows_m, cols_m, mask_m, g_sh, g_sw, HEAD_DIM, BLOCK_D)
     tok = (b * TOKENS + rows_m * W + cols_m) * NH + head
     lse = tl.load(LSE + tok, mask=mask_m, other=0.0)
-    delta = tl.load(DELTA + tok, mask=mask_m, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + tok, delta, mask=mask_m)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, SEQ, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
