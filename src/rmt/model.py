@@ -21,6 +21,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from .ops.dwconv import dwconv_nhwc
 from .ops.masa import FORMS, IMPLS, head_decays, masa, rotation_tables
 
 __all__ = ["RMT", "MaSA", "RMTBlock", "RMTStage", "MIN_INPUT_SIZE"]
@@ -57,6 +58,7 @@ def stage_positions(h: int, w: int, head_dim: int, num_heads: int, init_value: f
 register_notrace_function(check_image)
 register_notrace_function(stage_positions)
 register_notrace_function(masa)
+register_notrace_function(dwconv_nhwc)
 
 
 def _normalize_forms(forms: FormSpec, num_stages: int) -> Tuple[str, ...]:
@@ -158,7 +160,7 @@ class MaSA(nn.Module):
                 decay: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=-1)
-        lepe = self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        lepe = dwconv_nhwc(v, self.lepe.weight, self.lepe.bias, False, self.impl != "reference")
         shape = (b, h, w, self.num_heads, self.head_dim)
         out = masa(q.view(shape), k.view(shape), v.view(shape), sin, cos, decay, self.scale,
                    form=self.form, impl=self.impl, add=lepe.reshape(shape))
@@ -172,16 +174,17 @@ class MaSA(nn.Module):
 class Mlp(nn.Module):
     """fc1 -> GELU -> (+ depthwise 3x3) -> fc2 on ``(b, h, w, c)`` tokens."""
 
-    def __init__(self, dim: int, hidden: int, device=None, dtype=None):
+    def __init__(self, dim: int, hidden: int, impl: str = "auto", device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
+        self.impl = impl
         self.fc1 = nn.Linear(dim, hidden, **dd)
         self.dwconv = nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden, **dd)
         self.fc2 = nn.Linear(hidden, dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = F.gelu(self.fc1(x))
-        u = u + self.dwconv(u.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        u = dwconv_nhwc(u, self.dwconv.weight, self.dwconv.bias, True, self.impl != "reference")
         return self.fc2(u)
 
 
@@ -198,13 +201,14 @@ class RMTBlock(nn.Module):
         self.attn = MaSA(dim, num_heads, form, impl, **dd)
         self.ls1 = LayerScale(dim, layer_init_value, **dd) if layerscale else nn.Identity()
         self.norm2 = LayerNorm(dim, eps=1e-6, **dd)
-        self.mlp = Mlp(dim, int(mlp_ratio * dim), **dd)
+        self.mlp = Mlp(dim, int(mlp_ratio * dim), impl, **dd)
         self.ls2 = LayerScale(dim, layer_init_value, **dd) if layerscale else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.impl = impl
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
                 decay: torch.Tensor) -> torch.Tensor:
-        x = x + self.cpe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (b,h,w,c) is NCHW channels-last
+        x = dwconv_nhwc(x, self.cpe.weight, self.cpe.bias, True, self.impl != "reference")
         x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), sin, cos, decay)))
         x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return x
@@ -392,7 +396,7 @@ class RMT(nn.Module):
         if impl not in IMPLS:
             raise ValueError(f"masa_impl must be one of {IMPLS}, got {impl!r}")
         for m in self.modules():
-            if isinstance(m, MaSA):
+            if isinstance(m, (MaSA, Mlp, RMTBlock)):
                 m.impl = impl
 
     # --- timm model interface -------------------------------------------------------------------
