@@ -14,6 +14,7 @@ from typing import List, Optional
 COMMANDS = {
     "info": ("rmt.commands.info", "parameters, MACs, feature channels and MaSA forms of a variant"),
     "convert": ("rmt.commands.convert", "convert a released or trained checkpoint to .safetensors"),
+    "segment": ("rmt.commands.segment", "semantic segmentation (Semantic FPN, UperNet): train, eval, predict"),
 }
 
 
