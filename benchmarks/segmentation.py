@@ -31,6 +31,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(step, device: torch.device, steps: int, warmup: int) -> Dict[str, float]:
+    """Seconds per call of ``step`` after ``warmup`` calls, and peak GPU memory (GiB) while running."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    out = {"seconds": (time.perf_counter() - start) / steps}
+    if device.type == "cuda":
+        out["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return out
+
+
 def bench_one(model_name: str, head: str, device: torch.device, size: int, batch: int, infer_batch: int,
               steps: int, warmup: int, num_classes: int = 150, amp: bool = True,
               backbone_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
@@ -54,41 +72,25 @@ def bench_one(model_name: str, head: str, device: torch.device, size: int, batch
 
     row: Dict[str, Any] = dict(model=model_name, head=head, size=size, params_m=round(info["params"] / 1e6, 2),
                                train_batch=batch, infer_batch=infer_batch, precision="bf16" if amp else "fp32")
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
     model.train()
-    for _ in range(warmup):
-        train_step()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        train_step()
-    _sync(device)
-    seconds = (time.perf_counter() - start) / steps
-    row.update(train_img_s=round(batch / seconds, 2), train_ms=round(seconds * 1e3, 1))
-    if device.type == "cuda":
-        row["train_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    t = timed(train_step, device, steps, warmup)
+    row.update(train_img_s=round(batch / t["seconds"], 2), train_ms=round(t["seconds"] * 1e3, 1))
+    if "peak_gib" in t:
+        row["train_peak_gib"] = t["peak_gib"]
 
     del optimizer
     model.zero_grad(set_to_none=True)
     model.eval()
     x = torch.randn(infer_batch, 3, size, size, device=device)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    with torch.inference_mode(), autocast:
-        for _ in range(warmup):
+
+    def infer_step():
+        with torch.inference_mode(), autocast:
             model(x)
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            model(x)
-        _sync(device)
-    seconds = (time.perf_counter() - start) / steps
-    row.update(infer_img_s=round(infer_batch / seconds, 2), infer_ms=round(seconds * 1e3, 1))
-    if device.type == "cuda":
-        row["infer_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+
+    t = timed(infer_step, device, steps, warmup)
+    row.update(infer_img_s=round(infer_batch / t["seconds"], 2), infer_ms=round(t["seconds"] * 1e3, 1))
+    if "peak_gib" in t:
+        row["infer_peak_gib"] = t["peak_gib"]
     del model
     return row
 

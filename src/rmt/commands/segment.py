@@ -9,8 +9,8 @@ annotations/{training,validation}/NAME.png, 255 = ignore); --data synthetic writ
 built-in dataset of shapes to OUT/data and uses it.
 
 examples:
-  rmt segment train --data synthetic --model rmt_tiny --head fpn --iters 300 --batch-size 8 \\
-      --eval-interval 100 --out runs/seg-demo
+  rmt segment train --data synthetic --model rmt_tiny --head fpn --iters 200 --batch-size 8 \\
+      --lr 1e-3 --eval-interval 50 --out runs/seg-demo
   torchrun --nproc_per_node 8 -m rmt segment train --data ADEChallengeData2016 \\
       --model rmt_small --head upernet --pretrained RMT-S.pth --out runs/upernet-s
   rmt segment train --out runs/upernet-s --resume

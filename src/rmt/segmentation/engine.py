@@ -168,6 +168,8 @@ def resolve_config(cfg: TrainConfig) -> Tuple[TrainConfig, Optional[Dict[str, An
     ckpt = load_checkpoint(path)
     saved = dict(ckpt["config"])
     saved.update({k: getattr(cfg, k) for k in RUNTIME_FIELDS})
+    if cfg.data:  # the dataset may have moved
+        saved["data"] = cfg.data
     return TrainConfig(**saved), ckpt
 
 
@@ -265,7 +267,8 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> Dict[str, Any]:
 
     net = model
     if dist.distributed:
-        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if dist.device.type == "cuda":  # batch statistics over all GPUs (PyTorch's SyncBN is CUDA-only)
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     sampler = TrainSampler(len(train_set), per_rank, dist.rank, dist.world_size, cfg.seed, start)

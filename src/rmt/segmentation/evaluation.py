@@ -82,7 +82,9 @@ def evaluate(model: torch.nn.Module, dataset: SegmentationFolder, num_classes: i
     model.eval()
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
     shard = Subset(dataset, list(range(dist.rank, count, dist.world_size)))
-    loader = DataLoader(shard, batch_size=1, num_workers=workers, pin_memory=dist.device.type == "cuda")
+    # its own generator: evaluating leaves the global RNG (dropout, drop path) untouched
+    loader = DataLoader(shard, batch_size=1, num_workers=workers, pin_memory=dist.device.type == "cuda",
+                        generator=torch.Generator())
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=dist.device)
     for image, label in tqdm(loader, desc=desc, disable=not dist.is_main, leave=False, dynamic_ncols=True):
         image, label = image.to(dist.device, non_blocking=True), label.to(dist.device, non_blocking=True)
