@@ -65,6 +65,8 @@ def test_heads_build_for_every_variant(variant, head):
     model = build_segmenter(variant, head, 150, device="meta").eval()
     assert model.backbone.feature_norms is not None
     assert (model.aux_head is not None) == (head == "upernet")
+    if head == "upernet":  # the backbone's per-stage LayerNorms replace smp's own
+        assert all(isinstance(n, torch.nn.Identity) for n in model.net.decoder.feature_norms)
     x = torch.empty(1, 3, 80, 112, device="meta")  # not a multiple of 32: padded and cropped back
     logits, aux = model(x, return_aux=True)
     assert logits.shape == (1, 150, 80, 112)
