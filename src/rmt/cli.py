@@ -15,6 +15,7 @@ COMMANDS = {
     "info": ("rmt.commands.info", "parameters, MACs, feature channels and MaSA forms of a variant"),
     "convert": ("rmt.commands.convert", "convert a released or trained checkpoint to .safetensors"),
     "benchmark": ("rmt.commands.benchmark", "throughput and memory beside timm peers, numerics checks"),
+    "segment": ("rmt.commands.segment", "semantic segmentation (Semantic FPN, UperNet): train, eval, predict"),
 }
 
 
