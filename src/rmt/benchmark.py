@@ -156,8 +156,13 @@ def numerics(name: str, device: torch.device, size: int = 224, batch: int = 4) -
             want = ref(x)
             if device.type == "cuda":
                 with torch.autocast("cuda", dtype=torch.bfloat16):
-                    got = fast(x)
-                checks.append(Check(f"{name} bf16 logits vs fp32 reference", _rel(got.float(), want), 1e-2))
+                    got, ref_low = fast(x), ref(x)
+                # bf16 rounding alone moves deep random-weight models by about 1e-2 (the reference
+                # path in bf16 shows it); the fast path must stay within 1e-2 or that yardstick
+                yardstick = _rel(ref_low.float(), want)
+                checks.append(Check(f"{name} bf16 reference vs fp32 reference", yardstick, float("inf")))
+                checks.append(Check(f"{name} bf16 logits vs fp32 reference", _rel(got.float(), want),
+                                    max(1e-2, 1.1 * yardstick)))
     return checks
 
 

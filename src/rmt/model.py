@@ -92,7 +92,7 @@ class LayerNorm(nn.LayerNorm):
     @torch.jit.unused
     def _forward_autocast(self, x: torch.Tensor) -> torch.Tensor:
         device = x.device.type
-        if not torch.is_autocast_enabled(device):
+        if device not in ("cuda", "cpu", "xpu", "mps") or not torch.is_autocast_enabled(device):
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         dtype = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):
