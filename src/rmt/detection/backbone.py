@@ -42,8 +42,8 @@ PYRAMIDS = {
     "p3-p7": dict(out_indices=(1, 2, 3), extra="p6p7"),        # RetinaNet, FCOS
 }
 
-# prefixes under which a backbone sits inside detection checkpoints, most specific first
-_BACKBONE_PREFIXES = ("backbone.body.model.", "backbone.")
+# where the RMT sits inside an RMTFeaturePyramid (``backbone.body.model.*`` in a detector)
+_BODY_PREFIX = "body.model."
 
 
 class RMTFeaturePyramid(nn.Module):
@@ -132,11 +132,9 @@ def backbone_state_dict(obj: Dict) -> StateDict:
     package's ``rmt detect train`` checkpoints) give their backbone; classification checkpoints
     give everything (the head is dropped later by :func:`rmt.checkpoint.filter_state_dict`).
     """
-    sd = unwrap_state_dict(obj)
-    for prefix in _BACKBONE_PREFIXES:
-        if any(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-            break
+    sd = unwrap_state_dict(obj)  # keeps only ``backbone.*`` (prefix dropped) of whole detectors
+    if any(k.startswith(_BODY_PREFIX) for k in sd):
+        sd = {k[len(_BODY_PREFIX):]: v for k, v in sd.items() if k.startswith(_BODY_PREFIX)}
     return released_to_ours(sd) if is_released_layout(sd) else sd
 
 
