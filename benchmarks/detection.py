@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -27,12 +25,8 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout too
 
+from rmt.benchmark import _timed, environment  # noqa: E402  (median of CUDA-event timings)
 from rmt.detection.models import build_detector  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _peak_mib(device: torch.device) -> Optional[float]:
@@ -93,33 +87,18 @@ def bench_one(model_name: str, detector: str, device: torch.device, height: int,
             "T" if f == "decomposed" else "F" for f in model.backbone.rmt.attention_forms))
     _reset_peak(device)
     model.train()
-    for _ in range(warmup):
-        train_step()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        train_step()
-    _sync(device)
-    dt = time.perf_counter() - t0
-    row.update(train_img_s=round(batch * steps / dt, 2), train_ms=round(1000 * dt / steps, 1),
+    train_s = _timed(train_step, device, warmup, steps)
+    row.update(train_img_s=round(batch / train_s, 2), train_ms=round(1000 * train_s, 1),
                train_peak_mib=_peak_mib(device))
 
     del optimizer
     _reset_peak(device)
     model.eval()
-    detections = []
     with torch.inference_mode(), autocast:
-        for _ in range(warmup):
-            model(images)
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            out = model(images)
-            detections.append(sum(len(o["boxes"]) for o in out) / batch)
-        _sync(device)
-        dt = time.perf_counter() - t0
-    row.update(infer_img_s=round(batch * steps / dt, 2), infer_ms=round(1000 * dt / steps, 1),
-               infer_peak_mib=_peak_mib(device), detections_per_img=round(sum(detections) / len(detections), 1))
+        infer_s = _timed(lambda: model(images), device, warmup, steps)
+        detections = sum(len(o["boxes"]) for o in model(images)) / batch
+    row.update(infer_img_s=round(batch / infer_s, 2), infer_ms=round(1000 * infer_s, 1),
+               infer_peak_mib=_peak_mib(device), detections_per_img=round(detections, 1))
     del model
     return row
 
@@ -128,10 +107,10 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
     head = ("| model | detector | size | batch | params (M) | precision | train img/s | train ms/it | "
             "train peak MiB | infer img/s | infer ms/batch | infer peak MiB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    keys = ("model", "detector", "size", "batch", "params_m", "precision", "train_img_s", "train_ms",
+            "train_peak_mib", "infer_img_s", "infer_ms", "infer_peak_mib")
     for r in rows:
-        lines.append(f"| {r['model']} | {r['detector']} | {r['size']} | {r['batch']} | {r['params_m']} | "
-                     f"{r['precision']} | {r['train_img_s']} | {r['train_ms']} | {r['train_peak_mib']} | "
-                     f"{r['infer_img_s']} | {r['infer_ms']} | {r['infer_peak_mib']} |")
+        lines.append("| " + " | ".join(str(r.get(k, r.get("note", "-"))) for k in keys) + " |")
     return "\n".join(lines)
 
 
@@ -161,13 +140,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     kwargs = json.loads(args.backbone_kwargs) if args.backbone_kwargs else None
     rows = []
     for name in args.models:
-        rows.append(bench_one(name, args.detector, device, height, width, args.batch, args.steps, args.warmup,
-                              amp=not args.fp32, masa_impl=args.masa_impl, backbone_kwargs=kwargs))
-        print(f"{name}: train {rows[-1]['train_img_s']} img/s, inference {rows[-1]['infer_img_s']} img/s",
-              flush=True)
-    env = dict(torch=torch.__version__, torchvision=torchvision.__version__, python=platform.python_version(),
-               device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu")
-    print(f"\n{args.detector} on {env['device']} (torch {env['torch']})\n")
+        try:
+            rows.append(bench_one(name, args.detector, device, height, width, args.batch, args.steps,
+                                  args.warmup, amp=not args.fp32, masa_impl=args.masa_impl, backbone_kwargs=kwargs))
+        except torch.OutOfMemoryError:
+            rows.append(dict(model=name, detector=args.detector, size=f"{width}x{height}", batch=args.batch,
+                             note="out of memory"))
+            torch.cuda.empty_cache()
+        print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    env = dict(environment(device), torchvision=torchvision.__version__)
+    print(f"\n{args.detector}, {env['device']}, torch {env['torch']}, torchvision {env['torchvision']}\n")
     print(format_table(rows))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
