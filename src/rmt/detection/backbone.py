@@ -15,7 +15,6 @@ layout, ``backbone.*`` under ``state_dict``) and this package's detection checkp
 """
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -29,8 +28,6 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxP
 from ..checkpoint import (CheckpointError, StateDict, filter_state_dict, is_released_layout,
                           read_checkpoint, released_to_ours, unwrap_state_dict)
 from ..model import RMT
-
-_logger = logging.getLogger(__name__)
 
 # MaSA forms for detection-sized inputs: decomposed in stages 0-2, as in the released detection
 # configs of every variant (the full form is quadratic in the number of tokens)
