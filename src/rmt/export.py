@@ -1,0 +1,204 @@
+"""Export to ONNX and to AOTInductor packages with dynamic batch and image size, and check the result.
+
+Both exports go through ``torch.export`` with symbolic batch, height and width. The RMT model
+computes its rotation tables and decays from the run-time grid size, which traces fine; the one part
+that does not is the reference full-form MaSA, which splits the queries into blocks whose count
+depends on the input size (a Python loop over sizes pins them to the example). :func:`exportable`
+therefore swaps every RMT attention for :class:`ExportableMaSA`, which shares its weights and
+computes the full form in one pass (:func:`rmt.layers.masa_full_single_pass`, the same numbers).
+:class:`rmt.layers.MaSALayer` does the same by itself while exporting.
+
+Every export is checked against the original eager model: :func:`check_onnx` runs the file with
+onnxruntime on CPU, :func:`check_pt2` loads the package, each at several batch/image sizes, and
+reports ``max |exported - eager| / max |eager|`` per size.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .layers import masa_full_single_pass
+from .model import MaSA
+from .ops.masa import masa
+
+__all__ = ["ExportableMaSA", "exportable", "export_program", "export_onnx", "export_pt2",
+           "check_onnx", "check_pt2", "check_program", "CheckResult", "max_relative_error"]
+
+MIN_EXPORT_SIDE = 33   # at 32 pixels the last RMT grid is 1x1, which torch.export treats as a constant
+MAX_EXPORT_SIDE = 8192
+MAX_EXPORT_BATCH = 4096
+Size = Tuple[int, int, int]  # (batch, height, width)
+
+
+class ExportableMaSA(nn.Module):
+    """An RMT :class:`~rmt.model.MaSA` for export: same parameters (shared), full form in one pass."""
+
+    def __init__(self, attn: MaSA):
+        super().__init__()
+        self.qkv, self.lepe, self.proj = attn.qkv, attn.lepe, attn.proj
+        self.num_heads, self.head_dim, self.scale, self.form = attn.num_heads, attn.head_dim, attn.scale, attn.form
+
+    def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
+                decay: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=-1)
+        lepe = self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        shape = (b, h, w, self.num_heads, self.head_dim)
+        q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
+        if self.form == "full":
+            out = masa_full_single_pass(q, k, v, sin, cos, decay, self.scale)
+        else:
+            out = masa(q, k, v, sin, cos, decay, self.scale, form=self.form, impl="reference")
+        return self.proj(out.reshape(b, h, w, c) + lepe)
+
+
+def exportable(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` whose RMT attentions are :class:`ExportableMaSA` (same weights)."""
+    model = copy.deepcopy(model).eval()
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, MaSA):
+                setattr(module, name, ExportableMaSA(child))
+    return model
+
+
+def _dynamic_shapes() -> tuple:
+    dim = torch.export.Dim
+    return ({0: dim("batch", min=1, max=MAX_EXPORT_BATCH),
+             2: dim("height", min=MIN_EXPORT_SIDE, max=MAX_EXPORT_SIDE),
+             3: dim("width", min=MIN_EXPORT_SIDE, max=MAX_EXPORT_SIDE)},)
+
+
+def _example(model: nn.Module, size: Tuple[int, int]) -> torch.Tensor:
+    in_chans = getattr(model, "in_chans", 3)
+    return torch.randn(2, in_chans, *size)
+
+
+def export_program(model: nn.Module, size: Tuple[int, int] = (224, 224)) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``exportable(model)`` with dynamic batch, height and width (example ``size``)."""
+    with torch.no_grad():
+        return torch.export.export(exportable(model), (_example(model, size),),
+                                   dynamic_shapes=_dynamic_shapes())
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_file)`` in a temporary folder beside ``path``, then move its files into place.
+
+    An interrupted export leaves no half-written file under the final name. Files written next to
+    the temporary file (ONNX external data) move along, keeping their names.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(tmpdir / path.name)
+        for f in tmpdir.iterdir():
+            os.replace(f, path.parent / f.name)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return path
+
+
+def export_onnx(model: nn.Module, path: str | Path, size: Tuple[int, int] = (224, 224),
+                opset: int | None = None) -> Path:
+    """Write ``model`` as ONNX with inputs ``image (batch, C, height, width)`` and output ``output``.
+
+    Batch, height and width are dynamic (height and width >= 33). Uses the ``torch.export``-based
+    exporter (``dynamo=True``) and its graph optimisation.
+    """
+    ep = export_program(model, size)
+    program = torch.onnx.export(ep, dynamo=True, input_names=["image"], output_names=["output"],
+                                opset_version=opset, verbose=False)
+    return _write_atomically(Path(path), lambda tmp: program.save(str(tmp)))
+
+
+def export_pt2(model: nn.Module, path: str | Path, size: Tuple[int, int] = (224, 224)) -> Path:
+    """Compile ``model`` ahead of time with AOTInductor into a ``.pt2`` package for this machine's CPU.
+
+    Load it with ``torch._inductor.aoti_load_package(path)``; it takes ``(batch, C, height, width)``
+    images with height and width >= 33. Compiling needs a C++ compiler and takes minutes.
+    """
+    ep = export_program(model, size)
+    return _write_atomically(Path(path), lambda tmp: torch._inductor.aoti_compile_and_package(
+        ep, package_path=str(tmp)))
+
+
+# ------------------------------------------------------------------------------------------------
+# checks
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class CheckResult:
+    """One comparison of an exported model with the eager model."""
+    batch: int
+    height: int
+    width: int
+    output_shape: Tuple[int, ...]
+    max_rel_error: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_rel_error <= self.tolerance
+
+    def line(self) -> str:
+        verdict = "ok" if self.ok else f"FAILED (tolerance {self.tolerance:g})"
+        return (f"  batch {self.batch}, {self.height}x{self.width}: output {tuple(self.output_shape)}, "
+                f"max relative error {self.max_rel_error:.2e}  {verdict}")
+
+
+def max_relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max |out - ref| / max |ref|`` in float64 (the error relative to the output's scale)."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def _compare(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], sizes: Sequence[Size],
+             tolerance: float, seed: int) -> List[CheckResult]:
+    gen = torch.Generator().manual_seed(seed)
+    in_chans = getattr(model, "in_chans", 3)
+    results = []
+    for b, h, w in sizes:
+        x = torch.randn(b, in_chans, h, w, generator=gen)
+        with torch.no_grad():
+            ref = model.eval()(x)
+            out = run(x)
+        if tuple(out.shape) != tuple(ref.shape):
+            raise RuntimeError(f"exported model gives shape {tuple(out.shape)} at batch {b}, {h}x{w}, "
+                               f"eager model {tuple(ref.shape)}")
+        results.append(CheckResult(b, h, w, tuple(ref.shape), max_relative_error(out, ref), tolerance))
+    return results
+
+
+def check_onnx(model: nn.Module, path: str | Path, sizes: Sequence[Size],
+               tolerance: float = 1e-4, seed: int = 0) -> List[CheckResult]:
+    """Run the ONNX file with onnxruntime (CPU) and ``model`` on the same random images of each size."""
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+    return _compare(model, run, sizes, tolerance, seed)
+
+
+def check_pt2(model: nn.Module, path: str | Path, sizes: Sequence[Size],
+              tolerance: float = 1e-4, seed: int = 0) -> List[CheckResult]:
+    """Load the AOTInductor package and compare it with ``model`` at each size."""
+    compiled = torch._inductor.aoti_load_package(str(path))
+    return _compare(model, compiled, sizes, tolerance, seed)
+
+
+def check_program(model: nn.Module, program: torch.export.ExportedProgram, sizes: Sequence[Size],
+                  tolerance: float = 1e-4, seed: int = 0) -> List[CheckResult]:
+    """Compare an exported program (run by PyTorch) with ``model`` at each size."""
+    return _compare(model, program.module(), sizes, tolerance, seed)
