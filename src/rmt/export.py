@@ -70,11 +70,26 @@ def exportable(model: nn.Module) -> nn.Module:
     return model
 
 
-def _dynamic_shapes() -> tuple:
+def _size_multiple(model: nn.Module) -> Tuple[int, int]:
+    """Image sides must be multiples of the patch size for patch-embedding models without padding."""
+    embed = getattr(model, "patch_embed", None)
+    patch = getattr(embed, "patch_size", None)
+    if patch is None or getattr(embed, "dynamic_img_pad", False):
+        return 1, 1
+    return tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+
+
+def _dynamic_shapes(model: nn.Module) -> tuple:
+    """Symbolic batch, height and width (as multiples of the patch size where the model needs it)."""
     dim = torch.export.Dim
-    return ({0: dim("batch", min=1, max=MAX_EXPORT_BATCH),
-             2: dim("height", min=MIN_EXPORT_SIDE, max=MAX_EXPORT_SIDE),
-             3: dim("width", min=MIN_EXPORT_SIDE, max=MAX_EXPORT_SIDE)},)
+    shapes = {0: dim("batch", min=1, max=MAX_EXPORT_BATCH)}
+    for axis, name, multiple in ((2, "height", _size_multiple(model)[0]), (3, "width", _size_multiple(model)[1])):
+        if multiple == 1:
+            shapes[axis] = dim(name, min=MIN_EXPORT_SIDE, max=MAX_EXPORT_SIDE)
+        else:
+            units = dim(f"{name}_patches", min=-(-MIN_EXPORT_SIDE // multiple), max=MAX_EXPORT_SIDE // multiple)
+            shapes[axis] = multiple * units
+    return (shapes,)
 
 
 def _example(model: nn.Module, size: Tuple[int, int]) -> torch.Tensor:
@@ -86,7 +101,7 @@ def export_program(model: nn.Module, size: Tuple[int, int] = (224, 224)) -> torc
     """``torch.export`` of ``exportable(model)`` with dynamic batch, height and width (example ``size``)."""
     with torch.no_grad():
         return torch.export.export(exportable(model), (_example(model, size),),
-                                   dynamic_shapes=_dynamic_shapes())
+                                   dynamic_shapes=_dynamic_shapes(model))
 
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> Path:

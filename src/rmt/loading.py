@@ -6,9 +6,10 @@ random initial weights and a warning says so.
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import torch.nn as nn
 
@@ -17,6 +18,19 @@ from .checkpoint import (CheckpointError, describe_architecture, filter_state_di
 
 RANDOM_WEIGHTS_WARNING = ("warning: no --checkpoint given, the model has random weights: "
                           "the result shows the structure, not what a trained model does")
+
+
+def parse_model_args(text: Optional[str]) -> Dict[str, Any]:
+    """The JSON object of a ``--model-args`` option (extra ``timm.create_model`` arguments)."""
+    if not text:
+        return {}
+    try:
+        args = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--model-args is not valid JSON ({e})") from None
+    if not isinstance(args, dict):
+        raise ValueError(f"--model-args must be a JSON object like '{{\"depths\": [1, 1, 1, 1]}}', got {text!r}")
+    return args
 
 
 def known_models() -> list:

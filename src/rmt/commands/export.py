@@ -16,7 +16,6 @@ examples:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -44,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..export import MIN_EXPORT_SIDE, check_onnx, check_pt2, export_onnx, export_pt2
     from ..info import parse_size
-    from ..loading import create_model
+    from ..loading import create_model, parse_model_args
 
     size = parse_size(args.size)
     check_size = (parse_size(args.check_size) if args.check_size
@@ -52,10 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if min(size + check_size) < MIN_EXPORT_SIDE:
         raise ValueError(f"export and check sizes must be at least {MIN_EXPORT_SIDE} pixels per side, "
                          f"got {size} and {check_size}")
-    try:
-        model_args = json.loads(args.model_args) if args.model_args else {}
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--model-args is not valid JSON ({e})") from None
+    model_args = parse_model_args(args.model_args)
     if args.format == "onnx":
         try:
             import onnxruntime  # noqa: F401

@@ -46,6 +46,8 @@ def _common(p: argparse.ArgumentParser, image: bool) -> None:
                    help="model input size N or HxW (default: the model's, 224)" if image
                    else "image size N or HxW that sets each stage's grid (default 224)")
     p.add_argument("--out", default=None, help="output PNG (default: <subcommand>_<model>.png)")
+    p.add_argument("--model-args", default=None,
+                   help='extra timm.create_model arguments as JSON, e.g. \'{"attn_forms": "TTTT"}\'')
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
 
@@ -90,10 +92,19 @@ def _size(args: argparse.Namespace):
     return parse_size(args.size) if args.size else None
 
 
-def _rmt_model(name: str, checkpoint=None, warn: bool = True):
-    from ..loading import create_model
+def _model(args: argparse.Namespace, warn: bool = True):
+    from pathlib import Path
+    from ..loading import create_model, parse_model_args
+    if getattr(args, "image", None) and not Path(args.image).is_file():
+        raise FileNotFoundError(f"image '{args.image}' does not exist")
+    return create_model(args.model, getattr(args, "checkpoint", None), warn=warn,
+                        **parse_model_args(args.model_args))
+
+
+def _rmt_model(args: argparse.Namespace, warn: bool = True):
     from ..model import RMT
-    model = create_model(name, checkpoint, warn=warn)
+    name = args.model
+    model = _model(args, warn)
     if not isinstance(model, RMT):
         raise ValueError(f"this picture needs an RMT variant (rmt_tiny/small/base/large), got {name}")
     return model
@@ -101,7 +112,7 @@ def _rmt_model(name: str, checkpoint=None, warn: bool = True):
 
 def _decay(args: argparse.Namespace) -> int:
     from ..visualize import decay_patterns, plot_decay_patterns
-    model = _rmt_model(args.model, warn=False)   # the decay depends on the configuration only
+    model = _rmt_model(args, warn=False)   # the decay depends on the configuration only
     size = _size(args) or (224, 224)
     if args.forms == "model":
         patterns = []
@@ -129,7 +140,7 @@ def _decay(args: argparse.Namespace) -> int:
 
 def _attention(args: argparse.Namespace) -> int:
     from ..visualize import attention_maps, load_image, plot_attention
-    model = _rmt_model(args.model, args.checkpoint)
+    model = _rmt_model(args)
     if args.forms:
         model.set_attention_form(args.forms)
     if not -len(model.stages) <= args.stage < len(model.stages):
@@ -148,9 +159,8 @@ def _attention(args: argparse.Namespace) -> int:
 
 
 def _cam(args: argparse.Namespace) -> int:
-    from ..loading import create_model
     from ..visualize import class_activation_map, load_image, plot_cam
-    model = create_model(args.model, args.checkpoint)
+    model = _model(args)
     image, picture = load_image(args.image, model, _size(args))
     cam, target, probs = class_activation_map(model, image, args.target_class, args.stage, args.method)
     names = _class_names(probs.numel())
