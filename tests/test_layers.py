@@ -99,6 +99,8 @@ def test_layer_errors():
         MaSALayer(30, 2)            # head width 15
     with pytest.raises(ValueError, match="form"):
         MaSALayer(32, 4, form="windowed")
+    with pytest.raises(ValueError, match="impl"):
+        MaSALayer(32, 4, impl="cuda")
     with pytest.raises(ValueError, match="data_format"):
         MaSALayer(32, 4, data_format="NLC")
     with pytest.raises(ValueError, match="built for 32 channels"):

@@ -61,8 +61,12 @@ class ExportableMaSA(nn.Module):
 
 
 def exportable(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of ``model`` whose RMT attentions are :class:`ExportableMaSA` (same weights)."""
+    """An eval-mode copy of ``model`` on the reference (plain PyTorch) ops, its RMT attentions
+    replaced by :class:`ExportableMaSA` (same weights). Fast paths (Triton kernels, the CPU path's
+    complex-number rotation) have no ONNX equivalent; the reference ops give the same numbers."""
     model = copy.deepcopy(model).eval()
+    if hasattr(model, "set_masa_impl"):
+        model.set_masa_impl("reference")
     for module in list(model.modules()):
         for name, child in module.named_children():
             if isinstance(child, MaSA):

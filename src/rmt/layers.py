@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
-from .ops.masa import FORMS, head_decays, masa, rotate, rotation_tables
+from .ops.masa import FORMS, IMPLS, head_decays, masa, rotate, rotation_tables
 
 __all__ = ["MaSALayer", "masa_full_single_pass"]
 
@@ -76,12 +76,14 @@ class MaSALayer(nn.Module):
         qkv_bias: bias in the q/k/v projection.
         proj_drop: dropout after the output projection.
         data_format: ``"NCHW"`` or ``"NHWC"``, the layout of input and output.
+        impl: MaSA implementation (:data:`rmt.ops.masa.IMPLS`): ``"auto"`` takes the fast path of
+            the device, ``"reference"`` the plain PyTorch oracle. Exports always use plain ops.
     """
 
     def __init__(self, dim: int, num_heads: int, form: str = "full", decay: bool = True,
                  rotation: bool = True, lepe: bool = True, init_value: float = 2.0,
                  heads_range: float = 4.0, qkv_bias: bool = True, proj_drop: float = 0.0,
-                 data_format: str = "NCHW", device=None, dtype=None):
+                 data_format: str = "NCHW", impl: str = "auto", device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         if dim % num_heads or (dim // num_heads) % 2:
@@ -89,6 +91,8 @@ class MaSALayer(nn.Module):
                              f"(the rotation pairs channels); choose another dim or num_heads")
         if form not in FORMS:
             raise ValueError(f"MaSALayer: form must be one of {FORMS}, got {form!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"MaSALayer: impl must be one of {IMPLS}, got {impl!r}")
         if data_format not in DATA_FORMATS:
             raise ValueError(f"MaSALayer: data_format must be one of {DATA_FORMATS}, got {data_format!r}")
         self.dim = dim
@@ -101,6 +105,7 @@ class MaSALayer(nn.Module):
         self.init_value = float(init_value)
         self.heads_range = float(heads_range)
         self.data_format = data_format
+        self.impl = impl
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
         self.lepe = nn.Conv2d(dim, dim, 5, 1, 2, groups=dim, **dd) if lepe else None
         self.proj = nn.Linear(dim, dim, **dd)
@@ -149,10 +154,11 @@ class MaSALayer(nn.Module):
         sin, cos, decay = self.position_tables(h, w, x.device)
         shape = (b, h, w, self.num_heads, self.head_dim)
         q, k, v_heads = q.reshape(shape), k.reshape(shape), v.reshape(shape)
-        if self.form == "full" and torch.compiler.is_exporting():
-            out = masa_full_single_pass(q, k, v_heads, sin, cos, decay, self.scale)
+        if torch.compiler.is_exporting():   # plain ops that keep sizes symbolic (see masa_full_single_pass)
+            out = (masa_full_single_pass(q, k, v_heads, sin, cos, decay, self.scale) if self.form == "full"
+                   else masa(q, k, v_heads, sin, cos, decay, self.scale, form=self.form, impl="reference"))
         else:
-            out = masa(q, k, v_heads, sin, cos, decay, self.scale, form=self.form)
+            out = masa(q, k, v_heads, sin, cos, decay, self.scale, form=self.form, impl=self.impl)
         out = out.view(b, h, w, c)
         if self.lepe is not None:
             out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
