@@ -1,12 +1,10 @@
 """Export to ONNX and to AOTInductor packages with dynamic batch and image size, and check the result.
 
 Both exports go through ``torch.export`` with symbolic batch, height and width. The RMT model
-computes its rotation tables and decays from the run-time grid size, which traces fine; the one part
-that does not is the reference full-form MaSA, which splits the queries into blocks whose count
-depends on the input size (a Python loop over sizes pins them to the example). :func:`exportable`
-therefore swaps every RMT attention for :class:`ExportableMaSA`, which shares its weights and
-computes the full form in one pass (:func:`rmt.layers.masa_full_single_pass`, the same numbers).
-:class:`rmt.layers.MaSALayer` does the same by itself while exporting.
+computes its rotation tables and decays from the run-time grid size, which traces fine.
+:func:`exportable` puts a copy of the model on the reference MaSA ops (the Triton kernels and the
+CPU path's complex-number rotation have no ONNX form; the reference gives the same numbers), whose
+full form runs in one block while exporting so that no size is pinned to the example.
 
 Every export is checked against the original eager model: :func:`check_onnx` runs the file with
 onnxruntime on CPU, :func:`check_pt2` loads the package, each at several batch/image sizes, and
@@ -25,11 +23,8 @@ from typing import Callable, List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .layers import masa_full_single_pass
-from .model import MaSA
-from .ops.masa import masa
 
-__all__ = ["ExportableMaSA", "exportable", "export_program", "export_onnx", "export_pt2",
+__all__ = ["exportable", "export_program", "export_onnx", "export_pt2",
            "check_onnx", "check_pt2", "check_program", "CheckResult", "max_relative_error"]
 
 MIN_EXPORT_SIDE = 33   # at 32 pixels the last RMT grid is 1x1, which torch.export treats as a constant
@@ -38,39 +33,11 @@ MAX_EXPORT_BATCH = 4096
 Size = Tuple[int, int, int]  # (batch, height, width)
 
 
-class ExportableMaSA(nn.Module):
-    """An RMT :class:`~rmt.model.MaSA` for export: same parameters (shared), full form in one pass."""
-
-    def __init__(self, attn: MaSA):
-        super().__init__()
-        self.qkv, self.lepe, self.proj = attn.qkv, attn.lepe, attn.proj
-        self.num_heads, self.head_dim, self.scale, self.form = attn.num_heads, attn.head_dim, attn.scale, attn.form
-
-    def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
-                decay: torch.Tensor) -> torch.Tensor:
-        b, h, w, c = x.shape
-        q, k, v = self.qkv(x).split(c, dim=-1)
-        lepe = self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        shape = (b, h, w, self.num_heads, self.head_dim)
-        q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
-        if self.form == "full":
-            out = masa_full_single_pass(q, k, v, sin, cos, decay, self.scale)
-        else:
-            out = masa(q, k, v, sin, cos, decay, self.scale, form=self.form, impl="reference")
-        return self.proj(out.reshape(b, h, w, c) + lepe)
-
-
 def exportable(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of ``model`` on the reference (plain PyTorch) ops, its RMT attentions
-    replaced by :class:`ExportableMaSA` (same weights). Fast paths (Triton kernels, the CPU path's
-    complex-number rotation) have no ONNX equivalent; the reference ops give the same numbers."""
+    """An eval-mode copy of ``model`` on the reference (plain PyTorch) MaSA ops."""
     model = copy.deepcopy(model).eval()
     if hasattr(model, "set_masa_impl"):
         model.set_masa_impl("reference")
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, MaSA):
-                setattr(module, name, ExportableMaSA(child))
     return model
 
 

@@ -31,33 +31,11 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
-from .ops.masa import FORMS, IMPLS, head_decays, masa, rotate, rotation_tables
+from .ops.masa import FORMS, IMPLS, head_decays, masa, rotation_tables
 
-__all__ = ["MaSALayer", "masa_full_single_pass"]
+__all__ = ["MaSALayer"]
 
 DATA_FORMATS = ("NCHW", "NHWC")
-
-
-def masa_full_single_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor,
-                          cos: torch.Tensor, decay: torch.Tensor, scale: float) -> torch.Tensor:
-    """Full-form MaSA over all ``h * w`` tokens in one pass (no blocking over queries).
-
-    Same arguments and result as :func:`rmt.ops.masa.masa_full_reference`: ``q, k, v`` are
-    ``(b, h, w, n, d)``, ``sin, cos`` ``(h, w, d)``, ``decay`` ``(n,)``; returns ``(b, h, w, n, d)``.
-    It uses no Python arithmetic on tensor sizes, so ``torch.export`` keeps the batch and the grid
-    symbolic; the reference splits the queries into blocks whose count depends on those sizes.
-    Memory grows as ``b * n * (h*w)**2``; use it for export, not for very large inputs.
-    """
-    b, h, w, n, d = q.shape
-    qr = rotate(q.permute(0, 3, 1, 2, 4), sin, cos).flatten(2, 3)            # (b, n, L, d)
-    kr = rotate(k.permute(0, 3, 1, 2, 4) * scale, sin, cos).flatten(2, 3)
-    v = v.permute(0, 3, 1, 2, 4).flatten(2, 3)                                # (b, n, L, dv)
-    rows = torch.arange(h, device=q.device).view(h, 1).expand(h, w).flatten()
-    cols = torch.arange(w, device=q.device).view(1, w).expand(h, w).flatten()
-    dist = ((rows[:, None] - rows[None, :]).abs() + (cols[:, None] - cols[None, :]).abs()).to(torch.float32)
-    logits = qr @ kr.transpose(-1, -2) + decay[:, None, None] * dist           # (b, n, L, L)
-    out = torch.softmax(logits, dim=-1).to(v.dtype) @ v
-    return out.view(b, n, h, w, -1).permute(0, 2, 3, 1, 4).contiguous()
 
 
 class MaSALayer(nn.Module):
@@ -154,11 +132,8 @@ class MaSALayer(nn.Module):
         sin, cos, decay = self.position_tables(h, w, x.device)
         shape = (b, h, w, self.num_heads, self.head_dim)
         q, k, v_heads = q.reshape(shape), k.reshape(shape), v.reshape(shape)
-        if torch.compiler.is_exporting():   # plain ops that keep sizes symbolic (see masa_full_single_pass)
-            out = (masa_full_single_pass(q, k, v_heads, sin, cos, decay, self.scale) if self.form == "full"
-                   else masa(q, k, v_heads, sin, cos, decay, self.scale, form=self.form, impl="reference"))
-        else:
-            out = masa(q, k, v_heads, sin, cos, decay, self.scale, form=self.form, impl=self.impl)
+        impl = "reference" if torch.compiler.is_exporting() else self.impl   # plain ops export
+        out = masa(q, k, v_heads, sin, cos, decay, self.scale, form=self.form, impl=impl)
         out = out.view(b, h, w, c)
         if self.lepe is not None:
             out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)

@@ -66,6 +66,16 @@ def _distance_1d(n: int, device: torch.device) -> torch.Tensor:
     return (idx[:, None] - idx[None, :]).abs().to(torch.float32)
 
 
+def grid_coordinates(h: int, w: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row and column of every token of an ``h x w`` grid in row-major order, each ``(h * w,)``.
+
+    Built by broadcasting rather than ``//`` and ``%``, which keeps sizes symbolic under export.
+    """
+    rows = torch.arange(h, device=device).view(h, 1).expand(h, w).reshape(-1)
+    cols = torch.arange(w, device=device).view(1, w).expand(h, w).reshape(-1)
+    return rows, cols
+
+
 def _rotate_qk(q: torch.Tensor, k: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
                scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Scale k, rotate q and k; inputs ``(b, h, w, n, d)``, tables ``(h, w, d)``; outputs ``(b, n, h, w, d)``."""
@@ -118,12 +128,14 @@ def masa_full_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     qr = qr.reshape(b, n, L, d)
     kr = kr.reshape(b, n, L, d)
     v = v.permute(0, 3, 1, 2, 4).reshape(b, n, L, v.shape[-1])
-    idx = torch.arange(L, device=q.device)
-    rows, cols = idx // w, idx % w
-    block = max(1, min(L, max_logits // max(1, b * n * L)))
+    rows, cols = grid_coordinates(h, w, q.device)
+    if torch.compiler.is_exporting():   # one block: no Python arithmetic on symbolic sizes
+        bounds = [(0, L)]
+    else:
+        block = max(1, min(L, max_logits // max(1, b * n * L)))
+        bounds = [(start, min(L, start + block)) for start in range(0, L, block)]
     outs = []
-    for start in range(0, L, block):
-        stop = min(L, start + block)
+    for start, stop in bounds:
         dist = ((rows[start:stop, None] - rows[None, :]).abs()
                 + (cols[start:stop, None] - cols[None, :]).abs()).to(torch.float32)
         bias = decay[:, None, None] * dist                              # (n, rows, L)
