@@ -16,6 +16,8 @@ COMMANDS = {
     "convert": ("rmt.commands.convert", "convert a released or trained checkpoint to .safetensors"),
     "benchmark": ("rmt.commands.benchmark", "throughput and memory beside timm peers, numerics checks"),
     "segment": ("rmt.commands.segment", "semantic segmentation (Semantic FPN, UperNet): train, eval, predict"),
+    "export": ("rmt.commands.export", "ONNX / AOTInductor export with dynamic sizes, checked against PyTorch"),
+    "viz": ("rmt.commands.viz", "PNG pictures: MaSA decay patterns, attention maps, Grad-CAM"),
     "detect": ("rmt.commands.detect", "object detection / instance segmentation: train, eval, predict"),
 }
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .naive import _distance_1d, masa_decomposed_reference, masa_full_reference
+from .naive import _distance_1d, full_form_row_blocks, masa_decomposed_reference, masa_full_reference
 
 
 def _rotate_complex(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
@@ -57,15 +57,9 @@ def masa_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tenso
     else:
         L = h * w
         qf, kf, vf = qr.reshape(b, n, L, d), kr.reshape(b, n, L, d), vv.reshape(b, n, L, -1)
-        idx = torch.arange(L, device=q.device)
-        rows_i, cols_i = idx // w, idx % w
-        block = max(1, min(L, max_logits // max(1, b * n * L)))
         outs = []
-        for start in range(0, L, block):
-            stop = min(L, start + block)
+        for start, stop, dist in full_form_row_blocks(b, h, w, n, max_logits, q.device):
             logits = qf[:, :, start:stop] @ kf.transpose(-1, -2)       # (b, n, rows, L)
-            dist = ((rows_i[start:stop, None] - rows_i[None, :]).abs()
-                    + (cols_i[start:stop, None] - cols_i[None, :]).abs()).to(torch.float32)
             logits.add_(decay[:, None, None] * dist)
             outs.append(torch.softmax(logits, dim=-1).to(dtype) @ vf)
         out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)).view(b, n, h, w, -1)
