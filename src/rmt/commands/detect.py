@@ -198,9 +198,10 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _run_predict(args: argparse.Namespace) -> int:
     import torch
     from ..detection.engine import load_detector
-    from ..detection.predict import collect_images, predict_images
+    from ..detection.predict import predict_images
+    from ..images import list_images
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    paths = collect_images(args.inputs)
+    paths = list_images(args.inputs)
     model, meta = load_detector(args.checkpoint, device, args.min_size, args.max_size)
     json_path = predict_images(model, paths, args.out, meta["classes"], meta["cat_ids"], device,
                                args.score_threshold, _amp(args.amp, device))

@@ -15,25 +15,9 @@ from tqdm import tqdm
 from .evaluation import masks_to_rles
 from .models import lower_score_threshold
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # distinct colours, one per class (cycled)
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
            "#fabed4", "#469990", "#dcbeff", "#9a6324", "#800000", "#aaffc3", "#808000", "#000075"]
-
-
-def collect_images(inputs: Sequence[str | Path]) -> List[Path]:
-    """Image files named directly or found (non-recursively) in the folders given, sorted."""
-    found: List[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found.extend(sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
-        elif item.is_file():
-            found.append(item)
-        else:
-            raise FileNotFoundError(f"'{item}' is neither an image file nor a folder")
-    if not found:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, inputs))}")
-    return found
 
 
 def draw_detections(image: torch.Tensor, det: Dict[str, torch.Tensor], classes: Sequence[str],

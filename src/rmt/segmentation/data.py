@@ -28,8 +28,9 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 
+from ..images import IMAGE_SUFFIXES, list_images  # noqa: F401  (list_images re-exported)
+
 IGNORE_INDEX = 255
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SPLITS = ("training", "validation")
 META_FILE = "dataset.json"
 
@@ -289,16 +290,3 @@ class EvalTransform:
         return normalize(image), label
 
 
-def list_images(paths: Sequence[Union[str, Path]]) -> List[Path]:
-    """Image files named directly or found (non-recursively) in the folders given."""
-    out: List[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out.extend(sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES))
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise FileNotFoundError(f"'{p}' is neither an image nor a folder")
-    if not out:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, paths))}")
-    return out
