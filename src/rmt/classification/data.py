@@ -57,8 +57,8 @@ class BadImageError(RuntimeError):
 
 def bad_image_message(text: str) -> Optional[str]:
     """The ``cannot read image ...`` line inside an error re-raised from a worker process, if any."""
-    m = re.search(r"(cannot (?:read|decode) image .*)", text)
-    return m.group(1) if m else None
+    found = re.findall(r"cannot (?:read|decode) image .*", text)  # the last: the traceback quotes the source
+    return found[-1] if found else None
 
 
 # ------------------------------------------------------------------------------------------------

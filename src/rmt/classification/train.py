@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -102,8 +103,9 @@ class Trainer:
             if dev.type != "cuda":
                 raise ValueError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel)")
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.ema = ModelEmaV3(model, decay=cfg["ema_decay"], use_warmup=cfg["ema_warmup"]) \
-            if cfg["model_ema"] else None
+        # per-tensor updates under FSDP: sharded parameters and plain buffers cannot share a foreach call
+        self.ema = ModelEmaV3(model, decay=cfg["ema_decay"], use_warmup=cfg["ema_warmup"],
+                              foreach=not cfg["fsdp"]) if cfg["model_ema"] else None
         self.model = model  # the module whose parameters are trained (sharded in place under FSDP)
         forward_model: torch.nn.Module = model
         if cfg["fsdp"]:
@@ -111,6 +113,8 @@ class Trainer:
             if self.ema is not None:
                 shard_with_fsdp(self.ema.module)
         elif info.distributed:
+            # depthwise conv weights (C, 1, k, k) report a stride mismatch on their size-1 dim: harmless
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             forward_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[dev.index] if dev.type == "cuda" else None)
         self.ddp = forward_model if forward_model is not model else None
@@ -221,6 +225,8 @@ class Trainer:
     def train_epoch(self, epoch: int) -> bool:
         """Train until the epoch ends; returns True when ``max_steps`` stopped the run."""
         cfg, dev, accum = self.cfg, self.info.device, self.cfg["accum_steps"]
+        if cfg["max_steps"] and self.step >= cfg["max_steps"]:
+            return True
         self.data.train.set_epoch(epoch, self.step_in_epoch * accum)
         self.forward_model.train()
         bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
@@ -347,7 +353,7 @@ class Trainer:
         summary = dict(run_dir=str(self.run_dir), epochs_done=self.completed_epochs,
                        steps=self.step, best_top1=self.best_top1, final=metrics,
                        train_img_per_s=sum(speeds) / len(speeds) if speeds else None,
-                       world_size=self.info.world_size, wall_s=time.perf_counter() - t_start)
+                       world_size=self.info.world_size, rank=self.info.rank, wall_s=time.perf_counter() - t_start)
         if main:
             import json
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

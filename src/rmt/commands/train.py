@@ -32,10 +32,12 @@ def run(args: argparse.Namespace) -> int:
     options = {k: v for k, v in vars(args).items() if k not in ("_module", "command", "debug")}
     summary = train(options)
     final = summary.get("final") or {}
-    if "val_top1" in final or "ema_top1" in final:
+    if summary.get("rank", 0) == 0 and ("val_top1" in final or "ema_top1" in final):
         parts = [f"{name} top-1 {final[key]:.2f}%" for name, key in (("model", "val_top1"), ("EMA", "ema_top1"))
                  if key in final]
         speed = summary.get("train_img_per_s")
         print(f"done: {', '.join(parts)} on {final.get('val_images')} validation images; "
               f"best {summary['best_top1']:.2f}%; {speed:.0f} training img/s; run in {summary['run_dir']}")
+    elif summary.get("rank", 0) == 0:
+        print(f"stopped after {summary['steps']} steps; state saved in {summary['run_dir']}/last.pth")
     return 0
