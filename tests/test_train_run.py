@@ -95,15 +95,18 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
             args += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
     proc = subprocess.Popen(args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     log = tmp_path / "runs" / "killed" / "log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if log.exists() and any(r.get("step", 0) >= 3 for r in read_jsonl(log)):
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if log.exists() and any(r.get("step", 0) >= 3 for r in read_jsonl(log)):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
     saved_step = load_checkpoint(tmp_path / "runs" / "killed" / "last.pth")["step"]
     assert saved_step >= 2
     stop = saved_step + 5  # crosses an epoch boundary (4 steps per epoch)
@@ -169,10 +172,17 @@ def test_two_process_torchrun_on_cpu_keeps_ranks_in_agreement(tmp_path):
     options = tiny_options(tmp_path, data, max_steps=2, reprob=0.5, scale=[0.5, 1.0], drop_path=0.1)
     script = tmp_path / "ddp.py"
     script.write_text(TORCHRUN_SCRIPT)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--standalone", str(script), repr(options), str(tmp_path)],
-                         env=_env(), capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--standalone", str(script), repr(options), str(tmp_path)],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=240)
+    finally:  # never leave worker processes behind, whatever happened
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert not torch.equal(r0["labels"], r1["labels"])  # each rank trains on its own share
     changed = [k for k in r0["after"] if not torch.equal(r0["after"][k], r0["before"][k])]
@@ -182,3 +192,15 @@ def test_two_process_torchrun_on_cpu_keeps_ranks_in_agreement(tmp_path):
         if "running_" not in k and "num_batches" not in k:  # BatchNorm statistics stay per rank
             assert torch.equal(r0["after"][k], r1["after"][k]), k
     assert (tmp_path / "runs" / "run" / "last.pth").is_file()
+
+
+def test_time_budget_sets_the_number_of_epochs_that_fits(tmp_path):
+    data = write_fashion_mnist_like(tmp_path / "data", n_train=64)
+    start = time.perf_counter()
+    summary = train(tiny_options(tmp_path, data, epochs=10_000, time_budget=0.15, batch_size=8, log_interval=4))
+    wall = time.perf_counter() - start
+    run = Path(summary["run_dir"])
+    chosen = load_checkpoint(run / "last.pth")["config"]
+    assert chosen["time_budget"] is None and 1 <= chosen["epochs"] < 10_000
+    assert summary["epochs_done"] == chosen["epochs"] and "epochs: %d" % chosen["epochs"] in (run / "config.yaml").read_text()
+    assert wall < 0.15 * 60 + 6

@@ -101,6 +101,8 @@ OPTIONS: Dict[str, List[Option]] = {
         ("checkpoint_every", 500, int, "also write last.pth every N optimizer steps (0: only each epoch)"),
         ("log_interval", 20, int, "optimizer steps between log lines (and loss checks)"),
         ("max_steps", None, int, "stop after this many optimizer steps in total (schedule unchanged)"),
+        ("time_budget", None, float, "minutes for the whole run: after a few timed steps the schedule is set to "
+                                     "the number of epochs (at most --epochs) that fits, validation included"),
         ("threads", None, int, "torch CPU threads per process"),
         ("eval_ema_only", False, bool, "validate only the EMA weights each epoch (halves validation time)"),
     ],
@@ -187,6 +189,7 @@ def resolve(cli: Dict[str, Any], resumed: Optional[Dict[str, Any]] = None) -> Di
     if resumed:
         cfg.update({k: v for k, v in resumed.items() if k in DEFAULTS})
     cfg.update({k: _coerce(k, v, "command line") for k, v in cli.items() if k in DEFAULTS})
+    cfg["amp"] = cfg["amp"] or "none"
     validate(cfg)
     return cfg
 

@@ -65,7 +65,7 @@ def shard_with_fsdp(model: torch.nn.Module) -> None:
 
 class Trainer:
     def __init__(self, cfg: Dict[str, Any], info: DistInfo, run_dir: Path,
-                 resumed: Optional[Dict[str, Any]] = None):
+                 resumed: Optional[Dict[str, Any]] = None, t_begin: Optional[float] = None):
         from timm.data import Mixup
         from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
         from timm.optim import create_optimizer_v2
@@ -73,6 +73,7 @@ class Trainer:
         from timm.utils import ModelEmaV3
 
         self.cfg, self.info, self.run_dir, dev = cfg, info, run_dir, info.device
+        self.t_begin = t_begin or time.perf_counter()
         if cfg["threads"]:
             torch.set_num_threads(cfg["threads"])
         self.amp_dtype = amp_dtype_for(cfg["amp"], dev)
@@ -126,10 +127,7 @@ class Trainer:
             cfg["lr"] = cfg["lr_base"] * self.global_batch / cfg["lr_base_size"]
         self.optimizer = create_optimizer_v2(model, opt=cfg["opt"], lr=cfg["lr"], weight_decay=cfg["weight_decay"],
                                              momentum=cfg["momentum"], eps=cfg["opt_eps"])
-        self.scheduler, _ = create_scheduler_v2(
-            self.optimizer, sched=cfg["sched"], num_epochs=cfg["epochs"], warmup_epochs=cfg["warmup_epochs"],
-            warmup_lr=cfg["warmup_lr"], min_lr=cfg["min_lr"], step_on_epochs=False,
-            updates_per_epoch=self.steps_per_epoch)
+        self.scheduler = self._make_scheduler()
         self.scaler = torch.amp.GradScaler(dev.type) if self.amp_dtype == torch.float16 else None
         self.mixup = None
         if cfg["mixup"] > 0 or cfg["cutmix"] > 0:
@@ -159,6 +157,9 @@ class Trainer:
                 print(f"note: the checkpoint was written by {len(resumed.get('rng') or [])} process(es), this run has "
                       f"{info.world_size}: random streams are reseeded, the rest continues exactly")
             self.scheduler.step_update(self.step)
+        # (step, time) where timing for --time-budget starts, after a few steps of warm-up
+        self.calibration: Optional[Tuple[int, float]] = None
+        self.calibration_steps = max(10, min(50, self.steps_per_epoch // 4))
 
         self.cfg.update(world_size=info.world_size, global_batch=self.global_batch,
                         steps_per_epoch=self.steps_per_epoch, train_images=self.data.train_size,
@@ -166,6 +167,43 @@ class Trainer:
         self.log = JsonlLogger(run_dir / "log.jsonl", enabled=info.is_main)
         if info.is_main:
             (run_dir / "config.yaml").write_text(config_mod.to_yaml(self.cfg))
+
+    def _make_scheduler(self):
+        from timm.scheduler import create_scheduler_v2
+        cfg = self.cfg
+        scheduler, _ = create_scheduler_v2(
+            self.optimizer, sched=cfg["sched"], num_epochs=cfg["epochs"], warmup_epochs=cfg["warmup_epochs"],
+            warmup_lr=cfg["warmup_lr"], min_lr=cfg["min_lr"], step_on_epochs=False,
+            updates_per_epoch=self.steps_per_epoch)
+        return scheduler
+
+    def _fit_schedule_to_budget(self) -> None:
+        """Set ``epochs`` so that the run ends within ``time_budget`` minutes, from the measured step time.
+
+        Called once, early in the first epoch (inside the warm-up, whose learning rates do not depend on
+        the schedule length). Rank 0 decides; the choice is saved with the run so a resume keeps it.
+        """
+        cfg = self.cfg
+        now = time.perf_counter()
+        step_time = (now - self.calibration[1]) / (self.step - self.calibration[0])
+        epoch_time = step_time * self.steps_per_epoch
+        passes = 1 + (self.ema is not None) - (self.ema is not None and cfg["eval_ema_only"])
+        val_time = epoch_time * passes * self.data.val_size / (3.0 * max(self.data.train_size, 1))
+        remaining = cfg["time_budget"] * 60.0 * 0.97 - (now - self.t_begin) - 5.0
+        done = self.epoch + self.step_in_epoch / self.steps_per_epoch
+        fit = done + remaining / (epoch_time + val_time)
+        epochs = torch.tensor([max(self.epoch + 1, min(cfg["epochs"], int(fit)))], device=self.info.device)
+        if self.info.distributed:
+            dist.broadcast(epochs, src=0)
+        old, cfg["epochs"], cfg["time_budget"] = cfg["epochs"], int(epochs.item()), None
+        self.scheduler = self._make_scheduler()
+        self.scheduler.step_update(self.step)
+        self.calibration = None
+        if self.info.is_main:
+            (self.run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg))
+            tqdm.write(f"time budget: {self.global_batch / step_time:.0f} img/s measured, "
+                       f"{epoch_time:.1f} s per epoch + {val_time:.1f} s validation: {cfg['epochs']} epochs "
+                       f"(of at most {old}) fit")
 
     # --- steps ------------------------------------------------------------------------------------
 
@@ -257,6 +295,15 @@ class Trainer:
                 continue
             self._optimizer_step()
             self.window["steps"] += 1
+            if cfg["time_budget"]:
+                if self.info.device.type == "cuda":
+                    torch.cuda.synchronize()  # time finished work, not queued work
+                if self.calibration is None and self.step_in_epoch >= 3:
+                    self.calibration = (self.step, time.perf_counter())
+                elif self.calibration and self.step - self.calibration[0] >= self.calibration_steps:
+                    self._fit_schedule_to_budget()
+                    bar.total = self.steps_per_epoch
+                    bar.set_description(f"epoch {epoch + 1}/{cfg['epochs']}")
             bar.update(1)
             if self.step % cfg["log_interval"] == 0 or self.step_in_epoch == self.steps_per_epoch:
                 self._log_window(epoch, bar)
@@ -325,7 +372,8 @@ class Trainer:
                   f"amp {self.amp_dtype or 'none'}" + (f", resuming at step {self.step}" if self.step else ""),
                   flush=True)
         t_start, speeds, metrics = time.perf_counter(), [], {}
-        for epoch in range(self.epoch, cfg["epochs"]):
+        epoch = self.epoch
+        while epoch < cfg["epochs"]:  # --time-budget may shorten the schedule during the first epoch
             self.epoch = epoch
             if self.train_epoch(epoch):
                 break
@@ -350,6 +398,7 @@ class Trainer:
                 plot_curves(self.log.path, self.run_dir / "curves.png", PLOT_GROUPS, x_key="step",
                             title=f"{cfg['model']} on {cfg['dataset']}")
             self.step_in_epoch = 0
+            epoch += 1
         summary = dict(run_dir=str(self.run_dir), epochs_done=self.completed_epochs,
                        steps=self.step, best_top1=self.best_top1, final=metrics,
                        train_img_per_s=sum(speeds) / len(speeds) if speeds else None,
@@ -383,6 +432,7 @@ def make_run_dir(cfg: Dict[str, Any], info: DistInfo, resume_path: Optional[Path
 
 def train(options: Dict[str, Any]) -> Dict[str, Any]:
     """Run ``rmt train`` with the given options (flag names as keys, only those set explicitly)."""
+    t_begin = time.perf_counter()
     resume_path = find_resume(options.get("resume"))
     resumed = load_checkpoint(resume_path) if resume_path else None
     if resumed is not None and "config" not in resumed:
@@ -392,7 +442,7 @@ def train(options: Dict[str, Any]) -> Dict[str, Any]:
     info = setup_distributed(cfg["device"], cfg["dist_backend"])
     try:
         run_dir = make_run_dir(cfg, info, resume_path)
-        trainer = Trainer(cfg, info, run_dir, resumed)
+        trainer = Trainer(cfg, info, run_dir, resumed, t_begin)
         del resumed
         if trainer.epoch >= cfg["epochs"] and info.is_main:
             print(f"'{run_dir}' has already finished its {cfg['epochs']} epochs; pass --epochs N to train longer")
