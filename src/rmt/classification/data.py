@@ -130,10 +130,19 @@ class SeededSamples(Dataset):
     def __getitem__(self, item: Tuple[int, int]):
         import random
         index, seed = item
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-        return self.dataset[index]
+        in_main = torch.utils.data.get_worker_info() is None
+        if in_main:  # without worker processes, leave the training loop's random streams untouched
+            saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
+            return self.dataset[index]
+        finally:
+            if in_main:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.set_rng_state(saved[2])
 
 
 def sample_seed(seed: int, epoch: int, rank: int, position: int) -> int:
@@ -367,14 +376,18 @@ def build_data(cfg: Dict[str, Any], info: DistInfo, train: bool = True) -> Data:
     if not root.is_dir():
         raise FileNotFoundError(f"data folder '{root}' does not exist")
     val_dir = _split_dir(root, cfg["val_split"] or "val", () if cfg["val_split"] else ("validation", "test"))
-    probe = ImageFolderDataset(_split_dir(root, cfg["train_split"]) if train else val_dir)
-    spec = resolve_spec(cfg, probe.class_names, False, IMAGENET_MEAN, IMAGENET_STD, 224, 0.9)
+    first = ImageFolderDataset(_split_dir(root, cfg["train_split"]) if train else val_dir,
+                               skip_bad=cfg["skip_bad_images"])
+    spec = resolve_spec(cfg, first.class_names, False, IMAGENET_MEAN, IMAGENET_STD, 224, 0.9)
     tr = None
     if train:
-        probe.transform, probe.skip_bad = train_transform(cfg, spec), cfg["skip_bad_images"]
-        tr = LoaderBatches(_subset(probe, cfg["train_subset"]), cfg["batch_size"], workers, True, info,
+        first.transform = train_transform(cfg, spec)
+        tr = LoaderBatches(_subset(first, cfg["train_subset"]), cfg["batch_size"], workers, True, info,
                            cfg["seed"], cfg["aug_repeats"], mix)
-    val_ds = ImageFolderDataset(val_dir, eval_transform(spec), cfg["skip_bad_images"], probe.class_to_idx)
+        val_ds = ImageFolderDataset(val_dir, eval_transform(spec), cfg["skip_bad_images"], first.class_to_idx)
+    else:
+        val_ds = first
+        val_ds.transform = eval_transform(spec)
     va = LoaderBatches(_subset(val_ds, cfg["val_subset"]), val_bs, workers, False, info, cfg["seed"])
     return Data(tr, va, spec, len(spec.class_names), len(tr.loader.dataset) if tr else 0,
                 len(va.loader.dataset))
