@@ -68,7 +68,7 @@ OPTIONS: Dict[str, List[Option]] = {
                                 "over ranks (0 disables)"),
     ],
     "optimization": [
-        ("epochs", 300, int, "epochs of the schedule"),
+        ("epochs", 300, float, "epochs of the schedule (a fraction cuts the last epoch short)"),
         ("batch_size", 128, int, "images per step per process (global batch = this x processes x accum_steps)"),
         ("accum_steps", 1, int, "gradient accumulation steps per optimizer step"),
         ("opt", "adamw", str, "timm optimizer name"),
@@ -200,7 +200,7 @@ def validate(cfg: Dict[str, Any]) -> None:
         (cfg["dataset"] in ("folder", "fashion-mnist", "wds"), "dataset must be folder, fashion-mnist or wds"),
         (cfg["pipeline"] in ("auto", "loader", "tensor"), "pipeline must be auto, loader or tensor"),
         (cfg["amp"] in ("auto", "bf16", "fp16", "none"), "amp must be auto, bf16, fp16 or none"),
-        (cfg["epochs"] >= 1, "epochs must be at least 1"),
+        (cfg["epochs"] > 0, "epochs must be positive"),
         (cfg["batch_size"] >= 1, "batch-size must be at least 1"),
         (cfg["accum_steps"] >= 1, "accum-steps must be at least 1"),
         (cfg["input_size"] is None or cfg["input_size"] >= 32,

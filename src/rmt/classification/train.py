@@ -160,6 +160,7 @@ class Trainer:
         # (step, time) where timing for --time-budget starts, after a few steps of warm-up
         self.calibration: Optional[Tuple[int, float]] = None
         self.calibration_steps = max(10, min(50, self.steps_per_epoch // 4))
+        self._set_schedule_length(cfg["epochs"])
 
         self.cfg.update(world_size=info.world_size, global_batch=self.global_batch,
                         steps_per_epoch=self.steps_per_epoch, train_images=self.data.train_size,
@@ -168,11 +169,21 @@ class Trainer:
         if info.is_main:
             (run_dir / "config.yaml").write_text(config_mod.to_yaml(self.cfg))
 
+    def _set_schedule_length(self, epochs: float) -> None:
+        """``total_steps`` optimizer steps over ``num_epochs`` passes (the last one possibly partial)."""
+        self.total_steps = max(1, round(epochs * self.steps_per_epoch))
+        self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+
+    def _epoch_steps(self, epoch: int) -> int:
+        return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+
     def _make_scheduler(self):
         from timm.scheduler import create_scheduler_v2
         cfg = self.cfg
+        total = max(1, round(cfg["epochs"] * self.steps_per_epoch))
         scheduler, _ = create_scheduler_v2(
-            self.optimizer, sched=cfg["sched"], num_epochs=cfg["epochs"], warmup_epochs=cfg["warmup_epochs"],
+            self.optimizer, sched=cfg["sched"], num_epochs=total / self.steps_per_epoch,
+            warmup_epochs=cfg["warmup_epochs"],
             warmup_lr=cfg["warmup_lr"], min_lr=cfg["min_lr"], step_on_epochs=False,
             updates_per_epoch=self.steps_per_epoch)
         return scheduler
@@ -192,18 +203,21 @@ class Trainer:
         remaining = cfg["time_budget"] * 60.0 * 0.97 - (now - self.t_begin) - 5.0
         done = self.epoch + self.step_in_epoch / self.steps_per_epoch
         fit = done + remaining / (epoch_time + val_time)
-        epochs = torch.tensor([max(self.epoch + 1, min(cfg["epochs"], int(fit)))], device=self.info.device)
+        steps = min(round(cfg["epochs"] * self.steps_per_epoch), int(fit * self.steps_per_epoch))
+        steps = torch.tensor([max(self.step + 1, steps)], device=self.info.device)
         if self.info.distributed:
-            dist.broadcast(epochs, src=0)
-        old, cfg["epochs"], cfg["time_budget"] = cfg["epochs"], int(epochs.item()), None
+            dist.broadcast(steps, src=0)
+        old = cfg["epochs"]
+        cfg["epochs"], cfg["time_budget"] = int(steps.item()) / self.steps_per_epoch, None
+        self._set_schedule_length(cfg["epochs"])
         self.scheduler = self._make_scheduler()
         self.scheduler.step_update(self.step)
         self.calibration = None
         if self.info.is_main:
             (self.run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg))
             tqdm.write(f"time budget: {self.global_batch / step_time:.0f} img/s measured, "
-                       f"{epoch_time:.1f} s per epoch + {val_time:.1f} s validation: {cfg['epochs']} epochs "
-                       f"(of at most {old}) fit")
+                       f"{epoch_time:.1f} s per epoch + {val_time:.1f} s validation: {cfg['epochs']:.3g} epochs "
+                       f"({self.total_steps} steps, of at most {old:g} epochs) fit")
 
     # --- steps ------------------------------------------------------------------------------------
 
@@ -267,12 +281,12 @@ class Trainer:
             return True
         self.data.train.set_epoch(epoch, self.step_in_epoch * accum)
         self.forward_model.train()
-        bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
+        bar = tqdm(total=self._epoch_steps(epoch), initial=self.step_in_epoch, desc=f"epoch {epoch + 1}/{self.num_epochs}",
                    disable=not self.info.is_main, dynamic_ncols=True, mininterval=1.0, unit="step")
         self._window_reset()
         t_epoch, images_epoch, micro = time.perf_counter(), 0, 0
         it = iter(self.data.train)
-        while self.step_in_epoch < self.steps_per_epoch:
+        while self.step_in_epoch < self._epoch_steps(epoch):
             batch = self._next_batch(it)
             if batch is None:
                 break
@@ -302,10 +316,10 @@ class Trainer:
                     self.calibration = (self.step, time.perf_counter())
                 elif self.calibration and self.step - self.calibration[0] >= self.calibration_steps:
                     self._fit_schedule_to_budget()
-                    bar.total = self.steps_per_epoch
-                    bar.set_description(f"epoch {epoch + 1}/{cfg['epochs']}")
+                    bar.total = self._epoch_steps(epoch)
+                    bar.set_description(f"epoch {epoch + 1}/{self.num_epochs}")
             bar.update(1)
-            if self.step % cfg["log_interval"] == 0 or self.step_in_epoch == self.steps_per_epoch:
+            if self.step % cfg["log_interval"] == 0 or self.step_in_epoch == self._epoch_steps(epoch):
                 self._log_window(epoch, bar)
             if cfg["max_steps"] and self.step >= cfg["max_steps"]:
                 self._log_window(epoch, bar)
@@ -313,7 +327,7 @@ class Trainer:
                 bar.close()
                 return True
             if cfg["checkpoint_every"] and self.step % cfg["checkpoint_every"] == 0 \
-                    and self.step_in_epoch < self.steps_per_epoch:
+                    and self.step_in_epoch < self._epoch_steps(epoch):
                 self._log_window(epoch, bar)
                 self.save(epoch, self.step_in_epoch)
         bar.close()
@@ -373,7 +387,7 @@ class Trainer:
                   flush=True)
         t_start, speeds, metrics = time.perf_counter(), [], {}
         epoch = self.epoch
-        while epoch < cfg["epochs"]:  # --time-budget may shorten the schedule during the first epoch
+        while epoch < self.num_epochs:  # --time-budget may shorten the schedule during the first epoch
             self.epoch = epoch
             if self.train_epoch(epoch):
                 break
@@ -393,7 +407,7 @@ class Trainer:
             self.completed_epochs = epoch + 1
             if main:
                 shown = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.endswith(("top1", "top5")))
-                tqdm.write(f"epoch {epoch + 1}/{cfg['epochs']}: train loss {record['epoch_train_loss']:.4f}  {shown}  "
+                tqdm.write(f"epoch {epoch + 1}/{self.num_epochs}: train loss {record['epoch_train_loss']:.4f}  {shown}  "
                            f"{speed:.0f} img/s" + (f"  ({bad} unreadable images skipped)" if bad else ""))
                 plot_curves(self.log.path, self.run_dir / "curves.png", PLOT_GROUPS, x_key="step",
                             title=f"{cfg['model']} on {cfg['dataset']}")
@@ -444,8 +458,8 @@ def train(options: Dict[str, Any]) -> Dict[str, Any]:
         run_dir = make_run_dir(cfg, info, resume_path)
         trainer = Trainer(cfg, info, run_dir, resumed, t_begin)
         del resumed
-        if trainer.epoch >= cfg["epochs"] and info.is_main:
-            print(f"'{run_dir}' has already finished its {cfg['epochs']} epochs; pass --epochs N to train longer")
+        if trainer.epoch >= trainer.num_epochs and info.is_main:
+            print(f"'{run_dir}' has already finished its {cfg['epochs']:g} epochs; pass --epochs N to train longer")
         return trainer.fit()
     finally:
         cleanup_distributed()
