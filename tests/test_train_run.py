@@ -206,3 +206,35 @@ def test_time_budget_sets_the_number_of_epochs_that_fits(tmp_path):
     assert ckpt["step"] == round(chosen["epochs"] * 8)  # 8 steps per epoch; the last one may be cut short
     assert f"epochs: {json.dumps(chosen['epochs'])}" in (run / "config.yaml").read_text()
     assert wall < 0.15 * 60 + 6
+
+
+def test_precision_accumulation_and_memory_options_train(tmp_path):
+    data = write_fashion_mnist_like(tmp_path / "data", n_train=64)
+    summary = train(tiny_options(tmp_path, data, epochs=1, accum_steps=2, amp="bf16", clip_grad=1.0,
+                                 channels_last=True, grad_checkpointing=True, model_ema=True))
+    ckpt = load_checkpoint(Path(summary["run_dir"]) / "last.pth")
+    assert ckpt["step"] == 2 and summary["final"]["val_images"] == 32  # 64 images / (16 x 2) per step
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_eval_of_a_released_layout_checkpoint(tmp_path, capsys):
+    """A file in the authors' layout (here: rmt_tiny with a 2-class head) evaluates with ImageNet
+    preprocessing and gives the accuracy computed directly with timm's transforms."""
+    import timm
+    from rmt.checkpoint import ours_to_released
+    from rmt.classification.data import DataSpec, ImageFolderDataset, eval_transform
+    root = write_image_folder(tmp_path / "imgs", per_class=3)
+    model = timm.create_model("rmt_tiny", num_classes=2).eval()
+    torch.save({"model": ours_to_released(model.state_dict(), model)}, tmp_path / "released.pth")
+    ds = ImageFolderDataset(root / "val", eval_transform(DataSpec()))
+    with torch.no_grad():
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        pred = model(x).argmax(1)
+    expected = 100.0 * (pred == torch.tensor([t for _, t in ds.samples])).float().mean().item()
+    assert cli_main(["eval", str(tmp_path / "released.pth"), "--data", str(root), "--json", "--device", "cpu",
+                     "--out", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"] == "rmt_tiny" and result["images"] == len(ds)
+    assert result["top1"] == pytest.approx(expected)
+    assert cli_main(["eval", str(tmp_path / "released.pth")]) == 1
+    assert "needs --data" in capsys.readouterr().err

@@ -69,7 +69,6 @@ class Trainer:
         from timm.data import Mixup
         from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
         from timm.optim import create_optimizer_v2
-        from timm.scheduler import create_scheduler_v2
         from timm.utils import ModelEmaV3
 
         self.cfg, self.info, self.run_dir, dev = cfg, info, run_dir, info.device
@@ -155,7 +154,8 @@ class Trainer:
             exact = restore_rank_rng(resumed.get("rng"), info.rank, info.world_size, cfg["seed"] + self.step)
             if not exact and info.is_main:
                 print(f"note: the checkpoint was written by {len(resumed.get('rng') or [])} process(es), this run has "
-                      f"{info.world_size}: random streams are reseeded, the rest continues exactly")
+                      f"{info.world_size}: weights, optimizer and schedule continue, but the data split over "
+                      "processes and the random streams differ from those of an uninterrupted run")
             self.scheduler.step_update(self.step)
         # (step, time) where timing for --time-budget starts, after a few steps of warm-up
         self.calibration: Optional[Tuple[int, float]] = None
