@@ -165,7 +165,7 @@ def test_config_precedence_round_trip_and_errors(tmp_path):
     path.write_text("batch_sise: 3\n")
     with pytest.raises(ValueError, match="unknown option 'batch_sise'"):
         config.resolve({"config": str(path)})
-    with pytest.raises(ValueError, match="'epochs' must be int"):
+    with pytest.raises(ValueError, match="'epochs' must be float"):
         config.resolve({"epochs": "many"})
     with pytest.raises(ValueError, match="input-size must be at least 32"):
         config.resolve({"input_size": 28})
