@@ -1,11 +1,17 @@
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import rmt  # noqa: F401  (registers the models)
+# Without a GPU the Triton kernels are checked in Triton's interpreter; it must be chosen before
+# Triton compiles anything, i.e. before rmt is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import rmt  # noqa: E402,F401  (registers the models)
 
 DATA = Path(__file__).parent / "data"
 

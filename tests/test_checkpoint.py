@@ -171,3 +171,20 @@ def test_arbitrary_objects_are_not_unpickled(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="not loaded for safety"):
         _load(path)
     assert "this must never run" not in capsys.readouterr().out
+
+
+def test_whole_detector_checkpoint_loads_its_backbone(tmp_path):
+    """mmdet/mmseg files hold the backbone under 'backbone.' beside necks and heads."""
+    backbone = _randomize(timm.create_model("rmt_tiny", num_classes=0, feature_norms=True, **SMALL_ARGS)).eval()
+    sd = {"backbone." + k: v for k, v in ours_to_released(backbone.state_dict(), backbone).items()
+          if not k.startswith(("proj.", "norm.", "head."))}
+    sd["neck.fpn_convs.0.conv.weight"] = torch.zeros(4, 4, 3, 3)
+    sd["decode_head.conv_seg.weight"] = torch.zeros(150, 4, 1, 1)
+    path = tmp_path / "upernet.pth"
+    torch.save({"state_dict": sd, "meta": {"iter": 160000}}, path)
+    feats = timm.create_model("rmt_tiny", features_only=True, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(path)), **SMALL_ARGS).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(feats(x), backbone.forward_intermediates(x, intermediates_only=True)):
+            assert torch.equal(a, b)

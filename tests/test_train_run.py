@@ -74,7 +74,7 @@ def test_eval_and_predict_on_the_trained_checkpoint(trained, capsys, tmp_path):
     assert all(len(r["top"]) == 2 and r["top"][0]["probability"] >= r["top"][1]["probability"] for r in out)
 
     assert cli_main(["predict", str(ckpt), str(tmp_path / "missing.png")]) == 1
-    assert "image '" in capsys.readouterr().err
+    assert "missing.png" in capsys.readouterr().err
 
 
 def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):

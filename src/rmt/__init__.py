@@ -4,6 +4,7 @@
 """
 from .model import MODEL_ARGS, RMT, MaSA, RMTBlock, RMTStage
 from .checkpoint import CheckpointError, convert, load_into
+from . import plugin_models  # noqa: F401,E402  (registers rmt_deit_small and rmt_swin_tiny)
 
 __version__ = "0.1.0"
 VARIANTS = tuple(MODEL_ARGS)

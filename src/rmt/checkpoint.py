@@ -37,6 +37,8 @@ _BLOCK_RENAMES = (
     ("ffn.dwconv.conv.", "mlp.dwconv."),
 )
 _WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module")
+# top-level key prefixes of an RMT backbone, released or ours
+_BACKBONE_ROOTS = ("patch_embed.", "layers.", "stem.", "stages.")
 
 
 class CheckpointError(ValueError):
@@ -98,6 +100,9 @@ def unwrap_state_dict(obj: Mapping[str, Any], prefer_ema: bool = True) -> StateD
                               "or at top level")
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
+    if not any(k.startswith(_BACKBONE_ROOTS) for k in sd) and any(k.startswith("backbone.") for k in sd):
+        # a whole mmdet/mmseg model: keep its backbone (necks and heads are not RMT weights)
+        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
     return sd
 
 

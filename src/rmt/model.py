@@ -21,6 +21,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from .ops.dwconv import dwconv_nhwc
 from .ops.masa import FORMS, IMPLS, head_decays, masa, rotation_tables
 
 __all__ = ["RMT", "MaSA", "RMTBlock", "RMTStage", "MIN_INPUT_SIZE"]
@@ -57,6 +58,7 @@ def stage_positions(h: int, w: int, head_dim: int, num_heads: int, init_value: f
 register_notrace_function(check_image)
 register_notrace_function(stage_positions)
 register_notrace_function(masa)
+register_notrace_function(dwconv_nhwc)
 
 
 def _normalize_forms(forms: FormSpec, num_stages: int) -> Tuple[str, ...]:
@@ -73,6 +75,29 @@ def _normalize_forms(forms: FormSpec, num_stages: int) -> Tuple[str, ...]:
     if len(forms) != num_stages or any(f not in FORMS for f in forms):
         raise ValueError(f"expected {num_stages} attention forms from {FORMS}, got {forms!r}")
     return forms
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` that, under autocast, normalises in float32 but returns the autocast dtype.
+
+    Plain autocast runs LayerNorm in float32 and returns float32, which the next Linear casts back
+    to bf16/fp16: two extra passes over the activations. Outside autocast it is ``nn.LayerNorm``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return self._forward_autocast(x)
+
+    @torch.jit.unused
+    def _forward_autocast(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        if device not in ("cuda", "cpu", "xpu", "mps") or not torch.is_autocast_enabled(device):
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return F.layer_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype),
+                                self.bias.to(dtype), self.eps)
 
 
 class Stem(nn.Sequential):
@@ -135,11 +160,11 @@ class MaSA(nn.Module):
                 decay: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=-1)
-        lepe = self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        lepe = dwconv_nhwc(v, self.lepe.weight, self.lepe.bias, False, self.impl != "reference")
         shape = (b, h, w, self.num_heads, self.head_dim)
         out = masa(q.view(shape), k.view(shape), v.view(shape), sin, cos, decay, self.scale,
-                   form=self.form, impl=self.impl)
-        return self.proj(out.view(b, h, w, c) + lepe)
+                   form=self.form, impl=self.impl, add=lepe.reshape(shape))
+        return self.proj(out.view(b, h, w, c))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,16 +174,17 @@ class MaSA(nn.Module):
 class Mlp(nn.Module):
     """fc1 -> GELU -> (+ depthwise 3x3) -> fc2 on ``(b, h, w, c)`` tokens."""
 
-    def __init__(self, dim: int, hidden: int, device=None, dtype=None):
+    def __init__(self, dim: int, hidden: int, impl: str = "auto", device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
+        self.impl = impl
         self.fc1 = nn.Linear(dim, hidden, **dd)
         self.dwconv = nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden, **dd)
         self.fc2 = nn.Linear(hidden, dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = F.gelu(self.fc1(x))
-        u = u + self.dwconv(u.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        u = dwconv_nhwc(u, self.dwconv.weight, self.dwconv.bias, True, self.impl != "reference")
         return self.fc2(u)
 
 
@@ -171,17 +197,18 @@ class RMTBlock(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.cpe = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim, **dd)
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6, **dd)
+        self.norm1 = LayerNorm(dim, eps=1e-6, **dd)
         self.attn = MaSA(dim, num_heads, form, impl, **dd)
         self.ls1 = LayerScale(dim, layer_init_value, **dd) if layerscale else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6, **dd)
-        self.mlp = Mlp(dim, int(mlp_ratio * dim), **dd)
+        self.norm2 = LayerNorm(dim, eps=1e-6, **dd)
+        self.mlp = Mlp(dim, int(mlp_ratio * dim), impl, **dd)
         self.ls2 = LayerScale(dim, layer_init_value, **dd) if layerscale else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.impl = impl
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
                 decay: torch.Tensor) -> torch.Tensor:
-        x = x + self.cpe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (b,h,w,c) is NCHW channels-last
+        x = dwconv_nhwc(x, self.cpe.weight, self.cpe.bias, True, self.impl != "reference")
         x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), sin, cos, decay)))
         x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return x
@@ -369,7 +396,7 @@ class RMT(nn.Module):
         if impl not in IMPLS:
             raise ValueError(f"masa_impl must be one of {IMPLS}, got {impl!r}")
         for m in self.modules():
-            if isinstance(m, MaSA):
+            if isinstance(m, (MaSA, Mlp, RMTBlock)):
                 m.impl = impl
 
     # --- timm model interface -------------------------------------------------------------------
@@ -402,6 +429,11 @@ class RMT(nn.Module):
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool)
 
+    def _stem_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Image ``(b, C, H, W)`` -> contiguous tokens ``(b, H/4, W/4, c0)`` (convs run channels-last)."""
+        x = self.stem(x.contiguous(memory_format=torch.channels_last))
+        return x.permute(0, 2, 3, 1).contiguous()
+
     def forward_intermediates(
             self,
             x: torch.Tensor,
@@ -425,7 +457,7 @@ class RMT(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         stages = self.stages[:max_index + 1] if stop_early else self.stages
         intermediates = []
-        x = self.stem(x).permute(0, 2, 3, 1)
+        x = self._stem_tokens(x)
         for i, stage in enumerate(stages):
             x = stage(x)
             if i in take_indices:
@@ -451,8 +483,7 @@ class RMT(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(b, C, H, W) -> (b, ceil(H/32), ceil(W/32), c3)``."""
         check_image(x, self.in_chans)
-        x = self.stem(x).permute(0, 2, 3, 1)
-        return self.stages(x)
+        return self.stages(self._stem_tokens(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)

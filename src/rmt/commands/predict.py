@@ -5,7 +5,7 @@ The class names, input size and normalisation come from the checkpoint written b
 
 examples:
   rmt predict runs/demo/best.pth shoe.png shirt.png
-  rmt predict runs/demo/best.pth images/*.png --top-k 3 --json
+  rmt predict runs/demo/best.pth images/ --top-k 3 --json
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint file (.pth from rmt train, released .pth, or .safetensors)")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files, or folders of images")
     p.add_argument("--top-k", type=int, default=5, help="labels per image (default 5)")
     p.add_argument("--model", default=None, help="variant, for released files (default: recognised from shapes)")
     p.add_argument("--no-ema", action="store_true", help="use the trained weights, not the EMA")
@@ -27,10 +27,12 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from ..classification.predict import load_classifier, predict
+    from ..images import list_images
     if args.top_k < 1:
         raise ValueError("--top-k must be at least 1")
+    paths = list_images(args.images)
     clf = load_classifier(args.checkpoint, args.model, prefer_ema=not args.no_ema, device=args.device)
-    results = predict(clf, args.images, args.top_k)
+    results = predict(clf, paths, args.top_k)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

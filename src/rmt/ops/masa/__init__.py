@@ -2,13 +2,17 @@
 
 Implementations (``impl``):
 
-* ``"reference"`` - :mod:`rmt.ops.masa.naive`, plain PyTorch, any device; the correctness oracle.
-* ``"auto"`` - the fastest implementation available for the inputs' device, else the reference.
+* ``"reference"`` - :mod:`.naive`, plain PyTorch on any device; the correctness oracle.
+* ``"triton"``    - :mod:`.triton_masa`, fused Triton kernels (CUDA; CPU under ``TRITON_INTERPRET=1``).
+* ``"cpu"``       - :mod:`.cpu`, the reference math reorganised for CPU speed.
+* ``"auto"``      - Triton on CUDA when the inputs are supported, ``"cpu"`` on CPU, else reference.
 """
-from __future__ import annotations
+import os
+from typing import Optional
 
 import torch
 
+from .cpu import masa_cpu
 from .naive import (
     default_scale,
     head_decays,
@@ -20,23 +24,68 @@ from .naive import (
 )
 
 FORMS = ("decomposed", "full")
-IMPLS = ("auto", "reference")
+IMPLS = ("auto", "reference", "triton", "cpu")
+
+try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs may lack it
+    from .triton_masa import masa_triton, triton_supports
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    HAS_TRITON = False
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def masa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
-         decay: torch.Tensor, scale: float, form: str, impl: str = "auto") -> torch.Tensor:
-    """Manhattan self-attention on ``(b, h, w, n, d)`` inputs; returns ``(b, h, w, n, d)`` contiguous.
+def triton_available(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the fused Triton kernels can run on these inputs here."""
+    return HAS_TRITON and (q.is_cuda or _INTERPRET) and triton_supports(q, k, v)
 
-    ``form`` is ``"decomposed"`` or ``"full"``; ``impl`` one of :data:`IMPLS`.
-    """
+
+def masa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor,
+                   cos: torch.Tensor, decay: torch.Tensor, scale: float, form: str,
+                   add: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The reference implementation behind the common signature (see :func:`masa`)."""
     if form == "decomposed":
-        return masa_decomposed_reference(q, k, v, sin, cos, decay, scale)
-    if form == "full":
-        return masa_full_reference(q, k, v, sin, cos, decay, scale)
-    raise ValueError("unknown MaSA form '" + form + "'; expected 'decomposed' or 'full'")
+        out = masa_decomposed_reference(q, k, v, sin, cos, decay, scale)
+    elif form == "full":
+        out = masa_full_reference(q, k, v, sin, cos, decay, scale)
+    else:
+        raise ValueError("unknown MaSA form '" + form + "'; expected 'decomposed' or 'full'")
+    return out if add is None else out + add
+
+
+@torch.jit.ignore
+def masa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
+         decay: torch.Tensor, scale: float, form: str, impl: str = "auto",
+         add: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Manhattan self-attention on ``(b, h, w, n, d)`` inputs; returns ``(b, h, w, n, d)`` (+ ``add``).
+
+    ``sin``/``cos``: rotation tables ``(h, w, d)``; ``decay``: per-head lambda ``(n,)``; ``scale``
+    multiplies k before the rotation; ``form`` is ``"decomposed"`` or ``"full"``; ``add`` is an
+    optional tensor of the output's shape added to the result (fused where possible).
+    """
+    if form not in FORMS:
+        raise ValueError("unknown MaSA form '" + form + "'; expected 'decomposed' or 'full'")
+    if impl == "auto":
+        if q.is_cuda:
+            impl = "triton" if triton_available(q, k, v) else "reference"
+        else:
+            impl = "cpu" if q.device.type == "cpu" else "reference"
+    if impl == "triton":
+        if not triton_available(q, k, v):
+            raise RuntimeError(
+                "the Triton MaSA kernels need CUDA tensors (or TRITON_INTERPRET=1), Triton installed, "
+                f"an even head width up to 128 and fp32/bf16/fp16 inputs; got device "
+                f"{q.device}, head width {q.shape[-1]}, dtype {q.dtype}. Use impl='reference'.")
+        return masa_triton(q, k, v, sin, cos, decay, scale, form, add)
+    if impl == "cpu":
+        return masa_cpu(q, k, v, sin, cos, decay, scale, form, add)
+    if impl == "reference":
+        return masa_reference(q, k, v, sin, cos, decay, scale, form, add)
+    raise ValueError(f"unknown MaSA implementation {impl!r}; expected one of {IMPLS}")
 
 
 __all__ = [
-    "FORMS", "IMPLS", "masa", "masa_decomposed_reference", "masa_full_reference", "rotate",
-    "rotation_angles", "rotation_tables", "head_decays", "default_scale",
+    "FORMS", "IMPLS", "HAS_TRITON", "masa", "masa_reference", "masa_decomposed_reference",
+    "masa_full_reference", "rotate", "rotation_angles", "rotation_tables", "head_decays",
+    "default_scale", "triton_available",
 ]

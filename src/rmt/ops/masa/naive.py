@@ -17,7 +17,7 @@ Fast kernels elsewhere in this package are tested against these functions.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -64,6 +64,35 @@ def _distance_1d(n: int, device: torch.device) -> torch.Tensor:
     """``|i - j|`` for ``i, j < n`` as float32, shape ``(n, n)``."""
     idx = torch.arange(n, device=device)
     return (idx[:, None] - idx[None, :]).abs().to(torch.float32)
+
+
+def grid_coordinates(h: int, w: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row and column of every token of an ``h x w`` grid in row-major order, each ``(h * w,)``.
+
+    Built by broadcasting rather than ``//`` and ``%``, which keeps sizes symbolic under export.
+    """
+    rows = torch.arange(h, device=device).view(h, 1).expand(h, w).reshape(-1)
+    cols = torch.arange(w, device=device).view(1, w).expand(h, w).reshape(-1)
+    return rows, cols
+
+
+def full_form_row_blocks(b: int, h: int, w: int, n: int, max_logits: int, device: torch.device
+                         ) -> List[Tuple[int, int, torch.Tensor]]:
+    """Query-row blocks ``(start, stop, manhattan distance (rows, h*w) float32)`` of the full form.
+
+    Each block holds at most ``max_logits`` logits over the batch and heads; under ``torch.export``
+    there is one block, so that no Python arithmetic pins the symbolic sizes.
+    """
+    L = h * w
+    rows, cols = grid_coordinates(h, w, device)
+    if torch.compiler.is_exporting():
+        bounds = [(0, L)]
+    else:
+        block = max(1, min(L, max_logits // max(1, b * n * L)))
+        bounds = [(start, min(L, start + block)) for start in range(0, L, block)]
+    return [(start, stop, ((rows[start:stop, None] - rows[None, :]).abs()
+                           + (cols[start:stop, None] - cols[None, :]).abs()).to(torch.float32))
+            for start, stop in bounds]
 
 
 def _rotate_qk(q: torch.Tensor, k: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
@@ -118,14 +147,8 @@ def masa_full_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     qr = qr.reshape(b, n, L, d)
     kr = kr.reshape(b, n, L, d)
     v = v.permute(0, 3, 1, 2, 4).reshape(b, n, L, v.shape[-1])
-    idx = torch.arange(L, device=q.device)
-    rows, cols = idx // w, idx % w
-    block = max(1, min(L, max_logits // max(1, b * n * L)))
     outs = []
-    for start in range(0, L, block):
-        stop = min(L, start + block)
-        dist = ((rows[start:stop, None] - rows[None, :]).abs()
-                + (cols[start:stop, None] - cols[None, :]).abs()).to(torch.float32)
+    for start, stop, dist in full_form_row_blocks(b, h, w, n, max_logits, q.device):
         bias = decay[:, None, None] * dist                              # (n, rows, L)
         logits = qr[:, :, start:stop] @ kr.transpose(-1, -2) + bias     # (b, n, rows, L)
         outs.append(torch.softmax(logits, dim=-1).to(v.dtype) @ v)

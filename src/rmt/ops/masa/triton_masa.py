@@ -1,0 +1,194 @@
+"""Fused MaSA on GPU: Triton kernels wrapped as ``torch.library`` ops with autograd.
+
+``masa_triton`` computes exactly what :mod:`rmt.ops.masa.naive` computes (same layouts, same
+rotation tables), forward and backward, for float32 (IEEE dot products), bfloat16 and float16.
+In eager mode the kernels are launched from a plain ``autograd.Function`` (lowest launch overhead);
+under ``torch.compile`` the same launches go through ``torch.library.triton_op`` so that the graph
+captures them (``fullgraph=True`` works). Both compose with activation checkpointing. Under ``TRITON_INTERPRET=1`` they also run on CPU tensors (slowly), which is how the
+test suite checks them without a GPU.
+"""
+from typing import Optional, Tuple
+
+import torch
+import triton
+from torch.library import triton_op, wrap_triton
+
+from .triton_kernels import (MODE_COL, MODE_FULL, MODE_ROW, masa_bwd_dkdv_kernel, masa_bwd_dq_kernel,
+                             masa_fwd_kernel)
+
+MAX_HEAD_DIM = 128
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _geometry(shape: Tuple[int, ...], mode: int) -> Tuple[int, int]:
+    """``(tokens per sequence, sequences per image)`` of a ``(b, h, w, n, d)`` input."""
+    _, h, w, _, _ = shape
+    if mode == MODE_ROW:
+        return w, h
+    if mode == MODE_COL:
+        return h, w
+    return h * w, 1
+
+
+def _launch_config(seq: int, head_dim: int) -> Tuple[int, int, int]:
+    """Block sizes and warps: one tile for short rows/columns, 64x64 flash tiles otherwise."""
+    block = min(64, max(16, triton.next_power_of_2(seq)))
+    warps = 4 if block * head_dim >= 64 * 32 else 2
+    return block, block, warps
+
+
+def _block_d(head_dim: int) -> int:
+    """Head width padded to a power of two of at least 16 (the smallest matrix-unit tile)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _dot_precision(dtype: torch.dtype) -> Optional[str]:
+    """Exact float32 products for float32 inputs (no TF32); the default for 16-bit inputs."""
+    return "ieee" if dtype == torch.float32 else None
+
+
+def _strides(t: torch.Tensor) -> Tuple[int, int, int, int]:
+    s = t.stride()
+    return s[0], s[1], s[2], s[3]
+
+
+def _attend(launch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor,
+            cos: torch.Tensor, decay: torch.Tensor, add: Optional[torch.Tensor], scale: float,
+            mode: int, need_lse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward pass over sequences of ``mode``; returns ``(out (b,h,w,n,d), lse (b,h,w,n))``.
+
+    ``launch`` maps a kernel to its launcher: the kernel itself in eager mode, ``wrap_triton``
+    inside ``torch.compile``.
+    """
+    b, h, w, n, d = q.shape
+    out = torch.empty((b, h, w, n, d), dtype=v.dtype, device=q.device)
+    lse = torch.empty((b, h, w, n) if need_lse else (1,), dtype=torch.float32, device=q.device)
+    seq, nseq = _geometry(q.shape, mode)
+    block_m, block_n, warps = _launch_config(seq, d)
+    extra = add if add is not None else out
+    launch(masa_fwd_kernel)[(triton.cdiv(seq, block_m), nseq * n, b)](
+        q, k, v, out, extra, lse, sin, cos, decay,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(extra),
+        n, w, seq, h * w, scale,
+        MODE=mode, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_ADD=add is not None, STORE_LSE=need_lse, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=warps)
+    return out, lse
+
+
+def _attend_backward(launch, grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sin: torch.Tensor,
+                     cos: torch.Tensor, decay: torch.Tensor, scale: float, mode: int
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the raw (unrotated, unscaled) q, k and of v, each ``(b, h, w, n, d)``."""
+    b, h, w, n, d = q.shape
+    grad_out = grad_out.contiguous()
+    delta = torch.empty((b, h, w, n), dtype=torch.float32, device=q.device)
+    dq = torch.empty((b, h, w, n, d), dtype=q.dtype, device=q.device)
+    dk = torch.empty((b, h, w, n, d), dtype=k.dtype, device=q.device)
+    dv = torch.empty((b, h, w, n, d), dtype=v.dtype, device=q.device)
+    seq, nseq = _geometry(q.shape, mode)
+    block_m, block_n, warps = _launch_config(seq, d)
+    common = dict(MODE=mode, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=block_m, BLOCK_N=block_n,
+                  DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps)
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
+    # dq first: it also writes delta = rowsum(dO * O), which the dk/dv kernel reads
+    launch(masa_bwd_dq_kernel)[(triton.cdiv(seq, block_m), nseq * n, b)](
+        q, k, v, out, grad_out, lse, delta, dq, sin, cos, decay, *strides,
+        n, w, seq, h * w, scale, **common)
+    launch(masa_bwd_dkdv_kernel)[(triton.cdiv(seq, block_n), nseq * n, b)](
+        q, k, v, grad_out, lse, delta, dk, dv, sin, cos, decay, *strides,
+        n, w, seq, h * w, scale, **common)
+    return dq, dk, dv
+
+
+def _direct(kernel):
+    return kernel
+
+
+# --- torch.compile: custom ops that Inductor sees through -----------------------------------------
+
+@triton_op("rmt::masa_attend", mutates_args={})
+def masa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor,
+                cos: torch.Tensor, decay: torch.Tensor, add: Optional[torch.Tensor], scale: float,
+                mode: int, need_lse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Graph-capturable forward pass (see :func:`_attend`)."""
+    return _attend(wrap_triton, q, k, v, sin, cos, decay, add, scale, mode, need_lse)
+
+
+@triton_op("rmt::masa_attend_backward", mutates_args={})
+def masa_attend_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         out: torch.Tensor, lse: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
+                         decay: torch.Tensor, scale: float, mode: int
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Graph-capturable backward pass (see :func:`_attend_backward`)."""
+    return _attend_backward(wrap_triton, grad_out, q, k, v, out, lse, sin, cos, decay, scale, mode)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, sin, cos, decay, add, scale, mode, need_lse = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, sin, cos, decay, out, lse)
+    ctx.scale, ctx.mode = scale, mode
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, sin, cos, decay, out, lse = ctx.saved_tensors
+    dq, dk, dv = masa_attend_backward(grad_out, q, k, v, out, lse, sin, cos, decay, ctx.scale, ctx.mode)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+masa_attend.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- eager mode: the same kernels without the custom-op dispatch overhead ---------------------------
+
+class _MasaAttend(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sin, cos, decay, add, scale, mode, need_lse):
+        out, lse = _attend(_direct, q, k, v, sin, cos, decay, add, scale, mode, need_lse)
+        ctx.save_for_backward(q, k, v, sin, cos, decay, out, lse)
+        ctx.scale, ctx.mode = scale, mode
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, sin, cos, decay, out, lse = ctx.saved_tensors
+        dq, dk, dv = _attend_backward(_direct, grad_out, q, k, v, out, lse, sin, cos, decay,
+                                      ctx.scale, ctx.mode)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def _attend_op(q, k, v, sin, cos, decay, add, scale: float, mode: int, need_lse: bool) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return masa_attend(q, k, v, sin, cos, decay, add, scale, mode, need_lse)[0]
+    return _MasaAttend.apply(q, k, v, sin, cos, decay, add, scale, mode, need_lse)
+
+
+def triton_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the fused kernels handle these inputs (else the caller falls back to the reference)."""
+    return (q.shape[-1] % 2 == 0 and q.shape[-1] <= MAX_HEAD_DIM and q.dtype in SUPPORTED_DTYPES
+            and q.dtype == k.dtype == v.dtype
+            and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1)
+
+
+def masa_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor,
+                cos: torch.Tensor, decay: torch.Tensor, scale: float, form: str,
+                add: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Fused MaSA on ``(b, h, w, n, d)`` inputs; returns ``(b, h, w, n, d)`` contiguous (+ ``add``).
+
+    ``add`` (same shape, e.g. the LePE branch) is added inside the kernel when no gradient is
+    needed, and by a separate addition otherwise.
+    """
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, add))
+    fused_add = add if (add is not None and not grad) else None
+    sin, cos = sin.float().contiguous(), cos.float().contiguous()
+    decay = decay.float().contiguous()
+    if form == "full":
+        out = _attend_op(q, k, v, sin, cos, decay, fused_add, scale, MODE_FULL, grad)
+    else:
+        rows = _attend_op(q, k, v, sin, cos, decay, None, scale, MODE_ROW, grad)
+        out = _attend_op(q, k, rows, sin, cos, decay, fused_add, scale, MODE_COL, grad)
+    if add is not None and fused_add is None:
+        out = out + add
+    return out

@@ -1,0 +1,149 @@
+"""Fast MaSA implementations against the reference: values and gradients, both forms, odd shapes.
+
+On CUDA the Triton kernels run natively; without CUDA they run in Triton's interpreter
+(TRITON_INTERPRET=1, set in conftest.py) at small sizes.
+"""
+import pytest
+import timm
+import torch
+
+from rmt.ops.masa import HAS_TRITON, masa, masa_reference, rotation_tables, head_decays
+
+from conftest import SMALL_ARGS, golden_model_kwargs, rel_err
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16/fp16 kernels are checked on CUDA only")
+
+# (b, h, w, n, d): one-token rows and columns, non-square, odd, multi-block full form, widths 16 and 32
+SHAPES = [(2, 5, 7, 2, 16), (1, 1, 9, 2, 32), (1, 11, 1, 1, 16), (1, 13, 9, 2, 32), (2, 3, 3, 4, 16)]
+
+
+def _inputs(shape, dtype=torch.float32, device=DEVICE, add=True):
+    b, h, w, n, d = shape
+    qkv = torch.randn(b, h, w, 3, n, d, dtype=dtype, device=device, requires_grad=True)
+    q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]   # strided views, as in the model
+    extra = torch.randn(b, h, w, n, d, dtype=dtype, device=device, requires_grad=True) if add else None
+    sin, cos = rotation_tables(h, w, d, device=device)
+    decay = head_decays(n, 2.0, 5.0, device=device)
+    return qkv, (q, k, v, sin, cos, decay, d ** -0.5), extra
+
+
+def _check(impl, shape, form, dtype=torch.float32, out_tol=1e-5, grad_tol=1e-4):
+    qkv, args, extra = _inputs(shape, dtype)
+    ref_args = [a.float() if a.is_floating_point() else a for a in args[:6]] + [args[6]]
+    ref = masa_reference(*ref_args, form, add=extra.float())
+    out = masa(*args, form=form, impl=impl, add=extra)
+    assert out.shape == ref.shape and out.dtype == dtype and out.is_contiguous()
+    assert rel_err(out.float(), ref) <= out_tol
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (qkv, extra), g)
+    grads = torch.autograd.grad(out, (qkv, extra), g.to(dtype))
+    for got, want in zip(grads, ref_grads):
+        assert rel_err(got.float(), want) <= grad_tol
+    with torch.no_grad():   # inference path: LePE addition fused into the kernel
+        assert rel_err(masa(*args, form=form, impl=impl, add=extra).float(), ref) <= out_tol
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("form", ["decomposed", "full"])
+def test_cpu_path_matches_reference(shape, form):
+    if DEVICE != "cpu":
+        pytest.skip("CPU path")
+    _check("cpu", shape, form, out_tol=1e-6, grad_tol=1e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("form", ["decomposed", "full"])
+def test_triton_matches_reference_fp32(shape, form):
+    _check("triton", shape, form)
+
+
+@needs_triton
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("form", ["decomposed", "full"])
+def test_triton_low_precision_against_fp32_reference(dtype, form):
+    _check("triton", (4, 14, 10, 4, 32), form, dtype=dtype, out_tol=1e-2, grad_tol=2e-2)
+
+
+@needs_triton
+def test_triton_full_form_many_blocks():
+    """More tokens than one 64-wide tile in both directions, with a masked tail."""
+    _check("triton", (1, 12, 11, 1, 16), "full")
+
+
+@needs_triton
+def test_model_with_triton_kernels_matches_golden(golden):
+    from rmt.checkpoint import filter_state_dict
+    from rmt.model import RMT
+    cfg, sd, arrays = golden
+    model = RMT(**golden_model_kwargs(cfg), attn_forms="TTFF", masa_impl="triton").eval()
+    model.load_state_dict(filter_state_dict(sd, model))
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        logits = model.to(DEVICE)(arrays["input.x_72x40"].to(DEVICE))
+    assert rel_err(logits.cpu(), arrays["logits.TTFF.x_72x40"]) <= 1e-5
+
+
+@needs_triton
+def test_grad_checkpointing_with_fast_path():
+    model = timm.create_model("rmt_tiny", num_classes=4, masa_impl="triton", **SMALL_ARGS).to(DEVICE)
+    x = torch.randn(1, 3, 40, 48, device=DEVICE)
+    model(x).sum().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, ref[n], rtol=1e-4, atol=1e-6), n
+
+
+def test_auto_picks_cpu_path_on_cpu_and_reference_switch_matches():
+    model = timm.create_model("rmt_tiny", **SMALL_ARGS).eval()
+    x = torch.randn(2, 3, 48, 64)
+    with torch.no_grad():
+        fast = model(x)
+        model.set_masa_impl("reference")
+        ref = model(x)
+    assert rel_err(fast, ref) <= 1e-5
+    with pytest.raises(ValueError, match="masa_impl"):
+        model.set_masa_impl("magic")
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpu"] + (["triton"] if HAS_TRITON and DEVICE == "cuda" else []))
+def test_torch_compile_fullgraph_has_no_graph_breaks(impl):
+    """Dynamo captures the whole model in one graph (backend 'eager' keeps the test fast)."""
+    torch._dynamo.reset()
+    model = timm.create_model("rmt_tiny", masa_impl=impl, **SMALL_ARGS).to(DEVICE).eval()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x = torch.randn(1, 3, 64, 64, device=DEVICE)
+    with torch.no_grad():
+        assert rel_err(compiled(x), model(x)) <= 1e-6
+
+
+@needs_triton
+@pytest.mark.parametrize("form", ["decomposed", "full"])
+def test_custom_op_path_used_by_compile_matches_eager_path(form):
+    """The torch.library ops (taken under torch.compile) and the eager Function agree exactly."""
+    from rmt.ops.masa import triton_masa
+    qkv, (q, k, v, sin, cos, decay, scale), _ = _inputs((1, 6, 5, 2, 16), add=False)
+    mode = triton_masa.MODE_FULL if form == "full" else triton_masa.MODE_ROW
+    via_op, lse = triton_masa.masa_attend(q, k, v, sin, cos, decay, None, scale, mode, True)
+    via_fn = triton_masa._MasaAttend.apply(q, k, v, sin, cos, decay, None, scale, mode, True)
+    assert torch.equal(via_op, via_fn) and lse.shape == (1, 6, 5, 2)
+    g = torch.randn_like(via_op)
+    assert torch.equal(torch.autograd.grad(via_op, qkv, g)[0], torch.autograd.grad(via_fn, qkv, g)[0])
+
+
+def test_layer_norm_keeps_autocast_dtype_and_matches_float32():
+    from rmt.model import LayerNorm
+    ln = LayerNorm(32, eps=1e-6)
+    with torch.no_grad():
+        ln.weight.normal_(), ln.bias.normal_()
+    x = torch.randn(4, 7, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ln(x)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y.float(), ln(x)) < 1e-2
+    assert torch.equal(ln(x), torch.nn.functional.layer_norm(x, (32,), ln.weight, ln.bias, 1e-6))
