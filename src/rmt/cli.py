@@ -14,6 +14,9 @@ from typing import List, Optional
 COMMANDS = {
     "info": ("rmt.commands.info", "parameters, MACs, feature channels and MaSA forms of a variant"),
     "convert": ("rmt.commands.convert", "convert a released or trained checkpoint to .safetensors"),
+    "train": ("rmt.commands.train", "train a classifier (one process, or many under torchrun)"),
+    "eval": ("rmt.commands.eval", "top-1/top-5 and confusion matrix of a checkpoint on a data set"),
+    "predict": ("rmt.commands.predict", "top-k labels of images with a trained checkpoint"),
     "benchmark": ("rmt.commands.benchmark", "throughput and memory beside timm peers, numerics checks"),
     "segment": ("rmt.commands.segment", "semantic segmentation (Semantic FPN, UperNet): train, eval, predict"),
     "export": ("rmt.commands.export", "ONNX / AOTInductor export with dynamic sizes, checked against PyTorch"),

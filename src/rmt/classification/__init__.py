@@ -1,0 +1,1 @@
+"""Image classification with RMT: data, training, evaluation and prediction (``rmt train/eval/predict``)."""

@@ -1,0 +1,118 @@
+"""Loading a classifier for inference (from ``rmt train`` checkpoints, released or converted files)
+and predicting the classes of image files.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .data import DataSpec, eval_transform
+
+
+@dataclass
+class Classifier:
+    model: torch.nn.Module
+    spec: DataSpec
+    config: Dict[str, Any]  # the training config (ours) or the defaults (released checkpoints)
+    variant: str
+    weights: str  # "EMA" or "model"
+    trained_by_us: bool
+
+
+def load_classifier(path: str | Path, model_name: Optional[str] = None, prefer_ema: bool = True,
+                    device: str | torch.device = "cpu") -> Classifier:
+    """A model in eval mode with the input spec its checkpoint was trained with.
+
+    Our checkpoints carry the architecture, class names and normalisation; released or converted
+    files get the variant from ``model_name``, the safetensors metadata or the tensor shapes, and
+    ImageNet preprocessing (224 px, crop 0.9, bicubic).
+    """
+    from ..checkpoint import (CheckpointError, describe_architecture, filter_state_dict, guess_variant,
+                              is_released_layout, read_checkpoint, released_to_ours, unwrap_state_dict)
+    from .config import DEFAULTS
+    from .run_state import build_model
+    obj, meta = read_checkpoint(path)
+    has_ema = any(k in obj for k in ("model_ema", "state_dict_ema"))
+    weights = "EMA" if prefer_ema and has_ema else "model"
+    if "config" in obj and "data_spec" in obj:
+        cfg = dict(DEFAULTS, **obj["config"])
+        if model_name and model_name != cfg["model"]:
+            raise ValueError(f"'{path}' was trained as {cfg['model']}, not {model_name}")
+        spec = DataSpec.from_dict(obj["data_spec"])
+        model = build_model(cfg, int(obj["num_classes"]), drop_path_rate=0.0)
+        ours = True
+    else:
+        sd = unwrap_state_dict(obj, prefer_ema)
+        if is_released_layout(sd):
+            sd = released_to_ours(sd)
+        arch = describe_architecture(sd)
+        name = model_name or meta.get("rmt_variant") or guess_variant(sd)
+        if name is None:
+            raise CheckpointError(f"'{path}': the widths/depths match no registered variant; pass --model")
+        if not arch["num_classes"]:
+            raise CheckpointError(f"'{path}' has no classifier head (a backbone checkpoint); it cannot classify")
+        cfg = dict(DEFAULTS, model=name)
+        spec = DataSpec(class_names=[str(i) for i in range(arch["num_classes"])])
+        model = build_model(cfg, arch["num_classes"], drop_path_rate=0.0)
+        ours = False
+    try:
+        model.load_state_dict(filter_state_dict(obj, model, prefer_ema), strict=True)
+    except CheckpointError as e:
+        raise CheckpointError(f"'{path}': {e}") from None
+    model.to(device).eval()
+    return Classifier(model, spec, cfg, cfg["model"], weights, ours)
+
+
+def load_images(paths: Sequence[str | Path], spec: DataSpec) -> torch.Tensor:
+    """Images ``(N, 3, S, S)`` prepared as the model's validation data was.
+
+    Models trained on device-held small images (``spec.pipeline == "tensor"``) see a plain resize of
+    the grayscale image; the others timm's evaluation transform (resize, centre crop, normalise).
+    """
+    from PIL import Image
+    transform = None if spec.pipeline == "tensor" else eval_transform(spec)
+    out = []
+    for p in paths:
+        try:
+            with Image.open(p) as f:
+                img = f.convert("L" if spec.grayscale else "RGB")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image '{p}' does not exist") from None
+        except Exception as e:
+            raise ValueError(f"cannot read image '{p}' ({type(e).__name__}: {e})") from None
+        if spec.grayscale:
+            img = img.convert("RGB") if transform is not None else img
+        if transform is not None:
+            out.append(transform(img))
+            continue
+        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(1, 1, img.height, img.width)
+        x = x.float().div_(255)
+        if x.shape[-2:] != (spec.input_size, spec.input_size):
+            mode = spec.interpolation
+            x = F.interpolate(x, size=(spec.input_size, spec.input_size), mode=mode,
+                              align_corners=False if mode != "nearest" else None)
+        x = ((x - spec.mean[0]) / spec.std[0]).expand(-1, 3, -1, -1)
+        out.append(x[0])
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def predict(classifier: Classifier, paths: Sequence[str | Path], top_k: int = 5,
+            batch_size: int = 64) -> List[Dict[str, Any]]:
+    """Top-k ``(label, index, probability)`` per image, in the order of ``paths``."""
+    device = next(classifier.model.parameters()).device
+    names = classifier.spec.class_names
+    k = min(top_k, len(names))
+    results = []
+    for start in range(0, len(paths), batch_size):
+        chunk = list(paths[start:start + batch_size])
+        probs = classifier.model(load_images(chunk, classifier.spec).to(device)).float().softmax(dim=1)
+        top = probs.topk(k, dim=1)
+        for p, values, indices in zip(chunk, top.values.tolist(), top.indices.tolist()):
+            results.append({"image": str(p), "top": [{"label": names[i], "index": i, "probability": v}
+                                                     for v, i in zip(values, indices)]})
+    return results

@@ -1,0 +1,107 @@
+"""Small-image data sets held on the device and augmented a whole batch at a time.
+
+For Fashion-MNIST-sized data the per-image PIL path costs more than the model on a GPU, and
+worker processes compete with the model for a small CPU. Here the uint8 images live on the
+training device; each batch is gathered, random-resized-cropped and flipped in one
+``grid_sample`` (an affine map per image), normalised, replicated to 3 channels and given timm's
+random erasing. Evaluation is a plain resize with the same sampling.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..engine import DistInfo
+
+
+class TensorBatches:
+    """Batches of ``(images (B, 3, S, S) float, labels (B,))`` on ``info.device``.
+
+    ``images`` are ``(N, H, W)`` or ``(N, C, H, W)`` uint8. Training batches come in a shuffled order
+    that depends on (seed, epoch) only; each rank takes every ``world``-th sample of it, and the
+    last incomplete batch is dropped. Random augmentation draws from the global torch RNG of the
+    device (saved and restored with checkpoints).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, spec, info: DistInfo,
+                 seed: int, train: bool, scale: Sequence[float] = (1.0, 1.0),
+                 ratio: Sequence[float] = (1.0, 1.0), hflip: float = 0.0, reprob: float = 0.0,
+                 remode: str = "pixel"):
+        if images.ndim == 3:
+            images = images.unsqueeze(1)
+        self.images = images.to(info.device)
+        self.labels = labels.to(info.device)
+        self.batch_size, self.info, self.seed, self.train = batch_size, info, seed, train
+        self.size = spec.input_size
+        self.mode = spec.interpolation
+        channels = 3
+        self.mean = torch.tensor(spec.mean[:channels], device=info.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(spec.std[:channels], device=info.device).view(1, -1, 1, 1)
+        self.scale, self.log_ratio = tuple(scale), (math.log(ratio[0]), math.log(ratio[1]))
+        self.hflip = hflip
+        self.erase = None
+        if train and reprob > 0:
+            from timm.data.random_erasing import RandomErasing
+            self.erase = RandomErasing(reprob, mode=remode, device=info.device)
+        self.epoch, self.skip, self.bad_images = 0, 0, 0
+        n = len(self.labels)
+        if train:
+            self.per_rank = n // info.world_size
+            self.batches_per_epoch = self.per_rank // batch_size
+        else:
+            self.per_rank = len(range(info.rank, n, info.world_size))
+            self.batches_per_epoch = math.ceil(self.per_rank / batch_size)
+        self.num_samples = n
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip_batches
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - (self.skip if self.train else 0)
+
+    def _order(self) -> torch.Tensor:
+        n, rank, world = len(self.labels), self.info.rank, self.info.world_size
+        if not self.train:
+            return torch.arange(rank, n, world)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(n, generator=g)[: self.per_rank * world][rank::world]
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        order = self._order().to(self.info.device)
+        first = self.skip if self.train else 0
+        for b in range(first, self.batches_per_epoch):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            x = self.images[idx].float().div_(255)
+            x = self._augment(x) if self.train else self._resize(x)
+            if x.shape[1] == 1:  # grayscale: normalise, then replicate to the model's 3 channels
+                x = ((x - self.mean[:, :1]) / self.std[:, :1]).expand(-1, 3, -1, -1).contiguous()
+            else:
+                x = (x - self.mean) / self.std
+            if self.erase is not None:
+                x = self.erase(x)
+            yield x, self.labels[idx]
+
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] == (self.size, self.size):
+            return x
+        return F.interpolate(x, size=(self.size, self.size), mode=self.mode,
+                             align_corners=False if self.mode != "nearest" else None)
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        """Random-resized crop (area fraction in ``scale``, aspect ratio in ``ratio``) and flip."""
+        b, dev = x.shape[0], x.device
+        area = torch.empty(b, device=dev).uniform_(*self.scale)
+        aspect = torch.empty(b, device=dev).uniform_(*self.log_ratio).exp()
+        w = (area * aspect).sqrt().clamp(max=1.0)  # crop width/height as fractions of the image side
+        h = (area / aspect).sqrt().clamp(max=1.0)
+        cx = (torch.rand(b, device=dev) * 2 - 1) * (1 - w)  # crop centre, normalised to [-1, 1]
+        cy = (torch.rand(b, device=dev) * 2 - 1) * (1 - h)
+        flip = torch.where(torch.rand(b, device=dev) < self.hflip, -1.0, 1.0)
+        theta = torch.zeros(b, 2, 3, device=dev)
+        theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
+        theta[:, 1, 1], theta[:, 1, 2] = h, cy
+        grid = F.affine_grid(theta, [b, x.shape[1], self.size, self.size], align_corners=False)
+        return F.grid_sample(x, grid, mode=self.mode, padding_mode="border", align_corners=False)

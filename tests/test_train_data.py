@@ -1,0 +1,173 @@
+"""Classification data: idx files, the on-device batch pipeline, resumable sample order with
+per-sample augmentation seeds, unreadable images, webdataset shards, and the option table."""
+import gzip
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rmt.classification import config, fashion_mnist
+from rmt.classification.data import (BadImageError, DataSpec, ImageFolderDataset, LoaderBatches,
+                                     eval_transform, train_transform)
+from rmt.classification.tensor_data import TensorBatches
+from rmt.engine import DistInfo
+
+from train_utils import pattern_images, write_fashion_mnist_like, write_image_folder
+
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def test_idx_round_trip_and_errors(tmp_path):
+    x, y = pattern_images(5)
+    for name in ("a.gz", "b"):
+        fashion_mnist.write_idx(x, tmp_path / name)
+        assert np.array_equal(fashion_mnist.read_idx(tmp_path / name), x)
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(ValueError, match="not an idx file"):
+        fashion_mnist.read_idx(tmp_path / "bad")
+    raw = gzip.open(tmp_path / "a.gz").read()
+    (tmp_path / "short").write_bytes(raw[:-10])
+    with pytest.raises(ValueError, match="truncated"):
+        fashion_mnist.read_idx(tmp_path / "short")
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        fashion_mnist.load_split(tmp_path / "nowhere", "train")
+    root = write_fashion_mnist_like(tmp_path / "fm", n_train=12, n_test=6)
+    images, labels = fashion_mnist.load_split(root, "test")
+    assert images.shape == (6, 28, 28) and images.dtype == torch.uint8 and labels.dtype == torch.int64
+
+
+@pytest.mark.skipif(not (fashion_mnist.DEFAULT_DIR / "t10k-labels-idx1-ubyte.gz").exists(),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_installed_fashion_mnist_matches_constants():
+    images, labels = fashion_mnist.load_split(None, "test")
+    assert images.shape == (10000, 28, 28) and set(labels.tolist()) == set(range(10))
+    train, _ = fashion_mnist.load_split(None, "train")
+    pixels = train.double() / 255
+    assert abs(pixels.mean().item() - fashion_mnist.MEAN) < 1e-3 and abs(pixels.std().item() - fashion_mnist.STD) < 1e-3
+
+
+def _spec(size=32):
+    return DataSpec(input_size=size, mean=[0.5] * 3, std=[0.25] * 3, crop_pct=1.0, interpolation="bilinear",
+                    grayscale=True, class_names=list("abcd"), pipeline="tensor")
+
+
+def test_tensor_batches_eval_is_a_normalised_resize_and_train_order_is_per_epoch():
+    x, y = pattern_images(40)
+    images, labels = torch.from_numpy(x), torch.from_numpy(y).long()
+    val = TensorBatches(images, labels, 16, _spec(), CPU, seed=0, train=False)
+    got = torch.cat([b for b, _ in val])
+    ref = torch.nn.functional.interpolate(images[:, None].float() / 255, size=(32, 32), mode="bilinear",
+                                          align_corners=False)
+    assert got.shape == (40, 3, 32, 32) and len(val) == 3
+    torch.testing.assert_close(got, ((ref - 0.5) / 0.25).expand(-1, 3, -1, -1))
+
+    # identity crops (scale 1, ratio 1, no flip) reproduce the evaluation images exactly
+    train = TensorBatches(images, labels, 8, _spec(), CPU, seed=3, train=True)
+    order = torch.cat([lab for _, lab in train])
+    batches = list(train)
+    assert len(batches) == 5 and all(b.shape == (8, 3, 32, 32) for b, _ in batches)
+    for b, lab in batches:
+        dist = (got[None] - b[:, None]).abs().flatten(2).amax(2)  # (batch, 40)
+        assert (dist.min(1).values < 1e-4).all()
+        assert torch.equal(labels[dist.argmin(1)], lab)
+    train.set_epoch(1)
+    assert not torch.equal(order, torch.cat([lab for _, lab in train]))
+    train.set_epoch(0, skip_batches=2)
+    assert torch.equal(torch.cat([lab for _, lab in train]), order[16:])
+
+    # two ranks split the epoch's order between them
+    ranks = [TensorBatches(images, labels, 4, _spec(), DistInfo(r, 2, r, torch.device("cpu")), 3, True)
+             for r in range(2)]
+    seen = [torch.cat([lab for _, lab in r]) for r in ranks]
+    assert len(seen[0]) == len(seen[1]) == 20
+
+
+def test_tensor_batches_random_crops_and_flips_change_images():
+    x, y = pattern_images(16)
+    torch.manual_seed(0)
+    train = TensorBatches(torch.from_numpy(x), torch.from_numpy(y).long(), 16, _spec(), CPU, 0, True,
+                          scale=(0.5, 1.0), ratio=(0.75, 1.33), hflip=0.5, reprob=1.0)
+    plain = TensorBatches(torch.from_numpy(x), torch.from_numpy(y).long(), 16, _spec(), CPU, 0, False)
+    (a, _), (b, _) = next(iter(train)), next(iter(plain))
+    assert a.shape == b.shape == (16, 3, 32, 32) and torch.isfinite(a).all()
+    assert (a - b).abs().amax() > 1.0
+
+
+def test_loader_resume_skips_to_the_same_augmented_samples_whatever_the_worker(tmp_path):
+    """Per-sample seeds: batches after a skip equal those of a full pass, with 0 or 2 workers."""
+    root = write_image_folder(tmp_path / "imgs", per_class=6)
+    cfg = dict(config.DEFAULTS, input_size=32, scale=[0.3, 1.0], reprob=0.5)
+    spec = DataSpec(input_size=32, crop_pct=1.0)
+    ds = ImageFolderDataset(root / "train", train_transform(cfg, spec))
+
+    def epoch_batches(workers, skip):
+        batches = LoaderBatches(ds, 4, workers, True, CPU, seed=7)
+        batches.set_epoch(2, skip_batches=skip)
+        return [x for x, _ in batches]
+
+    full = epoch_batches(0, 0)
+    assert len(full) == 3
+    for workers in (0, 2):
+        resumed = epoch_batches(workers, 1)
+        assert len(resumed) == 2 and all(torch.equal(a, b) for a, b in zip(resumed, full[1:]))
+
+
+def test_unreadable_image_is_named_or_counted(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", per_class=4)
+    broken = root / "train" / "circle" / "broken.png"
+    broken.write_bytes(b"not a png at all")
+    spec = DataSpec(input_size=32, crop_pct=1.0)
+    ds = ImageFolderDataset(root / "train", eval_transform(spec))
+    index = [p for p, _ in ds.samples].index(str(broken))
+    with pytest.raises(BadImageError, match="broken.png.*--skip-bad-images"):
+        ds[index]
+    ds.skip_bad = True
+    batches = LoaderBatches(ds, len(ds), 0, True, CPU, seed=0)
+    (images, labels), = list(batches)
+    assert batches.bad_images == 1 and len(images) == len(ds) - 1
+
+
+def test_webdataset_shards_train_and_validate(tmp_path):
+    wds = pytest.importorskip("webdataset")
+    from rmt.classification.data import build_data
+    from PIL import Image
+    x, y = pattern_images(24, classes=2, size=36)
+    for shard in range(2):
+        with wds.TarWriter(str(tmp_path / f"train-{shard}.tar")) as sink:
+            for i in range(shard * 12, shard * 12 + 12):
+                buf = io.BytesIO()
+                Image.fromarray(x[i]).convert("RGB").save(buf, format="PNG")
+                sink.write({"__key__": f"s{i:04d}", "png": buf.getvalue(), "cls": str(int(y[i])).encode()})
+    (tmp_path / "classes.txt").write_text("top\nbottom\n")
+    cfg = dict(config.DEFAULTS, dataset="wds", data=str(tmp_path / "train-{0..1}.tar"),
+               val_data=str(tmp_path / "train-1.tar"), train_samples=16, batch_size=4, input_size=32,
+               workers=0, aa="none")
+    data = build_data(cfg, CPU)
+    assert data.spec.class_names == ["top", "bottom"] and len(data.train) == 4
+    batches = list(data.train)
+    assert len(batches) == 4 and batches[0][0].shape == (4, 3, 32, 32)
+    val = list(data.val)
+    assert sum(len(lab) for _, lab in val) == 12
+    assert torch.equal(torch.cat([lab for _, lab in val]), torch.from_numpy(y[12:]).long())
+
+
+def test_config_precedence_round_trip_and_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("batch-size: 32\nepochs: 7\nscale: [0.5, 1.0]\nmodel_kwargs: {depths: [1, 1, 1, 1]}\n")
+    cfg = config.resolve({"config": str(path), "epochs": 3}, resumed={"batch_size": 64, "lr": 0.1})
+    assert (cfg["batch_size"], cfg["epochs"], cfg["lr"], cfg["scale"]) == (64, 3, 0.1, [0.5, 1.0])
+    assert cfg["model_kwargs"] == {"depths": [1, 1, 1, 1]} and cfg["aa"] == "rand-m9-mstd0.5-inc1"
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(config.to_yaml(dict(cfg, world_size=2)))
+    assert config.resolve({"config": str(saved)}) == cfg
+    path.write_text("batch_sise: 3\n")
+    with pytest.raises(ValueError, match="unknown option 'batch_sise'"):
+        config.resolve({"config": str(path)})
+    with pytest.raises(ValueError, match="'epochs' must be float"):
+        config.resolve({"epochs": "many"})
+    with pytest.raises(ValueError, match="input-size must be at least 32"):
+        config.resolve({"input_size": 28})
+    with pytest.raises(ValueError, match="even --batch-size"):
+        config.resolve({"batch_size": 15})
