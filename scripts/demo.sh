@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: train rmt_tiny from scratch on Fashion-MNIST on the CPU (about 12 minutes on 2
+# The main job: train rmt_tiny from scratch on Fashion-MNIST on the CPU (9 to 12 minutes on 2
 # cores), evaluate it on the 10,000 test images and print the test top-1. Sets up .venv and
 # installs Debian's dataset-fashion-mnist package when they are missing. Extra arguments go to
 # `rmt train` (e.g. --epochs 1); FASHION_MNIST_DIR=DIR uses idx files from another folder.
