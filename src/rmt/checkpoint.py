@@ -305,6 +305,24 @@ def save_safetensors(sd: Mapping[str, torch.Tensor], path: str | Path,
     tmp.replace(path)
 
 
+def identify(obj: Mapping[str, Any], meta: Mapping[str, str], source: str | Path,
+             model_name: Optional[str] = None, prefer_ema: bool = True
+             ) -> Tuple[str, StateDict, Dict[str, Any]]:
+    """``(variant, state dict in our layout, architecture)`` of a checkpoint object read from ``source``.
+
+    The variant is ``model_name``, else the file's metadata, else recognised from the shapes.
+    """
+    sd = unwrap_state_dict(obj, prefer_ema)
+    if is_released_layout(sd):
+        sd = released_to_ours(sd)
+    arch = describe_architecture(sd)
+    name = model_name or meta.get("rmt_variant") or guess_variant(sd)
+    if name is None:
+        raise CheckpointError(f"'{source}': {_arch_text(arch)} match no registered RMT variant; "
+                              "pass the model name explicitly")
+    return name, sd, arch
+
+
 def convert(src: str | Path, dst: str | Path, model_name: Optional[str] = None,
             prefer_ema: bool = True) -> Tuple[str, Dict[str, Any]]:
     """Convert any supported checkpoint to a ``.safetensors`` file in this package's layout.
@@ -314,14 +332,7 @@ def convert(src: str | Path, dst: str | Path, model_name: Optional[str] = None,
     """
     import timm
     obj, meta = read_checkpoint(src)
-    sd = unwrap_state_dict(obj, prefer_ema)
-    if is_released_layout(sd):
-        sd = released_to_ours(sd)
-    arch = describe_architecture(sd)
-    name = model_name or meta.get("rmt_variant") or guess_variant(sd)
-    if name is None:
-        raise CheckpointError(f"'{src}': {_arch_text(arch)} match no registered RMT variant; "
-                              "pass the model name explicitly")
+    name, sd, arch = identify(obj, meta, src, model_name, prefer_ema)
     model = timm.create_model(name, num_classes=arch["num_classes"],
                               feature_norms=arch["feature_norms"], device="meta")
     try:

@@ -31,8 +31,7 @@ def load_classifier(path: str | Path, model_name: Optional[str] = None, prefer_e
     files get the variant from ``model_name``, the safetensors metadata or the tensor shapes, and
     ImageNet preprocessing (224 px, crop 0.9, bicubic).
     """
-    from ..checkpoint import (CheckpointError, describe_architecture, filter_state_dict, guess_variant,
-                              is_released_layout, read_checkpoint, released_to_ours, unwrap_state_dict)
+    from ..checkpoint import CheckpointError, filter_state_dict, identify, read_checkpoint
     from .config import DEFAULTS
     from .run_state import build_model
     obj, meta = read_checkpoint(path)
@@ -46,13 +45,7 @@ def load_classifier(path: str | Path, model_name: Optional[str] = None, prefer_e
         model = build_model(cfg, int(obj["num_classes"]), drop_path_rate=0.0)
         ours = True
     else:
-        sd = unwrap_state_dict(obj, prefer_ema)
-        if is_released_layout(sd):
-            sd = released_to_ours(sd)
-        arch = describe_architecture(sd)
-        name = model_name or meta.get("rmt_variant") or guess_variant(sd)
-        if name is None:
-            raise CheckpointError(f"'{path}': the widths/depths match no registered variant; pass --model")
+        name, sd, arch = identify(obj, meta, path, model_name, prefer_ema)
         if not arch["num_classes"]:
             raise CheckpointError(f"'{path}' has no classifier head (a backbone checkpoint); it cannot classify")
         cfg = dict(DEFAULTS, model=name)
