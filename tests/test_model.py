@@ -204,3 +204,17 @@ def test_full_form_reference_blocks_rows_without_changing_result():
 def test_model_args_table_matches_spec_forms():
     assert MODEL_ARGS["rmt_tiny"]["attn_forms"] == "TTFF"
     assert rmt.VARIANTS == ("rmt_tiny", "rmt_small", "rmt_base", "rmt_large")
+
+
+def test_torchscript_and_fx_tracing_match_eager():
+    """timm's TorchScript and torch.fx paths (feature extraction by graph rewriting) keep working."""
+    from timm.models import create_feature_extractor
+    model = _small(num_classes=3).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        ref = model(x)
+        assert torch.allclose(torch.jit.script(model)(x), ref, atol=1e-6)
+        extractor = create_feature_extractor(model, return_nodes={"stages.2": "s2", "head": "logits"})
+        out = extractor(x)
+    assert torch.allclose(out["logits"], ref, atol=1e-6)
+    assert out["s2"].shape == (1, 4, 6, 64)

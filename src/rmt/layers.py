@@ -30,6 +30,7 @@ from typing import Tuple
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
+from timm.layers._fx import register_notrace_module
 
 from .ops.masa import FORMS, IMPLS, head_decays, masa, rotation_tables
 
@@ -139,3 +140,7 @@ class MaSALayer(nn.Module):
             out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         out = self.proj_drop(self.proj(out))
         return out.permute(0, 3, 1, 2) if self.data_format == "NCHW" else out
+
+
+# shape-dependent; torch.fx graph rewriting keeps it as one leaf call
+register_notrace_module(MaSALayer)

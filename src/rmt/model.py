@@ -77,27 +77,32 @@ def _normalize_forms(forms: FormSpec, num_stages: int) -> Tuple[str, ...]:
     return forms
 
 
-class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` that, under autocast, normalises in float32 but returns the autocast dtype.
+@torch.jit.ignore
+def layer_norm_autocast(x: torch.Tensor, normalized_shape: List[int], weight: torch.Tensor,
+                        bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm that, under autocast, normalises in float32 but returns the autocast dtype.
 
     Plain autocast runs LayerNorm in float32 and returns float32, which the next Linear casts back
-    to bf16/fp16: two extra passes over the activations. Outside autocast it is ``nn.LayerNorm``.
+    to bf16/fp16: two extra passes over the activations. Outside autocast it is ``F.layer_norm``.
     """
+    device = x.device.type
+    if device not in ("cuda", "cpu", "xpu", "mps") or not torch.is_autocast_enabled(device):
+        return F.layer_norm(x, normalized_shape, weight, bias, eps)
+    dtype = torch.get_autocast_dtype(device)
+    with torch.autocast(device, enabled=False):
+        return F.layer_norm(x.to(dtype), normalized_shape, weight.to(dtype), bias.to(dtype), eps)
+
+
+register_notrace_function(layer_norm_autocast)
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` returning the autocast dtype under autocast (see :func:`layer_norm_autocast`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return self._forward_autocast(x)
-
-    @torch.jit.unused
-    def _forward_autocast(self, x: torch.Tensor) -> torch.Tensor:
-        device = x.device.type
-        if device not in ("cuda", "cpu", "xpu", "mps") or not torch.is_autocast_enabled(device):
-            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        dtype = torch.get_autocast_dtype(device)
-        with torch.autocast(device, enabled=False):
-            return F.layer_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype),
-                                self.bias.to(dtype), self.eps)
+        return layer_norm_autocast(x, list(self.normalized_shape), self.weight, self.bias, self.eps)
 
 
 class Stem(nn.Sequential):
@@ -163,7 +168,7 @@ class MaSA(nn.Module):
         lepe = dwconv_nhwc(v, self.lepe.weight, self.lepe.bias, False, self.impl != "reference")
         shape = (b, h, w, self.num_heads, self.head_dim)
         out = masa(q.view(shape), k.view(shape), v.view(shape), sin, cos, decay, self.scale,
-                   form=self.form, impl=self.impl, add=lepe.reshape(shape))
+                   self.form, self.impl, lepe.reshape(shape))
         return self.proj(out.view(b, h, w, c))
 
 

@@ -182,7 +182,7 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
 
 default_cfgs = generate_default_cfgs({
     "rmt_deit_small.untrained": _cfg(first_conv="patch_embed.proj", classifier="head"),
-    "rmt_swin_tiny.untrained": _cfg(first_conv="patch_embed.proj", classifier="head.fc"),
+    "rmt_swin_tiny.untrained": _cfg(first_conv="patch_embed.proj", classifier="head.fc", pool_size=(7, 7)),
 })
 
 

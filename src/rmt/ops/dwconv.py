@@ -80,14 +80,14 @@ def dwconv_nhwc_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 @torch.jit.ignore
-def dwconv_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: bool,
+def dwconv_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: bool,
                 fused: bool) -> torch.Tensor:
     """``[x +] dwconv(x) + bias`` for depthwise ``weight`` ``(c, 1, k, k)`` on ``(b, h, w, c)`` tokens.
 
     ``fused`` allows the Triton kernel; it is taken only on CUDA, without autograd and outside
     ``torch.compile`` (which fuses these itself).
     """
-    if (fused and HAS_TRITON and x.is_cuda and x.stride(-1) == 1
+    if (fused and HAS_TRITON and x.is_cuda and bias is not None and x.stride(-1) == 1
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and not torch.compiler.is_compiling()):
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
