@@ -25,7 +25,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout too
 
-from rmt.benchmark import _timed, environment  # noqa: E402  (median of CUDA-event timings)
+from rmt.benchmark import _timed, environment, save_rows  # noqa: E402  (median of CUDA-event timings)
 from rmt.detection.models import build_detector  # noqa: E402
 
 
@@ -151,10 +151,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     env = dict(environment(device), torchvision=torchvision.__version__)
     print(f"\n{args.detector}, {env['device']}, torch {env['torch']}, torchvision {env['torchvision']}\n")
     print(format_table(rows))
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(env=env, args=vars(args), results=rows), indent=2))
-    print(f"\nwrote {out}")
+    save_rows(args.json, env, vars(args), rows)
     return 0
 
 

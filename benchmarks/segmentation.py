@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout too
 
+from rmt.benchmark import environment, save_rows  # noqa: E402
 from rmt.segmentation.engine import seg_loss  # noqa: E402
 from rmt.segmentation.models import build_segmenter, describe  # noqa: E402
 
@@ -142,15 +142,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  train_img_s="OOM"))
                 torch.cuda.empty_cache()
             print(format_table(rows[-1:]).splitlines()[-1], flush=True)
-    env = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-               torch=torch.__version__, python=platform.python_version())
+    env = environment(device)
     print()
     print(f"device: {env['device']}, torch {env['torch']}")
     print(format_table(rows))
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(env=env, args=vars(args), results=rows), indent=2))
-    print(f"wrote {out}")
+    save_rows(args.json, env, vars(args), rows)
     return 0
 
 

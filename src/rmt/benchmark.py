@@ -216,3 +216,12 @@ def write_json(path: str, rows: List[Result], checks: List[Check], device: torch
     with open(path, "w") as f:
         json.dump({"environment": environment(device), "results": [asdict(r) for r in rows],
                    "checks": [dict(asdict(c), ok=c.ok) for c in checks]}, f, indent=2)
+
+
+def save_rows(path: str, env: Dict[str, str], args: Dict, rows: List[Dict]) -> None:
+    """Write a benchmark script's environment, arguments and result rows as JSON (folders created)."""
+    from pathlib import Path
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(env=env, args=args, results=rows), indent=2))
+    print(f"wrote {out}")
