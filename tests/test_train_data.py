@@ -11,7 +11,7 @@ import torch
 from rmt.classification import config, fashion_mnist
 from rmt.classification.data import (BadImageError, DataSpec, ImageFolderDataset, LoaderBatches,
                                      eval_transform, train_transform)
-from rmt.classification.tensor_data import TensorBatches
+from rmt.classification.tensor_data import TensorBatches, batch_random_erase
 from rmt.engine import DistInfo
 
 from train_utils import pattern_images, write_fashion_mnist_like, write_image_folder
@@ -93,6 +93,34 @@ def test_tensor_batches_random_crops_and_flips_change_images():
     (a, _), (b, _) = next(iter(train)), next(iter(plain))
     assert a.shape == b.shape == (16, 3, 32, 32) and torch.isfinite(a).all()
     assert (a - b).abs().amax() > 1.0
+
+
+def test_batch_random_erase_boxes_and_distribution_match_timm():
+    from timm.data.random_erasing import RandomErasing
+
+    torch.manual_seed(0)
+    x = torch.ones(4000, 1, 24, 32)
+    out = batch_random_erase(x.clone(), 1.0, mode="const")
+    erased = out[:, 0] == 0
+    rows, cols = erased.any(2), erased.any(1)
+    # one axis-aligned box per image: the erased set is the product of its rows and columns
+    assert torch.equal(erased, rows[:, :, None] & cols[:, None, :])
+    assert (rows.sum(1) < 24).all() and (cols.sum(1) < 32).all() and (erased.sum((1, 2)) > 0).all()
+    ours = erased.float().mean((1, 2))
+
+    timm_out = RandomErasing(1.0, mode="const", device="cpu")(torch.ones(4000, 1, 24, 32))
+    theirs = (timm_out[:, 0] == 0).float().mean((1, 2))
+    assert abs(ours.mean() - theirs.mean()) < 0.01          # mean erased area (~0.17)
+    assert abs(ours.std() - theirs.std()) < 0.01
+
+    kept = batch_random_erase(torch.ones(4000, 3, 16, 16), 0.25, mode="pixel")
+    hit = (kept != 1).flatten(1).any(1).float().mean()
+    assert 0.22 < hit < 0.28
+    assert torch.equal(batch_random_erase(x.clone(), 0.0), x)
+    fill = batch_random_erase(torch.zeros(8, 3, 16, 16), 1.0, mode="rand")
+    for image in fill:  # "rand": one colour per channel over the whole box
+        box = image[0] != 0
+        assert box.any() and all(image[ch][box].unique().numel() == 1 for ch in range(3))
 
 
 def test_loader_resume_skips_to_the_same_augmented_samples_whatever_the_worker(tmp_path):

@@ -3,8 +3,10 @@
 For Fashion-MNIST-sized data the per-image PIL path costs more than the model on a GPU, and
 worker processes compete with the model for a small CPU. Here the uint8 images live on the
 training device; each batch is gathered, random-resized-cropped and flipped in one
-``grid_sample`` (an affine map per image), normalised, replicated to 3 channels and given timm's
-random erasing. Evaluation is a plain resize with the same sampling.
+``grid_sample`` (an affine map per image), normalised, replicated to 3 channels and given random erasing with timm's distribution, drawn for
+the whole batch at once (:func:`batch_random_erase`; timm's ``RandomErasing`` loops over the images
+in Python, which on a GPU costs more than the model's step). Evaluation is a plain resize with the
+same sampling.
 """
 from __future__ import annotations
 
@@ -15,6 +17,47 @@ import torch
 import torch.nn.functional as F
 
 from ..engine import DistInfo
+
+
+ERASE_MODES = ("const", "rand", "pixel")
+
+
+def batch_random_erase(x: torch.Tensor, probability: float, mode: str = "pixel",
+                       min_area: float = 0.02, max_area: float = 1 / 3, min_aspect: float = 0.3,
+                       attempts: int = 10) -> torch.Tensor:
+    """Random erasing of ``x`` ``(B, C, H, W)`` in place, every image at once; returns ``x``.
+
+    The distribution of timm's ``RandomErasing`` (one box per image): with ``probability`` an image
+    gets a box of area ``U(min_area, max_area) * H * W`` and log aspect ratio uniform in
+    ``[log(min_aspect), -log(min_aspect)]``; of up to ``attempts`` draws the first box that fits
+    is used, at a uniform position. The box is filled with zeros (``const``), one normal value
+    per channel (``rand``) or per pixel (``pixel``). Draws come from the device's torch RNG.
+    """
+    b, c, h, w = x.shape
+    dev = x.device
+    area = torch.empty(b, attempts, device=dev).uniform_(min_area, max_area) * (h * w)
+    log_r = math.log(min_aspect)
+    aspect = torch.empty(b, attempts, device=dev).uniform_(log_r, -log_r).exp()
+    bh = (area * aspect).sqrt().round()
+    bw = (area / aspect).sqrt().round()
+    fits = (bh < h) & (bw < w)
+    first = fits.int().argmax(dim=1, keepdim=True)                  # first box that fits
+    bh, bw = bh.gather(1, first).squeeze(1), bw.gather(1, first).squeeze(1)
+    erase = (torch.rand(b, device=dev) < probability) & fits.any(dim=1)
+    top = (torch.rand(b, device=dev) * (h - bh + 1)).floor()       # uniform in [0, h - bh]
+    left = (torch.rand(b, device=dev) * (w - bw + 1)).floor()
+    rows = torch.arange(h, device=dev).view(1, h, 1)
+    cols = torch.arange(w, device=dev).view(1, 1, w)
+    inside = ((rows >= top.view(b, 1, 1)) & (rows < (top + bh).view(b, 1, 1))
+              & (cols >= left.view(b, 1, 1)) & (cols < (left + bw).view(b, 1, 1))
+              & erase.view(b, 1, 1)).unsqueeze(1)                   # (B, 1, H, W)
+    if mode == "pixel":
+        fill = torch.randn_like(x)
+    elif mode == "rand":
+        fill = torch.randn(b, c, 1, 1, device=dev, dtype=x.dtype)
+    else:
+        fill = torch.zeros((), device=dev, dtype=x.dtype)
+    return x.copy_(torch.where(inside, fill, x))
 
 
 class TensorBatches:
@@ -42,10 +85,10 @@ class TensorBatches:
         self.std = torch.tensor(spec.std[:channels], device=info.device).view(1, -1, 1, 1)
         self.scale, self.log_ratio = tuple(scale), (math.log(ratio[0]), math.log(ratio[1]))
         self.hflip = hflip
-        self.erase = None
-        if train and reprob > 0:
-            from timm.data.random_erasing import RandomErasing
-            self.erase = RandomErasing(reprob, mode=remode, device=info.device)
+        if remode not in ERASE_MODES:
+            raise ValueError(f"random erasing mode {remode!r} not understood; use one of {ERASE_MODES}")
+        self.reprob = reprob if train else 0.0
+        self.remode = remode
         self.epoch, self.skip, self.bad_images = 0, 0, 0
         n = len(self.labels)
         if train:
@@ -80,8 +123,8 @@ class TensorBatches:
                 x = ((x - self.mean[:, :1]) / self.std[:, :1]).expand(-1, 3, -1, -1).contiguous()
             else:
                 x = (x - self.mean) / self.std
-            if self.erase is not None:
-                x = self.erase(x)
+            if self.reprob > 0:
+                x = batch_random_erase(x, self.reprob, self.remode)
             yield x, self.labels[idx]
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
