@@ -7,11 +7,13 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NCCL_
 export FASHION_MNIST_DIR="${FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}"
 RUNS="${RUNS:-/tmp/rmt-runs}"
 STEPS="${STEPS:-60}"
+FSDP="${FSDP:-1}"   # 0 skips the FSDP2 part
 {
 CUDA_VISIBLE_DEVICES=0 python3 benchmarks/multi_gpu.py --tag 1gpu_b128 --batch-size 128 --steps "$STEPS"
 torchrun --standalone --nproc_per_node 2 benchmarks/multi_gpu.py --tag 2gpu_b128 --batch-size 128 --steps "$STEPS"
 torchrun --standalone --nproc_per_node 2 benchmarks/multi_gpu.py --tag 2gpu_b64 --batch-size 64 --steps "$STEPS"
 python3 benchmarks/compare_runs.py "$OUT/1gpu_b128.json" "$OUT/2gpu_b128.json" "$OUT/2gpu_b64.json"
+if [ "$FSDP" = 1 ]; then
 echo "== FSDP2 rmt_large: 10 steps with a checkpoint every 5, then resume to 15"
 FS="--dataset fashion-mnist --data $FASHION_MNIST_DIR --model rmt_large --fsdp --input-size 224 --pipeline tensor --aa none --mixup 0 --cutmix 0 --aug-repeats 0 --batch-size 64 --amp bf16 --no-model-ema --val-subset 256 --log-interval 5 --output $RUNS"
 torchrun --standalone --nproc_per_node 2 -m rmt train $FS --name fsdp-large --max-steps 10 --checkpoint-every 5
@@ -21,4 +23,5 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 print("fsdp log:", [(r.get("event"), r.get("step"), round(r["train_loss"], 4) if "train_loss" in r else None) for r in rows if r.get("event") in ("train", "resume", "epoch")])
 PY
+fi
 } 2>&1 | tr '\r' '\n' | grep -v "step/s" | tee "$OUT/multi_gpu.log"

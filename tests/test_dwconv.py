@@ -1,4 +1,8 @@
-"""Fused depthwise convolution (bias and residual in one pass) against F.conv2d."""
+"""Fused depthwise convolution (GELU, bias and residual in one pass) against F.gelu + F.conv2d.
+
+On CUDA the Triton kernels run natively; without CUDA in Triton's interpreter (TRITON_INTERPRET=1,
+set in conftest.py) at small sizes.
+"""
 import pytest
 import torch
 
@@ -7,27 +11,78 @@ from rmt.ops.dwconv import HAS_TRITON, dwconv_nhwc, dwconv_nhwc_reference, dwcon
 from conftest import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
-@pytest.mark.parametrize("ks", [3, 5])
-@pytest.mark.parametrize("residual", [True, False])
-@pytest.mark.parametrize("shape", [(2, 7, 9, 16), (1, 1, 5, 24), (1, 12, 1, 8), (1, 9, 40, 70)])
-def test_triton_dwconv_matches_conv2d(ks, residual, shape):
+def _inputs(shape, ks, bias=True, dtype=torch.float32):
     b, h, w, c = shape
-    wide = torch.randn(b, h, w, 3 * c, device=DEVICE)
+    wide = torch.randn(b, h, w, 3 * c, device=DEVICE, dtype=dtype, requires_grad=True)
     x = wide[..., c:2 * c]                     # a strided slice, like v inside the fused qkv output
-    weight = torch.randn(c, 1, ks, ks, device=DEVICE)
-    bias = torch.randn(c, device=DEVICE)
-    want = dwconv_nhwc_reference(x, weight, bias, residual)
-    got = dwconv_nhwc_triton(x, weight, bias, residual)
-    assert got.shape == (b, h, w, c) and got.is_contiguous()
+    weight = torch.randn(c, 1, ks, ks, device=DEVICE, requires_grad=True)
+    b_ = torch.randn(c, device=DEVICE, requires_grad=True) if bias else None
+    return wide, x, weight, b_
+
+
+@needs_triton
+@pytest.mark.parametrize("ks", [3, 5])
+@pytest.mark.parametrize("residual,gelu", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("shape", [(2, 7, 9, 16), (1, 1, 5, 24), (1, 12, 1, 8), (1, 9, 40, 70)])
+def test_triton_dwconv_matches_reference_with_gradients(ks, residual, gelu, shape):
+    wide, x, weight, bias = _inputs(shape, ks)
+    want = dwconv_nhwc_reference(x, weight, bias, residual, gelu)
+    got = dwconv_nhwc_triton(x, weight, bias, residual, gelu)
+    assert got.shape == shape and got.is_contiguous() and got.dtype == x.dtype
     assert rel_err(got, want) <= 1e-6
+    g = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, (wide, weight, bias), g)
+    got_grads = torch.autograd.grad(got, (wide, weight, bias), g)
+    for name, a, e in zip(("input", "weight", "bias"), got_grads, want_grads):
+        assert a.dtype == e.dtype and rel_err(a, e) <= 1e-5, name
+    with torch.no_grad():
+        assert rel_err(dwconv_nhwc_triton(x, weight, bias, residual, gelu), want) <= 1e-6
 
 
-def test_dispatch_uses_reference_with_autograd():
+@needs_triton
+def test_triton_dwconv_without_bias_and_frozen_weight():
+    wide, x, weight, _ = _inputs((1, 6, 5, 8), 3, bias=False)
+    weight = weight.detach()
+    want = dwconv_nhwc_reference(x, weight, None, False)
+    got = dwconv_nhwc_triton(x, weight, None, False)
+    assert rel_err(got, want) <= 1e-6
+    g = torch.randn_like(want)
+    assert rel_err(torch.autograd.grad(got, wide, g)[0], torch.autograd.grad(want, wide, g)[0]) <= 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="autocast dtypes are checked on CUDA only")
+def test_dispatch_under_autocast_keeps_float32_weight_gradients():
+    _, x, weight, bias = _inputs((2, 14, 14, 96), 3)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = dwconv_nhwc(x, weight, bias, True, True, gelu=True)
+    assert got.dtype == torch.bfloat16
+    want = dwconv_nhwc_reference(x, weight, bias, True, True)
+    assert rel_err(got.float(), want) <= 1e-2
+    got.float().sum().backward()
+    assert weight.grad.dtype == torch.float32 and bias.grad.dtype == torch.float32
+
+
+def test_dispatch_without_fused_uses_reference_with_autograd():
     x = torch.randn(1, 6, 6, 8, requires_grad=True)
     conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
-    y = dwconv_nhwc(x, conv.weight, conv.bias, True, True)
+    y = dwconv_nhwc(x, conv.weight, conv.bias, True, False, gelu=True)
+    assert torch.allclose(y, dwconv_nhwc_reference(x, conv.weight, conv.bias, True, True))
     y.sum().backward()
     assert x.grad is not None and conv.weight.grad is not None
+
+
+@needs_triton
+def test_custom_op_used_by_compile_matches_eager_function():
+    """The torch.library op (taken under torch.compile) and the eager Function agree exactly."""
+    from rmt.ops import dwconv
+    wide, x, weight, bias = _inputs((1, 5, 6, 8), 3)
+    via_op = dwconv.dwconv_op(x, weight, bias, True, True)
+    via_fn = dwconv._DWConv.apply(x, weight, bias, True, True)
+    assert torch.equal(via_op, via_fn)
+    g = torch.randn_like(via_op)
+    for a, b in zip(torch.autograd.grad(via_op, (wide, weight, bias), g),
+                    torch.autograd.grad(via_fn, (wide, weight, bias), g)):
+        assert torch.equal(a, b)

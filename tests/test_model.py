@@ -222,3 +222,22 @@ def test_torchscript_and_fx_tracing_match_eager():
         out = extractor(x)
     assert torch.allclose(out["logits"], ref, atol=1e-6)
     assert out["s2"].shape == (1, 4, 6, 64)
+
+
+def test_position_tables_cached_once_and_usable_after_inference_mode():
+    from rmt.ops.masa.positions import _POSITION_CACHE, cached_stage_positions
+
+    model = timm.create_model("rmt_tiny", num_classes=3, **SMALL_ARGS)
+    x = torch.randn(2, 3, 64, 48)
+    with torch.inference_mode():   # the first call fills the cache inside inference mode
+        model.eval()(x)
+    model.train()
+    model(x).sum().backward()      # the cached tables must be usable by autograd afterwards
+    assert all(p.grad is not None for p in model.stages[0].blocks[0].attn.qkv.parameters())
+    stage = model.stages[1]
+    args = (12, 16, stage.head_dim, stage.num_heads, stage.init_value, stage.heads_range, torch.device("cpu"))
+    assert cached_stage_positions(*args)[0] is cached_stage_positions(*args)[0]
+    with torch.no_grad():
+        cached = model.eval()(x)
+        _POSITION_CACHE.clear()
+        assert torch.equal(model(x), cached)

@@ -22,7 +22,8 @@ from timm.models._features import feature_take_indices
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .ops.dwconv import dwconv_nhwc
-from .ops.masa import FORMS, IMPLS, head_decays, masa, rotation_tables
+from .ops.masa import FORMS, IMPLS, masa
+from .ops.masa.positions import cached_stage_positions, stage_positions
 
 __all__ = ["RMT", "MaSA", "RMTBlock", "RMTStage", "MIN_INPUT_SIZE"]
 
@@ -47,18 +48,18 @@ def check_image(x: torch.Tensor, in_chans: int) -> None:
             f"got {x.shape[-2]}x{x.shape[-1]}; resize or pad the image")
 
 
-def stage_positions(h: int, w: int, head_dim: int, num_heads: int, init_value: float,
-                     heads_range: float, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rotation tables ``(h, w, d)`` and per-head decay ``(n,)`` of one stage (float32)."""
-    sin, cos = rotation_tables(h, w, head_dim, device=device)
-    return sin, cos, head_decays(num_heads, init_value, heads_range, device=device)
-
-
 # shape-dependent helpers stay opaque to torch.fx tracing (feature extraction by graph rewriting)
 register_notrace_function(check_image)
 register_notrace_function(stage_positions)
+register_notrace_function(cached_stage_positions)
 register_notrace_function(masa)
 register_notrace_function(dwconv_nhwc)
+
+
+def fused_dwconv(impl: str, x: torch.Tensor) -> bool:
+    """Whether the depthwise convolutions may use the fused Triton kernels for this ``impl``:
+    with ``"auto"`` on CUDA, always with ``"triton"`` (which also covers Triton's CPU interpreter)."""
+    return impl == "triton" or (impl == "auto" and x.is_cuda)
 
 
 def _normalize_forms(forms: FormSpec, num_stages: int) -> Tuple[str, ...]:
@@ -165,7 +166,7 @@ class MaSA(nn.Module):
                 decay: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=-1)
-        lepe = dwconv_nhwc(v, self.lepe.weight, self.lepe.bias, False, self.impl != "reference")
+        lepe = dwconv_nhwc(v, self.lepe.weight, self.lepe.bias, False, fused_dwconv(self.impl, v), False)
         shape = (b, h, w, self.num_heads, self.head_dim)
         out = masa(q.view(shape), k.view(shape), v.view(shape), sin, cos, decay, self.scale,
                    self.form, self.impl, lepe.reshape(shape))
@@ -188,8 +189,9 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = F.gelu(self.fc1(x))
-        u = dwconv_nhwc(u, self.dwconv.weight, self.dwconv.bias, True, self.impl != "reference")
+        # GELU is applied inside dwconv_nhwc (fused into the Triton kernels on CUDA)
+        u = self.fc1(x)
+        u = dwconv_nhwc(u, self.dwconv.weight, self.dwconv.bias, True, fused_dwconv(self.impl, u), True)
         return self.fc2(u)
 
 
@@ -213,7 +215,7 @@ class RMTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
                 decay: torch.Tensor) -> torch.Tensor:
-        x = dwconv_nhwc(x, self.cpe.weight, self.cpe.bias, True, self.impl != "reference")
+        x = dwconv_nhwc(x, self.cpe.weight, self.cpe.bias, True, fused_dwconv(self.impl, x), False)
         x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), sin, cos, decay)))
         x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return x
@@ -256,8 +258,12 @@ class RMTStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         _, h, w, _ = x.shape
-        sin, cos, decay = stage_positions(h, w, self.head_dim, self.num_heads, self.init_value,
-                                           self.heads_range, x.device)
+        if torch.jit.is_scripting():
+            sin, cos, decay = stage_positions(h, w, self.head_dim, self.num_heads, self.init_value,
+                                               self.heads_range, x.device)
+        else:
+            sin, cos, decay = cached_stage_positions(h, w, self.head_dim, self.num_heads, self.init_value,
+                                                     self.heads_range, x.device)
         for blk in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
                 x = torch.utils.checkpoint.checkpoint(blk, x, sin, cos, decay, use_reentrant=False)

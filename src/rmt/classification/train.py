@@ -116,7 +116,8 @@ class Trainer:
             # depthwise conv weights (C, 1, k, k) report a stride mismatch on their size-1 dim: harmless
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             forward_model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[dev.index] if dev.type == "cuda" else None)
+                model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: no copies
         self.ddp = forward_model if forward_model is not model else None
         self.forward_model = torch.compile(forward_model) if cfg["compile"] else forward_model
         seed_everything(cfg["seed"], info.rank)  # per-rank augmentation and drop-path from here on

@@ -1,17 +1,28 @@
-"""Depthwise convolution on channels-last tokens with its bias and residual fused (inference).
+"""Depthwise convolution on channels-last tokens with its bias, residual and GELU fused.
 
-RMT has three depthwise convolutions per block, each followed by element-wise work:
+RMT has three depthwise convolutions per block, each with element-wise work around it:
 
 * CPE:  ``x + dwconv3x3(x) + b``
 * LePE: ``dwconv5x5(v) + b`` (``v`` a strided slice of the fused qkv projection)
-* FFN:  ``u + dwconv3x3(u) + b``
+* FFN:  ``g + dwconv3x3(g) + b`` with ``g = gelu(fc1(x))``
 
-In eager PyTorch each is a cuDNN convolution, a separate bias addition and a residual addition:
-five passes over the tensor. The Triton kernel here reads the input once (neighbours come from
-cache) and writes the result once. It has no backward: it is used when no gradient is needed,
-and :func:`dwconv_nhwc_reference` (plain ``F.conv2d``) is the path otherwise and the oracle.
+In eager PyTorch each is a GELU, a cuDNN convolution, a bias addition and a residual addition,
+and as many again in the backward pass. The Triton kernels here read the input once (neighbours
+come from cache) and write the result once:
+
+* forward: ``y = [g +] dwconv(g) + b`` where ``g = gelu(x)`` (recomputed from ``x`` on the fly)
+  or ``g = x``;
+* input gradient: the same kernel on ``dy`` with the kernel flipped, plus ``dy`` for the residual,
+  times ``gelu'(x)``;
+* weight and bias gradients: per-program partial sums, added up by one reduction.
+
+Only ``x`` is kept for the backward pass, so the FFN stores its hidden activation once instead of
+three times. :func:`dwconv_nhwc_reference` (``F.gelu`` + ``F.conv2d``) is the oracle and the path
+on other devices. In eager mode the kernels launch from an ``autograd.Function``; under
+``torch.compile`` through ``torch.library.triton_op`` ops.
 """
-from typing import Optional
+import os
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,14 +30,20 @@ import torch.nn.functional as F
 try:
     import triton
     import triton.language as tl
+    from torch.library import triton_op, wrap_triton
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - depends on the install
     HAS_TRITON = False
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 def dwconv_nhwc_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                          residual: bool) -> torch.Tensor:
-    """``[x +] dwconv(x) + bias`` for ``x`` ``(b, h, w, c)`` (any strides); returns ``(b, h, w, c)``."""
+                          residual: bool, gelu: bool = False) -> torch.Tensor:
+    """``[g +] dwconv(g) + bias`` with ``g = gelu(x)`` or ``x``; ``x`` ``(b, h, w, c)`` (any strides)."""
+    if gelu:
+        x = F.gelu(x)
     k = weight.shape[-1]
     y = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=k // 2, groups=weight.shape[0])
     y = y.permute(0, 2, 3, 1)
@@ -35,17 +52,33 @@ def dwconv_nhwc_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
 
 if HAS_TRITON:
     @triton.jit
-    def _dwconv_nhwc_kernel(X, WT, B, Y, H, W, C, x_sb, x_sh, x_sw, y_sb, y_sh, y_sw,
-                            KS: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_W: tl.constexpr,
-                            BLOCK_C: tl.constexpr):
-        """Grid ``(b * h, cdiv(w, BLOCK_W), cdiv(c, BLOCK_C))``: one row segment of tokens per program."""
+    def _gelu(x):
+        """Exact (erf) GELU of float32 ``x``."""
+        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+    @triton.jit
+    def _gelu_grad(x):
+        """Derivative of the exact GELU at float32 ``x``."""
+        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        return cdf + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
+
+    @triton.jit
+    def _dwconv_nhwc_kernel(X, WT, B, Z, Y, H, W, C, x_sb, x_sh, x_sw, z_sb, z_sh, z_sw,
+                            KS: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            GELU_IN: tl.constexpr, RESIDUAL: tl.constexpr, GELU_GRAD: tl.constexpr,
+                            BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Grid ``(b * h, cdiv(w, BLOCK_W), cdiv(c, BLOCK_C))``: one row segment of tokens per program.
+
+        ``Y = [gelu'(Z) *] ([g(X) +] sum_taps g(X shifted) * WT[tap] [+ B])`` with ``g`` GELU when
+        ``GELU_IN``; ``FLIP`` mirrors the kernel (the input gradient). ``Y`` is contiguous.
+        """
         pid_bh = tl.program_id(0)
         b = (pid_bh // H).to(tl.int64)
         r = pid_bh % H
         offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
         offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        mask_w = offs_w < W
+        mask = (offs_w < W)[:, None] & mask_c[None, :]
         acc = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
         for dy in tl.static_range(KS):
             rr = r + dy - KS // 2
@@ -53,43 +86,201 @@ if HAS_TRITON:
             for dx in tl.static_range(KS):
                 ss = offs_w + dx - KS // 2
                 m = (row_ok & (ss >= 0) & (ss < W))[:, None] & mask_c[None, :]
-                xv = tl.load(X + b * x_sb + rr * x_sh + ss[:, None] * x_sw + offs_c[None, :], mask=m, other=0.0)
-                wv = tl.load(WT + offs_c * (KS * KS) + dy * KS + dx, mask=mask_c, other=0.0)
-                acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
-        acc += tl.load(B + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-        m = mask_w[:, None] & mask_c[None, :]
+                xv = tl.load(X + b * x_sb + rr * x_sh + ss[:, None] * x_sw + offs_c[None, :],
+                             mask=m, other=0.0).to(tl.float32)
+                if GELU_IN:
+                    xv = _gelu(xv)
+                tap = (KS - 1 - dy) * KS + (KS - 1 - dx) if FLIP else dy * KS + dx
+                wv = tl.load(WT + offs_c * (KS * KS) + tap, mask=mask_c, other=0.0)
+                acc += xv * wv.to(tl.float32)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(B + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
         if RESIDUAL:
-            acc += tl.load(X + b * x_sb + r * x_sh + offs_w[:, None] * x_sw + offs_c[None, :],
-                           mask=m, other=0.0).to(tl.float32)
-        tl.store(Y + b * y_sb + r * y_sh + offs_w[:, None] * y_sw + offs_c[None, :],
-                 acc.to(Y.dtype.element_ty), mask=m)
+            xc = tl.load(X + b * x_sb + r * x_sh + offs_w[:, None] * x_sw + offs_c[None, :],
+                         mask=mask, other=0.0).to(tl.float32)
+            acc += _gelu(xc) if GELU_IN else xc
+        if GELU_GRAD:
+            z = tl.load(Z + b * z_sb + r * z_sh + offs_w[:, None] * z_sw + offs_c[None, :],
+                        mask=mask, other=0.0).to(tl.float32)
+            acc = acc * _gelu_grad(z)
+        tl.store(Y + ((b * H + r) * W + offs_w[:, None]) * C + offs_c[None, :],
+                 acc.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _dwconv_wgrad_kernel(X, GO, DW, DB, ROWS, H, W, C, x_sb, x_sh, x_sw, rows_per_prog,
+                             KS: tl.constexpr, TAPS: tl.constexpr, GELU_IN: tl.constexpr,
+                             BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Grid ``(programs, cdiv(c, BLOCK_C))``: partial weight and bias gradients of ``rows_per_prog``
+        token rows, written to ``DW[program]`` ``(KS*KS, c)`` and ``DB[program]`` ``(c,)`` (float32).
+        ``GO`` is the contiguous output gradient.
+        """
+        pid = tl.program_id(0)
+        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        taps = tl.arange(0, TAPS)
+        acc = tl.zeros([TAPS, BLOCK_C], tl.float32)
+        acc_b = tl.zeros([BLOCK_C], tl.float32)
+        for i in range(rows_per_prog):
+            row = pid * rows_per_prog + i
+            b = (row // H).to(tl.int64)
+            r = row % H
+            row_valid = row < ROWS
+            for w0 in range(0, W, BLOCK_W):
+                offs_w = w0 + tl.arange(0, BLOCK_W)
+                mask = (row_valid & (offs_w < W))[:, None] & mask_c[None, :]
+                go = tl.load(GO + ((b * H + r) * W + offs_w[:, None]) * C + offs_c[None, :],
+                             mask=mask, other=0.0).to(tl.float32)
+                acc_b += tl.sum(go, 0)
+                for dy in tl.static_range(KS):
+                    rr = r + dy - KS // 2
+                    row_ok = row_valid & (rr >= 0) & (rr < H)
+                    for dx in tl.static_range(KS):
+                        ss = offs_w + dx - KS // 2
+                        m = (row_ok & (ss >= 0) & (ss < W))[:, None] & mask_c[None, :]
+                        xv = tl.load(X + b * x_sb + rr * x_sh + ss[:, None] * x_sw + offs_c[None, :],
+                                     mask=m, other=0.0).to(tl.float32)
+                        if GELU_IN:
+                            xv = _gelu(xv)
+                        part = tl.sum(xv * go, 0)
+                        acc += tl.where(taps[:, None] == dy * KS + dx, part[None, :], 0.0)
+        base = pid.to(tl.int64) * (KS * KS) * C
+        tl.store(DW + base + taps[:, None] * C + offs_c[None, :], acc,
+                 mask=(taps < KS * KS)[:, None] & mask_c[None, :])
+        tl.store(DB + pid.to(tl.int64) * C + offs_c, acc_b, mask=mask_c)
 
 
-def dwconv_nhwc_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                       residual: bool, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Fused ``[x +] dwconv(x) + bias``; ``x`` ``(b, h, w, c)`` with unit channel stride; no autograd."""
+def _blocks(w: int, c: int) -> Tuple[int, int]:
+    return min(32, triton.next_power_of_2(w)), min(64, triton.next_power_of_2(c))
+
+
+def _forward(launch, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+             residual: bool, gelu: bool) -> torch.Tensor:
+    """``[g +] dwconv(g) + bias`` (``g = gelu(x)`` or ``x``); ``x`` ``(b, h, w, c)`` with unit channel stride."""
     b, h, w, c = x.shape
-    y = torch.empty((b, h, w, c), dtype=out_dtype or x.dtype, device=x.device)
-    block_c = min(64, triton.next_power_of_2(c))
-    block_w = min(32, triton.next_power_of_2(w))
-    grid = (b * h, triton.cdiv(w, block_w), triton.cdiv(c, block_c))
-    _dwconv_nhwc_kernel[grid](x, weight, bias, y, h, w, c, x.stride(0), x.stride(1), x.stride(2),
-                              y.stride(0), y.stride(1), y.stride(2), KS=weight.shape[-1],
-                              RESIDUAL=residual, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=4)
+    y = torch.empty((b, h, w, c), dtype=x.dtype, device=x.device)
+    block_w, block_c = _blocks(w, c)
+    launch(_dwconv_nhwc_kernel)[(b * h, triton.cdiv(w, block_w), triton.cdiv(c, block_c))](
+        x, weight, bias if bias is not None else weight, x, y, h, w, c,
+        x.stride(0), x.stride(1), x.stride(2), 0, 0, 0,
+        KS=weight.shape[-1], FLIP=False, HAS_BIAS=bias is not None, GELU_IN=gelu, RESIDUAL=residual,
+        GELU_GRAD=False, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=4)
     return y
+
+
+def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, residual: bool,
+              gelu: bool, need_input: bool, need_weight: bool
+              ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients of ``x`` (its dtype), of ``weight`` ``(c, 1, k, k)`` and of the bias ``(c,)`` (float32)."""
+    b, h, w, c = x.shape
+    ks = weight.shape[-1]
+    grad = grad.contiguous()
+    block_w, block_c = _blocks(w, c)
+    gx = gw = gb = None
+    if need_input:
+        gx = torch.empty((b, h, w, c), dtype=x.dtype, device=x.device)
+        launch(_dwconv_nhwc_kernel)[(b * h, triton.cdiv(w, block_w), triton.cdiv(c, block_c))](
+            grad, weight, weight, x, gx, h, w, c, grad.stride(0), grad.stride(1), grad.stride(2),
+            x.stride(0), x.stride(1), x.stride(2),
+            KS=ks, FLIP=True, HAS_BIAS=False, GELU_IN=False, RESIDUAL=residual, GELU_GRAD=gelu,
+            BLOCK_W=block_w, BLOCK_C=block_c, num_warps=4)
+    if need_weight:
+        rows, c_blocks = b * h, triton.cdiv(c, block_c)
+        per_prog = triton.cdiv(rows, max(1, min(rows, 1024 // c_blocks)))
+        progs = triton.cdiv(rows, per_prog)
+        dw = torch.empty((progs, ks * ks, c), dtype=torch.float32, device=x.device)
+        db = torch.empty((progs, c), dtype=torch.float32, device=x.device)
+        launch(_dwconv_wgrad_kernel)[(progs, c_blocks)](
+            x, grad, dw, db, rows, h, w, c, x.stride(0), x.stride(1), x.stride(2), per_prog,
+            KS=ks, TAPS=triton.next_power_of_2(ks * ks), GELU_IN=gelu,
+            BLOCK_W=block_w, BLOCK_C=block_c, num_warps=4)
+        gw = dw.sum(0).t().reshape(c, 1, ks, ks)
+        gb = db.sum(0)
+    return gx, gw, gb
+
+
+def _direct(kernel):
+    return kernel
+
+
+if HAS_TRITON:
+    # --- torch.compile: custom ops that Inductor sees through ------------------------------------
+    @triton_op("rmt::dwconv_nhwc", mutates_args={})
+    def dwconv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: bool,
+                  gelu: bool) -> torch.Tensor:
+        """Graph-capturable forward pass (see :func:`_forward`)."""
+        return _forward(wrap_triton, x, weight, bias, residual, gelu)
+
+    @triton_op("rmt::dwconv_nhwc_backward", mutates_args={})
+    def dwconv_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, residual: bool,
+                           gelu: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Graph-capturable backward pass (see :func:`_backward`), all three gradients."""
+        gx, gw, gb = _backward(wrap_triton, grad, x, weight, residual, gelu, True, True)
+        return gx, gw, gb
+
+    def _setup_context(ctx, inputs, output) -> None:
+        x, weight, bias, residual, gelu = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.residual, ctx.gelu, ctx.has_bias = residual, gelu, bias is not None
+
+    def _op_backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        gx, gw, gb = dwconv_backward_op(grad, x, weight, ctx.residual, ctx.gelu)
+        return gx, gw.to(weight.dtype), gb.to(weight.dtype) if ctx.has_bias else None, None, None
+
+    dwconv_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+class _DWConv(torch.autograd.Function):
+    """Eager autograd wrapper of the kernels (no custom-op dispatch overhead)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, gelu):
+        ctx.save_for_backward(x, weight)
+        ctx.residual, ctx.gelu, ctx.has_bias = residual, gelu, bias is not None
+        return _forward(_direct, x, weight, bias, residual, gelu)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        gx, gw, gb = _backward(_direct, grad, x, weight, ctx.residual, ctx.gelu,
+                               ctx.needs_input_grad[0], need_w)
+        if gw is not None:
+            gw = gw.to(weight.dtype)
+            gb = gb.to(weight.dtype) if ctx.has_bias else None
+        return gx, gw, gb, None, None
+
+
+def dwconv_nhwc_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       residual: bool, gelu: bool = False) -> torch.Tensor:
+    """Fused ``[g +] dwconv(g) + bias`` on ``(b, h, w, c)`` tokens (unit channel stride), with autograd.
+
+    ``weight``/``bias`` may stay float32 under autocast: the kernels read them in float32 and
+    return their gradients in their own dtype. The output has the dtype of ``x``.
+    """
+    if torch.compiler.is_compiling():
+        return dwconv_op(x, weight, bias, residual, gelu)
+    return _DWConv.apply(x, weight, bias, residual, gelu)
+
+
+def triton_dwconv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the fused kernels handle this input here (CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
+    return (HAS_TRITON and (x.is_cuda or (_INTERPRET and x.device.type == "cpu"))
+            and x.stride(-1) == 1 and x.dtype in SUPPORTED_DTYPES and weight.shape[1] == 1
+            and weight.shape[-1] == weight.shape[-2] and weight.shape[-1] % 2 == 1)
 
 
 @torch.jit.ignore
 def dwconv_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: bool,
-                fused: bool) -> torch.Tensor:
-    """``[x +] dwconv(x) + bias`` for depthwise ``weight`` ``(c, 1, k, k)`` on ``(b, h, w, c)`` tokens.
+                fused: bool, gelu: bool = False) -> torch.Tensor:
+    """``[g +] dwconv(g) + bias`` with ``g = gelu(x)`` (``gelu``) or ``x``, for a depthwise ``weight``
+    ``(c, 1, k, k)`` on ``(b, h, w, c)`` tokens; returns ``(b, h, w, c)``.
 
-    ``fused`` allows the Triton kernel; it is taken only on CUDA, without autograd and outside
-    ``torch.compile`` (which fuses these itself).
+    ``fused`` allows the Triton kernels (forward and backward; on CUDA, or on CPU under
+    ``TRITON_INTERPRET=1``); otherwise, or when they do not apply, :func:`dwconv_nhwc_reference` runs.
     """
-    if (fused and HAS_TRITON and x.is_cuda and bias is not None and x.stride(-1) == 1
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not torch.compiler.is_compiling()):
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-        return dwconv_nhwc_triton(x.to(dtype), weight.to(dtype), bias.to(dtype), residual)
-    return dwconv_nhwc_reference(x, weight, bias, residual)
+    if fused and triton_dwconv_supported(x, weight):
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return dwconv_nhwc_triton(x, weight, bias, residual, gelu)
+    return dwconv_nhwc_reference(x, weight, bias, residual, gelu)

@@ -1,0 +1,157 @@
+"""Training-step throughput of one model in three execution modes, and where the CPU time goes.
+
+    python benchmarks/training_step.py --models rmt_small,swin_tiny_patch4_window7_224 \
+        --modes eager,graphed,compiled --batch 128 --cpu-profile rmt_small --json OUT/train_modes.json
+
+One step is forward (bf16 autocast), cross-entropy, backward and a fused AdamW update, on a fixed
+channels-last batch at 224x224, as in ``rmt benchmark``. Modes:
+
+* ``eager``    - plain PyTorch (the fast MaSA path for RMT models);
+* ``graphed``  - the same eager step captured once in a CUDA graph and replayed (no kernel-launch
+  cost on the CPU; the optimizer is ``capturable``);
+* ``compiled`` - ``torch.compile(model)`` (default mode), the step otherwise eager.
+
+``--cpu-profile MODEL`` prints the operators with the most CPU time in one eager step, which is
+what an eager step waits on when the GPU finishes its kernels faster than they are launched.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import timm  # noqa: E402
+
+import rmt  # noqa: E402,F401
+from rmt.benchmark import environment, save_rows  # noqa: E402
+
+
+def _make(name: str, device: torch.device) -> torch.nn.Module:
+    return timm.create_model(name).to(device=device, memory_format=torch.channels_last).train()
+
+
+def _timed(step: Callable[[], None], warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / iters
+
+
+def measure(name: str, mode: str, batch: int, device: torch.device, warmup: int, iters: int) -> Dict:
+    """img/s and peak GiB of one (model, mode); failures are reported in ``note``."""
+    row = dict(model=name, mode=mode, batch=batch, img_per_s=None, peak_gib=None, setup_s=None, note="")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    try:
+        model = _make(name, device)
+        x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 1000, (batch,), device=device)
+        if mode == "graphed":
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=True)
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        run = torch.compile(model) if mode == "compiled" else model
+
+        def eager_step():
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=mode != "graphed"):
+                loss = F.cross_entropy(run(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=mode != "graphed")
+
+        step = eager_step
+        if mode == "graphed":
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    eager_step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                eager_step()
+            step = graph.replay
+        else:
+            step()  # compile / autotune / allocate optimizer state
+        torch.cuda.synchronize()
+        row["setup_s"] = round(time.perf_counter() - t0, 1)
+        sec = _timed(step, warmup, iters)
+        row["img_per_s"] = round(batch / sec, 1)
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    except Exception as e:  # keep the table going
+        row["note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+    finally:
+        torch._dynamo.reset()
+    return row
+
+
+def cpu_profile(name: str, batch: int, device: torch.device, rows: int = 25) -> str:
+    """Operators by self CPU time in one eager training step, and the number of kernel launches."""
+    from torch.profiler import ProfilerActivity, profile
+    model = _make(name, device)
+    x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx",
+                                                        "cudaLaunchKernelExC"))
+    return (f"== {name}: one eager training step, batch {batch}: {launches} kernel launches ==\n"
+            + events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="rmt_small,swin_tiny_patch4_window7_224")
+    p.add_argument("--modes", default="eager,graphed,compiled")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--cpu-profile", default="", metavar="MODEL")
+    p.add_argument("--json", default="")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("training_step.py measures CUDA execution modes; no CUDA device here", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    rows: List[Dict] = []
+    print(f"{'model':<30} {'mode':<9} {'batch':>5} {'img/s':>8} {'peak GiB':>8} {'setup s':>7}  note")
+    for name in filter(None, args.models.split(",")):
+        for mode in filter(None, args.modes.split(",")):
+            r = measure(name, mode, args.batch, device, args.warmup, args.iters)
+            rows.append(r)
+            print(f"{name:<30} {mode:<9} {r['batch']:>5} {r['img_per_s'] or '-':>8} {r['peak_gib'] or '-':>8} "
+                  f"{r['setup_s'] or '-':>7}  {r['note']}", flush=True)
+    if args.cpu_profile:
+        print(cpu_profile(args.cpu_profile, args.batch, device))
+    if args.json:
+        save_rows(args.json, environment(device), vars(args), rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

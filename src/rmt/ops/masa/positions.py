@@ -1,0 +1,39 @@
+"""Per-stage position tables of MaSA (rotation sin/cos and per-head decays), cached in eager mode."""
+from typing import Any, Dict, Tuple
+
+import torch
+
+from .naive import head_decays, rotation_tables
+
+
+def stage_positions(h: int, w: int, head_dim: int, num_heads: int, init_value: float,
+                     heads_range: float, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rotation tables ``(h, w, d)`` and per-head decay ``(n,)`` of one stage (float32)."""
+    sin, cos = rotation_tables(h, w, head_dim, device=device)
+    return sin, cos, head_decays(num_heads, init_value, heads_range, device=device)
+
+
+_POSITION_CACHE: Dict[Tuple[Any, ...], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+@torch.jit.ignore
+def cached_stage_positions(h: int, w: int, head_dim: int, num_heads: int, init_value: float,
+                           heads_range: float, device: torch.device
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`stage_positions`, computed once per grid size and device in eager mode.
+
+    Saves a dozen small kernels per stage and step. The tables are never modified in place and are
+    made outside inference mode, so one cache serves inference and training. Under
+    ``torch.compile``/export they are computed in the graph.
+    """
+    if torch.compiler.is_compiling():
+        return stage_positions(h, w, head_dim, num_heads, init_value, heads_range, device)
+    key = (h, w, head_dim, num_heads, init_value, heads_range, device)
+    hit = _POSITION_CACHE.get(key)
+    if hit is None:
+        if len(_POSITION_CACHE) >= 256:
+            _POSITION_CACHE.clear()
+        with torch.inference_mode(False), torch.no_grad():
+            hit = stage_positions(h, w, head_dim, num_heads, init_value, heads_range, device)
+        _POSITION_CACHE[key] = hit
+    return hit
