@@ -8,11 +8,16 @@ export FASHION_MNIST_DIR="${FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist
 RUNS="${RUNS:-/tmp/rmt-runs}"
 STEPS="${STEPS:-60}"
 FSDP="${FSDP:-1}"   # 0 skips the FSDP2 part
+CURVE="${CURVE:-1}"  # 0 skips the equal-global-batch loss-curve run
 {
 CUDA_VISIBLE_DEVICES=0 python3 benchmarks/multi_gpu.py --tag 1gpu_b128 --batch-size 128 --steps "$STEPS"
 torchrun --standalone --nproc_per_node 2 benchmarks/multi_gpu.py --tag 2gpu_b128 --batch-size 128 --steps "$STEPS"
-torchrun --standalone --nproc_per_node 2 benchmarks/multi_gpu.py --tag 2gpu_b64 --batch-size 64 --steps "$STEPS"
-python3 benchmarks/compare_runs.py "$OUT/1gpu_b128.json" "$OUT/2gpu_b128.json" "$OUT/2gpu_b64.json"
+if [ "$CURVE" = 1 ]; then
+  torchrun --standalone --nproc_per_node 2 benchmarks/multi_gpu.py --tag 2gpu_b64 --batch-size 64 --steps "$STEPS"
+  python3 benchmarks/compare_runs.py "$OUT/1gpu_b128.json" "$OUT/2gpu_b128.json" "$OUT/2gpu_b64.json"
+else
+  python3 benchmarks/compare_runs.py "$OUT/1gpu_b128.json" "$OUT/2gpu_b128.json"
+fi
 if [ "$FSDP" = 1 ]; then
 echo "== FSDP2 rmt_large: 10 steps with a checkpoint every 5, then resume to 15"
 FS="--dataset fashion-mnist --data $FASHION_MNIST_DIR --model rmt_large --fsdp --input-size 224 --pipeline tensor --aa none --mixup 0 --cutmix 0 --aug-repeats 0 --batch-size 64 --amp bf16 --no-model-ema --val-subset 256 --log-interval 5 --output $RUNS"

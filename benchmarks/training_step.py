@@ -1,7 +1,7 @@
 """Training-step throughput of one model in three execution modes, and where the CPU time goes.
 
     python benchmarks/training_step.py --models rmt_small,swin_tiny_patch4_window7_224 \
-        --modes eager,graphed,compiled --batch 128 --cpu-profile rmt_small --json OUT/train_modes.json
+        --modes eager,eager-cudnn,graphed,compiled --batch 128 --profile rmt_small --json OUT/train_modes.json
 
 One step is forward (bf16 autocast), cross-entropy, backward and a fused AdamW update, on a fixed
 channels-last batch at 224x224, as in ``rmt benchmark``. Modes:
@@ -9,10 +9,12 @@ channels-last batch at 224x224, as in ``rmt benchmark``. Modes:
 * ``eager``    - plain PyTorch (the fast MaSA path for RMT models);
 * ``graphed``  - the same eager step captured once in a CUDA graph and replayed (no kernel-launch
   cost on the CPU; the optimizer is ``capturable``);
-* ``compiled`` - ``torch.compile(model)`` (default mode), the step otherwise eager.
+* ``compiled`` - ``torch.compile(model)`` (default mode), the step otherwise eager;
+* ``eager-cudnn`` - eager, with the depthwise convolutions of training through cuDNN instead of
+  the fused Triton kernels (``rmt.ops.dwconv.TRAINING_KERNELS = False``).
 
-``--cpu-profile MODEL`` prints the operators with the most CPU time in one eager step, which is
-what an eager step waits on when the GPU finishes its kernels faster than they are launched.
+``--profile MODEL`` prints the kernels with the most GPU time and the operators with the most CPU
+time in one eager step (an eager step waits on the CPU when kernels finish faster than they launch).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import timm  # noqa: E402
 
 import rmt  # noqa: E402,F401
+from rmt.ops import dwconv  # noqa: E402
 from rmt.benchmark import environment, save_rows  # noqa: E402
 
 
@@ -54,6 +57,7 @@ def measure(name: str, mode: str, batch: int, device: torch.device, warmup: int,
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
+    dwconv.TRAINING_KERNELS = mode != "eager-cudnn"
     try:
         model = _make(name, device)
         x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
@@ -94,11 +98,12 @@ def measure(name: str, mode: str, batch: int, device: torch.device, warmup: int,
         row["note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
     finally:
         torch._dynamo.reset()
+        dwconv.TRAINING_KERNELS = True
     return row
 
 
-def cpu_profile(name: str, batch: int, device: torch.device, rows: int = 25) -> str:
-    """Operators by self CPU time in one eager training step, and the number of kernel launches."""
+def profile_step(name: str, batch: int, device: torch.device, rows: int = 20) -> str:
+    """Kernels by GPU time and operators by CPU time in one eager training step; kernel launches."""
     from torch.profiler import ProfilerActivity, profile
     model = _make(name, device)
     x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
@@ -121,7 +126,8 @@ def cpu_profile(name: str, batch: int, device: torch.device, rows: int = 25) -> 
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx",
                                                         "cudaLaunchKernelExC"))
     return (f"== {name}: one eager training step, batch {batch}: {launches} kernel launches ==\n"
-            + events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
+            + events.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60)
+            + "\n" + events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
 
 
 def main() -> int:
@@ -131,7 +137,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--cpu-profile", default="", metavar="MODEL")
+    p.add_argument("--profile", default="", metavar="MODEL")
     p.add_argument("--json", default="")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -146,8 +152,8 @@ def main() -> int:
             rows.append(r)
             print(f"{name:<30} {mode:<9} {r['batch']:>5} {r['img_per_s'] or '-':>8} {r['peak_gib'] or '-':>8} "
                   f"{r['setup_s'] or '-':>7}  {r['note']}", flush=True)
-    if args.cpu_profile:
-        print(cpu_profile(args.cpu_profile, args.batch, device))
+    if args.profile:
+        print(profile_step(args.profile, args.batch, device))
     if args.json:
         save_rows(args.json, environment(device), vars(args), rows)
     return 0

@@ -10,11 +10,12 @@ In eager PyTorch each is a GELU, a cuDNN convolution, a bias addition and a resi
 and as many again in the backward pass. The Triton kernels here read the input once (neighbours
 come from cache) and write the result once:
 
-* forward: ``y = [g +] dwconv(g) + b`` where ``g = gelu(x)`` (recomputed from ``x`` on the fly)
+* forward: ``y = [g +] dwconv(g) + b`` where ``g = gelu(x)`` (one element-wise pass, not kept)
   or ``g = x``;
 * input gradient: the same kernel on ``dy`` with the kernel flipped, plus ``dy`` for the residual,
   times ``gelu'(x)``;
-* weight and bias gradients: per-program partial sums, added up by one reduction.
+* weight and bias gradients: per-program partial sums (over ``g``, recomputed), added up by one
+  reduction.
 
 Only ``x`` is kept for the backward pass, so the FFN stores its hidden activation once instead of
 three times. :func:`dwconv_nhwc_reference` (``F.gelu`` + ``F.conv2d``) is the oracle and the path
@@ -36,6 +37,8 @@ except ImportError:  # pragma: no cover - depends on the install
     HAS_TRITON = False
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# False: only inference uses the kernels; training runs F.conv2d (cuDNN) and autograd instead
+TRAINING_KERNELS = True
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -52,11 +55,6 @@ def dwconv_nhwc_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
 
 if HAS_TRITON:
     @triton.jit
-    def _gelu(x):
-        """Exact (erf) GELU of float32 ``x``."""
-        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
-
-    @triton.jit
     def _gelu_grad(x):
         """Derivative of the exact GELU at float32 ``x``."""
         cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
@@ -65,12 +63,12 @@ if HAS_TRITON:
     @triton.jit
     def _dwconv_nhwc_kernel(X, WT, B, Z, Y, H, W, C, x_sb, x_sh, x_sw, z_sb, z_sh, z_sw,
                             KS: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            GELU_IN: tl.constexpr, RESIDUAL: tl.constexpr, GELU_GRAD: tl.constexpr,
+                            RESIDUAL: tl.constexpr, GELU_GRAD: tl.constexpr,
                             BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
         """Grid ``(b * h, cdiv(w, BLOCK_W), cdiv(c, BLOCK_C))``: one row segment of tokens per program.
 
-        ``Y = [gelu'(Z) *] ([g(X) +] sum_taps g(X shifted) * WT[tap] [+ B])`` with ``g`` GELU when
-        ``GELU_IN``; ``FLIP`` mirrors the kernel (the input gradient). ``Y`` is contiguous.
+        ``Y = [gelu'(Z) *] ([X +] sum_taps X[shifted] * WT[tap] [+ B])``; ``FLIP`` mirrors the kernel
+        (the input gradient). ``Y`` is contiguous.
         """
         pid_bh = tl.program_id(0)
         b = (pid_bh // H).to(tl.int64)
@@ -88,17 +86,14 @@ if HAS_TRITON:
                 m = (row_ok & (ss >= 0) & (ss < W))[:, None] & mask_c[None, :]
                 xv = tl.load(X + b * x_sb + rr * x_sh + ss[:, None] * x_sw + offs_c[None, :],
                              mask=m, other=0.0).to(tl.float32)
-                if GELU_IN:
-                    xv = _gelu(xv)
                 tap = (KS - 1 - dy) * KS + (KS - 1 - dx) if FLIP else dy * KS + dx
                 wv = tl.load(WT + offs_c * (KS * KS) + tap, mask=mask_c, other=0.0)
                 acc += xv * wv.to(tl.float32)[None, :]
         if HAS_BIAS:
             acc += tl.load(B + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
         if RESIDUAL:
-            xc = tl.load(X + b * x_sb + r * x_sh + offs_w[:, None] * x_sw + offs_c[None, :],
-                         mask=mask, other=0.0).to(tl.float32)
-            acc += _gelu(xc) if GELU_IN else xc
+            acc += tl.load(X + b * x_sb + r * x_sh + offs_w[:, None] * x_sw + offs_c[None, :],
+                           mask=mask, other=0.0).to(tl.float32)
         if GELU_GRAD:
             z = tl.load(Z + b * z_sb + r * z_sh + offs_w[:, None] * z_sw + offs_c[None, :],
                         mask=mask, other=0.0).to(tl.float32)
@@ -108,7 +103,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _dwconv_wgrad_kernel(X, GO, DW, DB, ROWS, H, W, C, x_sb, x_sh, x_sw, rows_per_prog,
-                             KS: tl.constexpr, TAPS: tl.constexpr, GELU_IN: tl.constexpr,
+                             KS: tl.constexpr, TAPS: tl.constexpr,
                              BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
         """Grid ``(programs, cdiv(c, BLOCK_C))``: partial weight and bias gradients of ``rows_per_prog``
         token rows, written to ``DW[program]`` ``(KS*KS, c)`` and ``DB[program]`` ``(c,)`` (float32).
@@ -139,8 +134,6 @@ if HAS_TRITON:
                         m = (row_ok & (ss >= 0) & (ss < W))[:, None] & mask_c[None, :]
                         xv = tl.load(X + b * x_sb + rr * x_sh + ss[:, None] * x_sw + offs_c[None, :],
                                      mask=m, other=0.0).to(tl.float32)
-                        if GELU_IN:
-                            xv = _gelu(xv)
                         part = tl.sum(xv * go, 0)
                         acc += tl.where(taps[:, None] == dy * KS + dx, part[None, :], 0.0)
         base = pid.to(tl.int64) * (KS * KS) * C
@@ -155,14 +148,20 @@ def _blocks(w: int, c: int) -> Tuple[int, int]:
 
 def _forward(launch, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
              residual: bool, gelu: bool) -> torch.Tensor:
-    """``[g +] dwconv(g) + bias`` (``g = gelu(x)`` or ``x``); ``x`` ``(b, h, w, c)`` with unit channel stride."""
+    """``[g +] dwconv(g) + bias`` (``g = gelu(x)`` or ``x``); ``x`` ``(b, h, w, c)`` with unit channel stride.
+
+    GELU is one element-wise pass before the kernel: inside it, each input would be evaluated once
+    per tap (9x the erf work).
+    """
+    if gelu:
+        x = F.gelu(x)
     b, h, w, c = x.shape
     y = torch.empty((b, h, w, c), dtype=x.dtype, device=x.device)
     block_w, block_c = _blocks(w, c)
     launch(_dwconv_nhwc_kernel)[(b * h, triton.cdiv(w, block_w), triton.cdiv(c, block_c))](
         x, weight, bias if bias is not None else weight, x, y, h, w, c,
         x.stride(0), x.stride(1), x.stride(2), 0, 0, 0,
-        KS=weight.shape[-1], FLIP=False, HAS_BIAS=bias is not None, GELU_IN=gelu, RESIDUAL=residual,
+        KS=weight.shape[-1], FLIP=False, HAS_BIAS=bias is not None, RESIDUAL=residual,
         GELU_GRAD=False, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=4)
     return y
 
@@ -181,17 +180,18 @@ def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
         launch(_dwconv_nhwc_kernel)[(b * h, triton.cdiv(w, block_w), triton.cdiv(c, block_c))](
             grad, weight, weight, x, gx, h, w, c, grad.stride(0), grad.stride(1), grad.stride(2),
             x.stride(0), x.stride(1), x.stride(2),
-            KS=ks, FLIP=True, HAS_BIAS=False, GELU_IN=False, RESIDUAL=residual, GELU_GRAD=gelu,
+            KS=ks, FLIP=True, HAS_BIAS=False, RESIDUAL=residual, GELU_GRAD=gelu,
             BLOCK_W=block_w, BLOCK_C=block_c, num_warps=4)
     if need_weight:
+        g = F.gelu(x) if gelu else x     # recomputed: only the pre-activation was kept
         rows, c_blocks = b * h, triton.cdiv(c, block_c)
         per_prog = triton.cdiv(rows, max(1, min(rows, 1024 // c_blocks)))
         progs = triton.cdiv(rows, per_prog)
         dw = torch.empty((progs, ks * ks, c), dtype=torch.float32, device=x.device)
         db = torch.empty((progs, c), dtype=torch.float32, device=x.device)
         launch(_dwconv_wgrad_kernel)[(progs, c_blocks)](
-            x, grad, dw, db, rows, h, w, c, x.stride(0), x.stride(1), x.stride(2), per_prog,
-            KS=ks, TAPS=triton.next_power_of_2(ks * ks), GELU_IN=gelu,
+            g, grad, dw, db, rows, h, w, c, g.stride(0), g.stride(1), g.stride(2), per_prog,
+            KS=ks, TAPS=triton.next_power_of_2(ks * ks),
             BLOCK_W=block_w, BLOCK_C=block_c, num_warps=4)
         gw = dw.sum(0).t().reshape(c, 1, ks, ks)
         gb = db.sum(0)
@@ -279,7 +279,8 @@ def dwconv_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     ``fused`` allows the Triton kernels (forward and backward; on CUDA, or on CPU under
     ``TRITON_INTERPRET=1``); otherwise, or when they do not apply, :func:`dwconv_nhwc_reference` runs.
     """
-    if fused and triton_dwconv_supported(x, weight):
+    training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if fused and triton_dwconv_supported(x, weight) and (TRAINING_KERNELS or not training):
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         return dwconv_nhwc_triton(x, weight, bias, residual, gelu)
