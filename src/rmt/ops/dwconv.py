@@ -14,8 +14,7 @@ come from cache) and write the result once:
   or ``g = x``;
 * input gradient: the same kernel on ``dy`` with the kernel flipped, plus ``dy`` for the residual,
   times ``gelu'(x)``;
-* weight and bias gradients: per-program partial sums (over ``g``, recomputed), added up by one
-  reduction.
+* weight and bias gradients: cuDNN's reduction kernels on ``g`` (recomputed from ``x``).
 
 Only ``x`` is kept for the backward pass, so the FFN stores its hidden activation once instead of
 three times. :func:`dwconv_nhwc_reference` (``F.gelu`` + ``F.conv2d``) is the oracle and the path
@@ -101,46 +100,6 @@ if HAS_TRITON:
         tl.store(Y + ((b * H + r) * W + offs_w[:, None]) * C + offs_c[None, :],
                  acc.to(Y.dtype.element_ty), mask=mask)
 
-    @triton.jit
-    def _dwconv_wgrad_kernel(X, GO, DW, DB, ROWS, H, W, C, x_sb, x_sh, x_sw, rows_per_prog,
-                             KS: tl.constexpr, TAPS: tl.constexpr,
-                             BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Grid ``(programs, cdiv(c, BLOCK_C))``: partial weight and bias gradients of ``rows_per_prog``
-        token rows, written to ``DW[program]`` ``(KS*KS, c)`` and ``DB[program]`` ``(c,)`` (float32).
-        ``GO`` is the contiguous output gradient.
-        """
-        pid = tl.program_id(0)
-        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < C
-        taps = tl.arange(0, TAPS)
-        acc = tl.zeros([TAPS, BLOCK_C], tl.float32)
-        acc_b = tl.zeros([BLOCK_C], tl.float32)
-        for i in range(rows_per_prog):
-            row = pid * rows_per_prog + i
-            b = (row // H).to(tl.int64)
-            r = row % H
-            row_valid = row < ROWS
-            for w0 in range(0, W, BLOCK_W):
-                offs_w = w0 + tl.arange(0, BLOCK_W)
-                mask = (row_valid & (offs_w < W))[:, None] & mask_c[None, :]
-                go = tl.load(GO + ((b * H + r) * W + offs_w[:, None]) * C + offs_c[None, :],
-                             mask=mask, other=0.0).to(tl.float32)
-                acc_b += tl.sum(go, 0)
-                for dy in tl.static_range(KS):
-                    rr = r + dy - KS // 2
-                    row_ok = row_valid & (rr >= 0) & (rr < H)
-                    for dx in tl.static_range(KS):
-                        ss = offs_w + dx - KS // 2
-                        m = (row_ok & (ss >= 0) & (ss < W))[:, None] & mask_c[None, :]
-                        xv = tl.load(X + b * x_sb + rr * x_sh + ss[:, None] * x_sw + offs_c[None, :],
-                                     mask=m, other=0.0).to(tl.float32)
-                        part = tl.sum(xv * go, 0)
-                        acc += tl.where(taps[:, None] == dy * KS + dx, part[None, :], 0.0)
-        base = pid.to(tl.int64) * (KS * KS) * C
-        tl.store(DW + base + taps[:, None] * C + offs_c[None, :], acc,
-                 mask=(taps < KS * KS)[:, None] & mask_c[None, :])
-        tl.store(DB + pid.to(tl.int64) * C + offs_c, acc_b, mask=mask_c)
-
 
 def _blocks(w: int, c: int) -> Tuple[int, int]:
     return min(32, triton.next_power_of_2(w)), min(64, triton.next_power_of_2(c))
@@ -169,7 +128,7 @@ def _forward(launch, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, residual: bool,
               gelu: bool, need_input: bool, need_weight: bool
               ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Gradients of ``x`` (its dtype), of ``weight`` ``(c, 1, k, k)`` and of the bias ``(c,)`` (float32)."""
+    """Gradients of ``x`` (its dtype), of ``weight`` ``(c, 1, k, k)`` and of the bias ``(c,)`` (dtype of ``x``)."""
     b, h, w, c = x.shape
     ks = weight.shape[-1]
     grad = grad.contiguous()
@@ -183,18 +142,12 @@ def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
             KS=ks, FLIP=True, HAS_BIAS=False, RESIDUAL=residual, GELU_GRAD=gelu,
             BLOCK_W=block_w, BLOCK_C=block_c, num_warps=4)
     if need_weight:
-        g = F.gelu(x) if gelu else x     # recomputed: only the pre-activation was kept
-        rows, c_blocks = b * h, triton.cdiv(c, block_c)
-        per_prog = triton.cdiv(rows, max(1, min(rows, 1024 // c_blocks)))
-        progs = triton.cdiv(rows, per_prog)
-        dw = torch.empty((progs, ks * ks, c), dtype=torch.float32, device=x.device)
-        db = torch.empty((progs, c), dtype=torch.float32, device=x.device)
-        launch(_dwconv_wgrad_kernel)[(progs, c_blocks)](
-            g, grad, dw, db, rows, h, w, c, g.stride(0), g.stride(1), g.stride(2), per_prog,
-            KS=ks, TAPS=triton.next_power_of_2(ks * ks),
-            BLOCK_W=block_w, BLOCK_C=block_c, num_warps=4)
-        gw = dw.sum(0).t().reshape(c, 1, ks, ks)
-        gb = db.sum(0)
+        # cuDNN's weight-gradient kernel (a reduction over batch and space) on NCHW views of the
+        # channels-last tensors; the input is recomputed when only the pre-activation was kept
+        g = F.gelu(x) if gelu else x
+        _, gw, gb = torch.ops.aten.convolution_backward(
+            grad.permute(0, 3, 1, 2), g.permute(0, 3, 1, 2), weight.to(g.dtype), [c], [1, 1],
+            [ks // 2, ks // 2], [1, 1], False, [0, 0], c, [False, True, True])
     return gx, gw, gb
 
 
