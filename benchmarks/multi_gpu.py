@@ -52,10 +52,15 @@ def main() -> int:
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fsdp", action="store_true")
+    p.add_argument("--dwconv-cudnn", action="store_true",
+                   help="train the depthwise convs through cuDNN instead of the fused Triton kernels")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run")
     p.add_argument("--out", default=os.environ.get("OUT", "benchmark-output"))
     args = p.parse_args()
 
+    if args.dwconv_cudnn:
+        from rmt.ops import dwconv
+        dwconv.TRAINING_KERNELS = False
     info = setup_distributed(args.device)
     options = dict(dataset="fashion-mnist", data=args.data, model=args.model, input_size=args.input_size,
                    pipeline="tensor", aa="none", mixup=0.0, cutmix=0.0, reprob=0.0, aug_repeats=0,
