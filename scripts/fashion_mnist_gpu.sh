@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Full Fashion-MNIST schedule on one GPU (configs/fashion_mnist_gpu.yaml, about 5 minutes on an
-# H100): trains rmt_tiny from scratch, evaluates the EMA weights on the 10,000 test images, prints
+# Full Fashion-MNIST schedule on one GPU (configs/fashion_mnist_gpu.yaml, about 7 minutes):
+# trains rmt_tiny from scratch, evaluates the EMA weights on the 10,000 test images, prints
 # a table and writes runs/NAME/benchmark.json. Extra arguments go to `rmt train`.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
