@@ -136,7 +136,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+        # no cudnn.benchmark: the mask head sees a different number of ROIs every training step,
+        # and cuDNN would search algorithms again for each new shape
     kwargs = json.loads(args.backbone_kwargs) if args.backbone_kwargs else None
     rows = []
     for name in args.models:
