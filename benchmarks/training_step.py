@@ -34,6 +34,7 @@ import timm  # noqa: E402
 import rmt  # noqa: E402,F401
 from rmt.ops import dwconv  # noqa: E402
 from rmt.benchmark import environment, save_rows  # noqa: E402
+from rmt.profiling import profile_model  # noqa: E402
 
 
 def _make(name: str, device: torch.device) -> torch.nn.Module:
@@ -102,34 +103,6 @@ def measure(name: str, mode: str, batch: int, device: torch.device, warmup: int,
     return row
 
 
-def profile_step(name: str, batch: int, device: torch.device, rows: int = 20) -> str:
-    """Kernels by GPU time and operators by CPU time in one eager training step; kernel launches."""
-    from torch.profiler import ProfilerActivity, profile
-    model = _make(name, device)
-    x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (batch,), device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    events = prof.key_averages()
-    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx",
-                                                        "cudaLaunchKernelExC"))
-    return (f"== {name}: one eager training step, batch {batch}: {launches} kernel launches ==\n"
-            + events.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60)
-            + "\n" + events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="rmt_small,swin_tiny_patch4_window7_224")
@@ -153,7 +126,8 @@ def main() -> int:
             print(f"{name:<30} {mode:<9} {r['batch']:>5} {r['img_per_s'] or '-':>8} {r['peak_gib'] or '-':>8} "
                   f"{r['setup_s'] or '-':>7}  {r['note']}", flush=True)
     if args.profile:
-        print(profile_step(args.profile, args.batch, device))
+        print(profile_model(args.profile, device, train_batch=args.batch, phases=("training step",),
+                            sort_by=("self_cuda_time_total", "self_cpu_time_total")))
     if args.json:
         save_rows(args.json, environment(device), vars(args), rows)
     return 0
