@@ -86,3 +86,48 @@ def test_custom_op_used_by_compile_matches_eager_function():
     for a, b in zip(torch.autograd.grad(via_op, (wide, weight, bias), g),
                     torch.autograd.grad(via_fn, (wide, weight, bias), g)):
         assert torch.equal(a, b)
+
+
+def _saved_bytes(fn):
+    """Bytes of distinct storages autograd keeps while running ``fn`` (parameters excluded)."""
+    seen = {}
+
+    def pack(t):
+        if not (t.is_leaf and t.requires_grad):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+@needs_triton
+def test_ffn_tail_recomputes_the_depthwise_output_and_matches_reference():
+    from rmt.ops.ffn import ffn_tail
+    b, h, w, hidden, dim = 2, 5, 7, 24, 8
+    a = torch.randn(b, h, w, hidden, device=DEVICE, requires_grad=True)
+    dw_w = torch.randn(hidden, 1, 3, 3, device=DEVICE, requires_grad=True)
+    dw_b = torch.randn(hidden, device=DEVICE, requires_grad=True)
+    fc_w = torch.randn(dim, hidden, device=DEVICE, requires_grad=True)
+    fc_b = torch.randn(dim, device=DEVICE, requires_grad=True)
+    args = (a, dw_w, dw_b, fc_w, fc_b)
+    want, want_saved = _saved_bytes(lambda: ffn_tail(*args, False))
+    got, got_saved = _saved_bytes(lambda: ffn_tail(*args, True))
+    assert rel_err(got, want) <= 1e-6
+    assert got_saved <= want_saved - a.numel() * a.element_size()   # the (b, h, w, hidden) output is not kept
+    g = torch.randn_like(want)
+    for name, x, e in zip(("a", "dw weight", "dw bias", "fc weight", "fc bias"),
+                          torch.autograd.grad(got, args, g), torch.autograd.grad(want, args, g)):
+        assert rel_err(x, e) <= 1e-5, name
+
+
+def test_mlp_calls_fc2_module_when_it_has_hooks():
+    from rmt.model import Mlp
+    mlp = Mlp(8, 24)
+    x = torch.randn(1, 4, 4, 8)
+    calls = []
+    mlp.fc2.register_forward_hook(lambda *_: calls.append(1))
+    want = mlp(x)
+    assert calls == [1]
+    ref = mlp.fc2(dwconv_nhwc_reference(mlp.fc1(x), mlp.dwconv.weight, mlp.dwconv.bias, True, True))
+    assert torch.allclose(want, ref, atol=1e-6)

@@ -21,7 +21,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from .norm import LayerNorm, layer_norm_autocast  # noqa: F401  (re-exported)
 from .ops.dwconv import dwconv_nhwc
+from .ops.ffn import ffn_tail
 from .ops.masa import FORMS, IMPLS, masa
 from .ops.masa.positions import cached_stage_positions, stage_positions
 
@@ -54,6 +56,7 @@ register_notrace_function(stage_positions)
 register_notrace_function(cached_stage_positions)
 register_notrace_function(masa)
 register_notrace_function(dwconv_nhwc)
+register_notrace_function(ffn_tail)
 
 
 def fused_dwconv(impl: str, x: torch.Tensor) -> bool:
@@ -76,34 +79,6 @@ def _normalize_forms(forms: FormSpec, num_stages: int) -> Tuple[str, ...]:
     if len(forms) != num_stages or any(f not in FORMS for f in forms):
         raise ValueError(f"expected {num_stages} attention forms from {FORMS}, got {forms!r}")
     return forms
-
-
-@torch.jit.ignore
-def layer_norm_autocast(x: torch.Tensor, normalized_shape: List[int], weight: torch.Tensor,
-                        bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm that, under autocast, normalises in float32 but returns the autocast dtype.
-
-    Plain autocast runs LayerNorm in float32 and returns float32, which the next Linear casts back
-    to bf16/fp16: two extra passes over the activations. Outside autocast it is ``F.layer_norm``.
-    """
-    device = x.device.type
-    if device not in ("cuda", "cpu", "xpu", "mps") or not torch.is_autocast_enabled(device):
-        return F.layer_norm(x, normalized_shape, weight, bias, eps)
-    dtype = torch.get_autocast_dtype(device)
-    with torch.autocast(device, enabled=False):
-        return F.layer_norm(x.to(dtype), normalized_shape, weight.to(dtype), bias.to(dtype), eps)
-
-
-register_notrace_function(layer_norm_autocast)
-
-
-class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` returning the autocast dtype under autocast (see :func:`layer_norm_autocast`)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return layer_norm_autocast(x, list(self.normalized_shape), self.weight, self.bias, self.eps)
 
 
 class Stem(nn.Sequential):
@@ -189,10 +164,19 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # GELU is applied inside dwconv_nhwc (fused into the Triton kernels on CUDA)
         u = self.fc1(x)
-        u = dwconv_nhwc(u, self.dwconv.weight, self.dwconv.bias, True, fused_dwconv(self.impl, u), True)
+        fused = fused_dwconv(self.impl, u)
+        if not torch.jit.is_scripting() and self._plain_fc2():
+            # GELU, depthwise conv and fc2 in one op that keeps only fc1's output for backward
+            return ffn_tail(u, self.dwconv.weight, self.dwconv.bias, self.fc2.weight, self.fc2.bias, fused)
+        u = dwconv_nhwc(u, self.dwconv.weight, self.dwconv.bias, True, fused, True)
         return self.fc2(u)
+
+    @torch.jit.ignore
+    def _plain_fc2(self) -> bool:
+        """fc2 is a hook-free ``nn.Linear``, so calling its function directly changes nothing."""
+        fc2 = self.fc2
+        return type(fc2) is nn.Linear and not (fc2._forward_hooks or fc2._forward_pre_hooks)
 
 
 class RMTBlock(nn.Module):

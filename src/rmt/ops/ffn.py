@@ -1,0 +1,63 @@
+"""The FFN tail of an RMT block, ``fc2(g + dwconv(g) + b)`` with ``g = gelu(a)``, keeping only ``a``.
+
+The FFN's hidden activations are the largest tensors a block keeps for the backward pass (three
+times the block width each). Plain autograd keeps two of them here: ``a`` (for GELU's derivative
+and the depthwise weight gradient) and the depthwise output ``u`` (for fc2's weight gradient).
+:class:`_DWConvLinear` keeps ``a`` alone and recomputes ``u`` in the backward pass with one fused
+depthwise-conv kernel, which costs one extra kernel per block and saves about a sixth of the
+activation memory of a training step.
+
+Used on the fused (Triton) path when gradients are needed, outside ``torch.compile`` (which plans
+memory itself); everywhere else :func:`ffn_tail` is the plain composition, which is also the oracle.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import dwconv
+from .dwconv import dwconv_nhwc, triton_dwconv_supported
+
+
+class _DWConvLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, dw_weight, dw_bias, weight, bias):
+        u = dwconv._forward(dwconv._direct, a, dw_weight, dw_bias, True, True)
+        ctx.save_for_backward(a, dw_weight, dw_bias, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(u, weight.to(u.dtype), bias.to(u.dtype) if bias is not None else None)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, dw_weight, dw_bias, weight = ctx.saved_tensors
+        u = dwconv._forward(dwconv._direct, a, dw_weight, dw_bias, True, True)  # recomputed
+        grad = grad.contiguous()
+        flat_grad = grad.reshape(-1, grad.shape[-1])
+        grad_w = flat_grad.t().mm(u.reshape(-1, u.shape[-1])).to(weight.dtype)
+        grad_b = flat_grad.sum(0).to(weight.dtype) if ctx.has_bias else None
+        grad_u = grad.matmul(weight.to(grad.dtype))
+        need_dw = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        grad_a, grad_dw, grad_db = dwconv._backward(dwconv._direct, grad_u, a, dw_weight, True, True,
+                                                    ctx.needs_input_grad[0], need_dw)
+        if grad_dw is not None:
+            grad_dw = grad_dw.to(dw_weight.dtype)
+            grad_db = grad_db.to(dw_weight.dtype) if dw_bias is not None else None
+        return grad_a, grad_dw, grad_db, grad_w, grad_b
+
+
+@torch.jit.ignore
+def ffn_tail(a: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torch.Tensor],
+             weight: torch.Tensor, bias: Optional[torch.Tensor], fused: bool) -> torch.Tensor:
+    """``linear(g + dwconv(g) + dw_bias, weight, bias)`` with ``g = gelu(a)``; ``a`` ``(b, h, w, hidden)``.
+
+    With ``fused`` (see :func:`rmt.ops.dwconv.dwconv_nhwc`) and gradients needed, only ``a`` is
+    kept for the backward pass; otherwise this is ``dwconv_nhwc`` followed by ``F.linear``.
+    """
+    training = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (a, dw_weight, dw_bias, weight, bias))
+    if (fused and training and dwconv.TRAINING_KERNELS and not torch.compiler.is_compiling()
+            and triton_dwconv_supported(a, dw_weight)):
+        if torch.is_autocast_enabled(a.device.type):
+            a = a.to(torch.get_autocast_dtype(a.device.type))
+        return _DWConvLinear.apply(a, dw_weight, dw_bias, weight, bias)
+    return F.linear(dwconv_nhwc(a, dw_weight, dw_bias, True, fused, True), weight, bias)
