@@ -89,6 +89,29 @@ def _logits(q, k, rows_m, cols_m, rows_n, cols_n, decay, DOT_PRECISION: tl.const
 
 
 @triton.jit
+def _program(NH, DECAY):
+    """``(b, head, sequence id, decay)`` of this program: grid axis 1 is sequence * NH + head, axis 2 the image."""
+    pid_sn = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    head = pid_sn % NH
+    return b, head, pid_sn // NH, tl.load(DECAY + head)
+
+
+@triton.jit
+def _rotated_tokens(base, offs, seq_id, SEQ, W, s_h, s_w, SIN, COS, scale, BLOCK: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr):
+    """Tokens ``offs`` of one sequence of q or k, times ``scale``, rotated, in the input dtype.
+
+    Returns ``(tokens [BLOCK, BLOCK_D], rows, cols, mask)``.
+    """
+    mask = offs < SEQ
+    rows, cols = _coords(offs, seq_id, W, MODE)
+    x = _load_tokens(base, rows, cols, mask, s_h, s_w, HEAD_DIM, BLOCK_D)
+    x = _rotate(x.to(tl.float32) * scale, rows, cols, mask, W, SIN, COS, BLOCK, HEAD_DIM, BLOCK_D, False)
+    return x.to(base.dtype.element_ty), rows, cols, mask
+
+
+@triton.jit
 def masa_fwd_kernel(
         Q, K, V, O, ADD, LSE, SIN, COS, DECAY,
         q_sb, q_sh, q_sw, q_sn, k_sb, k_sh, k_sw, k_sn, v_sb, v_sh, v_sw, v_sn,
@@ -98,29 +121,22 @@ def masa_fwd_kernel(
         HAS_ADD: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid ``(cdiv(SEQ, BLOCK_M), sequences * NH, b)``; writes ``O = softmax(..) V (+ ADD)`` and LSE."""
     pid_m = tl.program_id(0)
-    pid_sn = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    head = pid_sn % NH
-    seq_id = pid_sn // NH
-    decay = tl.load(DECAY + head)
+    b, head, seq_id, decay = _program(NH, DECAY)
     dtype = Q.dtype.element_ty
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < SEQ
-    rows_m, cols_m = _coords(offs_m, seq_id, W, MODE)
-    q = _load_tokens(Q + b * q_sb + head * q_sn, rows_m, cols_m, mask_m, q_sh, q_sw, HEAD_DIM, BLOCK_D)
-    q = _rotate(q.to(tl.float32), rows_m, cols_m, mask_m, W, SIN, COS, BLOCK_M, HEAD_DIM, BLOCK_D, False).to(dtype)
+    q, rows_m, cols_m, mask_m = _rotated_tokens(
+        Q + b * q_sb + head * q_sn, offs_m, seq_id, SEQ, W, q_sh, q_sw,
+        SIN, COS, 1.0, BLOCK_M, HEAD_DIM, BLOCK_D, MODE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, SEQ, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < SEQ
-        rows_n, cols_n = _coords(offs_n, seq_id, W, MODE)
-        k = _load_tokens(K + b * k_sb + head * k_sn, rows_n, cols_n, mask_n, k_sh, k_sw, HEAD_DIM, BLOCK_D)
-        k = _rotate(k.to(tl.float32) * scale, rows_n, cols_n, mask_n, W, SIN, COS, BLOCK_N, HEAD_DIM,
-                    BLOCK_D, False).to(dtype)
+        k, rows_n, cols_n, mask_n = _rotated_tokens(
+            K + b * k_sb + head * k_sn, offs_n, seq_id, SEQ, W, k_sh, k_sw,
+            SIN, COS, scale, BLOCK_N, HEAD_DIM, BLOCK_D, MODE)
         v = _load_tokens(V + b * v_sb + head * v_sn, rows_n, cols_n, mask_n, v_sh, v_sw, HEAD_DIM, BLOCK_D)
         s = _logits(q, k, rows_m, cols_m, rows_n, cols_n, decay, DOT_PRECISION)
         s = tl.where(mask_n[None, :], s, float("-inf"))
@@ -154,28 +170,21 @@ def masa_bwd_dkdv_kernel(
     ``DO``, ``DK``, ``DV`` share the contiguous ``(b, h, w, n, d)`` strides ``g_*``.
     """
     pid_n = tl.program_id(0)
-    pid_sn = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    head = pid_sn % NH
-    seq_id = pid_sn // NH
-    decay = tl.load(DECAY + head)
+    b, head, seq_id, decay = _program(NH, DECAY)
     dtype = Q.dtype.element_ty
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < SEQ
-    rows_n, cols_n = _coords(offs_n, seq_id, W, MODE)
-    k = _load_tokens(K + b * k_sb + head * k_sn, rows_n, cols_n, mask_n, k_sh, k_sw, HEAD_DIM, BLOCK_D)
-    k = _rotate(k.to(tl.float32) * scale, rows_n, cols_n, mask_n, W, SIN, COS, BLOCK_N, HEAD_DIM, BLOCK_D,
-                False).to(dtype)
+    k, rows_n, cols_n, mask_n = _rotated_tokens(
+        K + b * k_sb + head * k_sn, offs_n, seq_id, SEQ, W, k_sh, k_sw,
+        SIN, COS, scale, BLOCK_N, HEAD_DIM, BLOCK_D, MODE)
     v = _load_tokens(V + b * v_sb + head * v_sn, rows_n, cols_n, mask_n, v_sh, v_sw, HEAD_DIM, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start_m in range(0, SEQ, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < SEQ
-        rows_m, cols_m = _coords(offs_m, seq_id, W, MODE)
-        q = _load_tokens(Q + b * q_sb + head * q_sn, rows_m, cols_m, mask_m, q_sh, q_sw, HEAD_DIM, BLOCK_D)
-        q = _rotate(q.to(tl.float32), rows_m, cols_m, mask_m, W, SIN, COS, BLOCK_M, HEAD_DIM, BLOCK_D, False).to(dtype)
+        q, rows_m, cols_m, mask_m = _rotated_tokens(
+            Q + b * q_sb + head * q_sn, offs_m, seq_id, SEQ, W, q_sh, q_sw,
+            SIN, COS, 1.0, BLOCK_M, HEAD_DIM, BLOCK_D, MODE)
         do = _load_tokens(DO + b * g_sb + head * g_sn, rows_m, cols_m, mask_m, g_sh, g_sw, HEAD_DIM, BLOCK_D)
         tok = (b * TOKENS + rows_m * W + cols_m) * NH + head
         lse = tl.load(LSE + tok, mask=mask_m, other=0.0)
@@ -207,18 +216,13 @@ def masa_bwd_dq_kernel(
     which therefore runs after this one. ``O``, ``DO`` and ``DQ`` share the strides ``g_*``.
     """
     pid_m = tl.program_id(0)
-    pid_sn = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    head = pid_sn % NH
-    seq_id = pid_sn // NH
-    decay = tl.load(DECAY + head)
+    b, head, seq_id, decay = _program(NH, DECAY)
     dtype = Q.dtype.element_ty
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < SEQ
-    rows_m, cols_m = _coords(offs_m, seq_id, W, MODE)
-    q = _load_tokens(Q + b * q_sb + head * q_sn, rows_m, cols_m, mask_m, q_sh, q_sw, HEAD_DIM, BLOCK_D)
-    q = _rotate(q.to(tl.float32), rows_m, cols_m, mask_m, W, SIN, COS, BLOCK_M, HEAD_DIM, BLOCK_D, False).to(dtype)
+    q, rows_m, cols_m, mask_m = _rotated_tokens(
+        Q + b * q_sb + head * q_sn, offs_m, seq_id, SEQ, W, q_sh, q_sw,
+        SIN, COS, 1.0, BLOCK_M, HEAD_DIM, BLOCK_D, MODE)
     do = _load_tokens(DO + b * g_sb + head * g_sn, rows_m, cols_m, mask_m, g_sh, g_sw, HEAD_DIM, BLOCK_D)
     o = _load_tokens(O + b * g_sb + head * g_sn, rows_m, cols_m, mask_m, g_sh, g_sw, HEAD_DIM, BLOCK_D)
     tok = (b * TOKENS + rows_m * W + cols_m) * NH + head
@@ -228,11 +232,9 @@ def masa_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, SEQ, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < SEQ
-        rows_n, cols_n = _coords(offs_n, seq_id, W, MODE)
-        k = _load_tokens(K + b * k_sb + head * k_sn, rows_n, cols_n, mask_n, k_sh, k_sw, HEAD_DIM, BLOCK_D)
-        k = _rotate(k.to(tl.float32) * scale, rows_n, cols_n, mask_n, W, SIN, COS, BLOCK_N, HEAD_DIM,
-                    BLOCK_D, False).to(dtype)
+        k, rows_n, cols_n, mask_n = _rotated_tokens(
+            K + b * k_sb + head * k_sn, offs_n, seq_id, SEQ, W, k_sh, k_sw,
+            SIN, COS, scale, BLOCK_N, HEAD_DIM, BLOCK_D, MODE)
         v = _load_tokens(V + b * v_sb + head * v_sn, rows_n, cols_n, mask_n, v_sh, v_sw, HEAD_DIM, BLOCK_D)
         s = _logits(q, k, rows_m, cols_m, rows_n, cols_n, decay, DOT_PRECISION)
         p = tl.exp(s - lse[:, None])
