@@ -25,7 +25,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout too
 
-from rmt.benchmark import _timed, environment, save_rows  # noqa: E402  (median of CUDA-event timings)
+from rmt.benchmark import time_step, environment, save_rows  # noqa: E402  (median of CUDA-event timings)
 from rmt.detection.models import build_detector  # noqa: E402
 
 
@@ -87,7 +87,7 @@ def bench_one(model_name: str, detector: str, device: torch.device, height: int,
             "T" if f == "decomposed" else "F" for f in model.backbone.rmt.attention_forms))
     _reset_peak(device)
     model.train()
-    train_s = _timed(train_step, device, warmup, steps)
+    train_s = time_step(train_step, device, warmup, steps)
     row.update(train_img_s=round(batch / train_s, 2), train_ms=round(1000 * train_s, 1),
                train_peak_mib=_peak_mib(device))
 
@@ -95,7 +95,7 @@ def bench_one(model_name: str, detector: str, device: torch.device, height: int,
     _reset_peak(device)
     model.eval()
     with torch.inference_mode(), autocast:
-        infer_s = _timed(lambda: model(images), device, warmup, steps)
+        infer_s = time_step(lambda: model(images), device, warmup, steps)
         detections = sum(len(o["boxes"]) for o in model(images)) / batch
     row.update(infer_img_s=round(batch / infer_s, 2), infer_ms=round(1000 * infer_s, 1),
                infer_peak_mib=_peak_mib(device), detections_per_img=round(detections, 1))

@@ -1,10 +1,10 @@
-"""Training-step throughput of one model in three execution modes, and where the CPU time goes.
+"""Training-step throughput of one model in several execution modes, and where the CPU time goes.
 
     python benchmarks/training_step.py --models rmt_small,swin_tiny_patch4_window7_224 \
         --modes eager,eager-cudnn,graphed,compiled --batch 128 --profile rmt_small --json OUT/train_modes.json
 
 One step is forward (bf16 autocast), cross-entropy, backward and a fused AdamW update, on a fixed
-channels-last batch at 224x224, as in ``rmt benchmark``. Modes:
+channels-last batch at 224x224, timed as in ``rmt benchmark`` (median of CUDA-event timings). Modes:
 
 * ``eager``    - plain PyTorch (the fast MaSA path for RMT models);
 * ``graphed``  - the same eager step captured once in a CUDA graph and replayed (no kernel-launch
@@ -22,7 +22,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
@@ -33,23 +33,12 @@ import timm  # noqa: E402
 
 import rmt  # noqa: E402,F401
 from rmt.ops import dwconv  # noqa: E402
-from rmt.benchmark import environment, save_rows  # noqa: E402
+from rmt.benchmark import environment, save_rows, time_step  # noqa: E402
 from rmt.profiling import profile_model  # noqa: E402
 
 
 def _make(name: str, device: torch.device) -> torch.nn.Module:
     return timm.create_model(name).to(device=device, memory_format=torch.channels_last).train()
-
-
-def _timed(step: Callable[[], None], warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(iters):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / iters
 
 
 def measure(name: str, mode: str, batch: int, device: torch.device, warmup: int, iters: int) -> Dict:
@@ -92,7 +81,7 @@ def measure(name: str, mode: str, batch: int, device: torch.device, warmup: int,
             step()  # compile / autotune / allocate optimizer state
         torch.cuda.synchronize()
         row["setup_s"] = round(time.perf_counter() - t0, 1)
-        sec = _timed(step, warmup, iters)
+        sec = time_step(step, device, warmup, iters)
         row["img_per_s"] = round(batch / sec, 1)
         row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     except Exception as e:  # keep the table going

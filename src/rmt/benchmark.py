@@ -63,7 +63,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
+def time_step(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
     """Seconds per step (median of per-step timings on GPU, mean wall time on CPU)."""
     for _ in range(warmup):
         step()
@@ -116,7 +116,7 @@ def measure(name: str, impl: Optional[str], mode: str, size: int, batch: int, de
             step()  # allocate optimizer state before resetting the peak
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        sec = _timed(step, device, warmup, iters)
+        sec = time_step(step, device, warmup, iters)
         res.img_per_s = batch / sec
         if device.type == "cuda":
             res.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .engine.metrics_log import save_figure
 from .model import RMT, stage_positions
 from .ops.masa import masa
 
@@ -216,17 +217,6 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:
-    """Save a figure atomically (temporary file, then rename) and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    _pyplot().close(fig)
-    tmp.replace(path)
-    return path
-
-
 def plot_decay_patterns(patterns: List[Dict[str, Any]], path: str | Path, title: str = "",
                         log_scale: bool = False) -> Path:
     """One row per (stage, form), one panel per head; the query token is marked."""
@@ -253,7 +243,7 @@ def plot_decay_patterns(patterns: List[Dict[str, Any]], path: str | Path, title:
         ax_row[0].set_ylabel(f"stage {p['stage']}\n{p['form']}\n{h}x{w}", fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _overlay(ax, picture: np.ndarray, heat: np.ndarray, stride: int, alpha: float = 0.55) -> None:
@@ -300,7 +290,7 @@ def plot_attention(picture: np.ndarray, maps: Dict[str, Any], path: str | Path,
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_cam(picture: np.ndarray, cam: np.ndarray, path: str | Path, title: str = "") -> Path:
@@ -315,4 +305,4 @@ def plot_cam(picture: np.ndarray, cam: np.ndarray, path: str | Path, title: str 
     axes[1].set_title("class activation map", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..engine.distributed import all_reduce_sum
+from ..engine.metrics_log import save_figure
 
 
 def autocast_context(device: torch.device, amp_dtype: Optional[torch.dtype]):
@@ -102,10 +103,7 @@ def plot_confusion(matrix: torch.Tensor, class_names: Sequence[str], path: str |
     ax.set_ylabel("true")
     ax.set_title(title)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def run_eval(args) -> int:

@@ -67,10 +67,19 @@ def plot_curves(log_path: str | Path, out_png: str | Path, groups: Dict[str, Ite
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out_png = Path(out_png)
-    fig.savefig(out_png, dpi=110)
+    return save_figure(fig, out_png)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Save a matplotlib figure atomically (temporary file, then rename) at 110 dpi and close it."""
+    import matplotlib.pyplot as plt
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    return out_png
+    tmp.replace(path)
+    return path
 
 
 def _jsonable(x: Any) -> Any:

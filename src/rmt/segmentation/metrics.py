@@ -11,6 +11,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
+from ..engine.metrics_log import save_figure
 from .data import IGNORE_INDEX
 
 
@@ -81,7 +82,4 @@ def plot_per_class(result: Dict[str, Any], out_png: str | Path, title: str = "")
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    out_png = Path(out_png)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
