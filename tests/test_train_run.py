@@ -238,3 +238,29 @@ def test_eval_of_a_released_layout_checkpoint(tmp_path, capsys):
     assert result["top1"] == pytest.approx(expected)
     assert cli_main(["eval", str(tmp_path / "released.pth")]) == 1
     assert "needs --data" in capsys.readouterr().err
+
+
+def test_cuda_graph_option_names_what_it_needs(tmp_path):
+    data = write_fashion_mnist_like(tmp_path / "data", n_train=32)
+    with pytest.raises(ValueError, match="--cuda-graph needs a CUDA device.*--accum-steps 1"):
+        train(tiny_options(tmp_path, data, epochs=1, cuda_graph=True, accum_steps=2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_training_follows_the_eager_run(tmp_path):
+    """Same seed and data: the replayed graph trains like eager steps (losses and weights close)."""
+    data = write_fashion_mnist_like(tmp_path / "data", n_train=128)
+    runs = {}
+    for graph in (False, True):
+        opts = tiny_options(tmp_path, data, epochs=2, device="cuda", amp="bf16", pipeline="tensor", clip_grad=1.0,
+                            model_ema=True, drop_path=0.0, cuda_graph=graph, name=f"graph{int(graph)}")
+        summary = train(opts)
+        runs[graph] = (read_jsonl(Path(summary["run_dir"]) / "log.jsonl"),
+                       load_checkpoint(Path(summary["run_dir"]) / "last.pth"))
+    losses = {g: [r["train_loss"] for r in log if r.get("event") == "train"] for g, (log, _) in runs.items()}
+    assert len(losses[True]) == len(losses[False]) == 16
+    assert max(abs(a - b) for a, b in zip(losses[True], losses[False])) < 0.05
+    eager, graphed = runs[False][1]["model"], runs[True][1]["model"]
+    worst = max(((graphed[k].float() - v.float()).norm() / v.float().norm().clamp_min(1e-6)).item()
+                for k, v in eager.items() if v.is_floating_point() and v.numel() > 16)
+    assert worst < 0.05

@@ -63,6 +63,25 @@ def shard_with_fsdp(model: torch.nn.Module) -> None:
     fully_shard(model)
 
 
+def check_cuda_graph_options(cfg: Dict[str, Any], info) -> None:
+    """Raise ValueError naming the option that a CUDA-graph training step cannot work with."""
+    problems = []
+    if info.device.type != "cuda":
+        problems.append("a CUDA device (this run is on " + info.device.type + ")")
+    if info.distributed:
+        problems.append("a single process (not torchrun)")
+    if cfg["accum_steps"] != 1:
+        problems.append("--accum-steps 1")
+    if cfg["amp"] == "fp16":
+        problems.append("--amp bf16 or none (fp16's loss scaler decides on the CPU)")
+    if cfg["compile"]:
+        problems.append("no --compile (use torch.compile's mode='reduce-overhead' for that)")
+    if cfg["opt"].lower() not in ("adam", "adamw"):
+        problems.append("--opt adamw (a capturable optimizer)")
+    if problems:
+        raise ValueError("--cuda-graph needs " + ", ".join(problems))
+
+
 class Trainer:
     def __init__(self, cfg: Dict[str, Any], info: DistInfo, run_dir: Path,
                  resumed: Optional[Dict[str, Any]] = None, t_begin: Optional[float] = None):
@@ -128,10 +147,14 @@ class Trainer:
         # one fused kernel for the whole AdamW update on CUDA (not for FSDP's sharded parameters)
         fused = dict(fused=True) if (dev.type == "cuda" and not cfg["fsdp"]
                                      and cfg["opt"].lower() in ("adam", "adamw")) else {}
+        if cfg["cuda_graph"]:
+            check_cuda_graph_options(cfg, info)
+            fused["capturable"] = True
         self.optimizer = create_optimizer_v2(model, opt=cfg["opt"], lr=cfg["lr"], weight_decay=cfg["weight_decay"],
                                              momentum=cfg["momentum"], eps=cfg["opt_eps"], **fused)
         self.scheduler = self._make_scheduler()
         self.scaler = torch.amp.GradScaler(dev.type) if self.amp_dtype == torch.float16 else None
+        self.graphed = None
         self.mixup = None
         if cfg["mixup"] > 0 or cfg["cutmix"] > 0:
             self.mixup = Mixup(mixup_alpha=cfg["mixup"], cutmix_alpha=cfg["cutmix"], prob=cfg["mixup_prob"],
@@ -140,6 +163,10 @@ class Trainer:
             self.loss_fn = SoftTargetCrossEntropy()
         else:  # the same loss as timm's LabelSmoothingCrossEntropy, in one fused kernel
             self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg["smoothing"])
+        if cfg["cuda_graph"]:
+            from ..engine.cuda_graph import GraphedTrainStep
+            self.graphed = GraphedTrainStep(self.forward_model, self.loss_fn, self.optimizer, self.amp_dtype,
+                                            cfg["clip_grad"])
 
         self.epoch, self.step_in_epoch, self.step, self.best_top1 = 0, 0, 0, -1.0
         self.completed_epochs = 0
@@ -159,6 +186,9 @@ class Trainer:
                       f"{info.world_size}: weights, optimizer and schedule continue, but the data split over "
                       "processes and the random streams differ from those of an uninterrupted run")
             self.scheduler.step_update(self.step)
+            if cfg["cuda_graph"]:  # the loaded param groups carry the saving run's options
+                for group in self.optimizer.param_groups:
+                    group["capturable"] = True
         # (step, time) where timing for --time-budget starts, after a few steps of warm-up
         self.calibration: Optional[Tuple[int, float]] = None
         self.calibration_steps = max(10, min(50, self.steps_per_epoch // 4))
@@ -251,17 +281,19 @@ class Trainer:
         return loss
 
     def _optimizer_step(self) -> None:
+        """Clip, step and zero the gradients (unless the CUDA graph did), then advance the schedule and EMA."""
         cfg = self.cfg
-        if cfg["clip_grad"]:
+        if self.graphed is None:
+            if cfg["clip_grad"]:
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["clip_grad"])
             if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["clip_grad"])
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.step_in_epoch += 1
         self.scheduler.step_update(self.step)
@@ -299,11 +331,14 @@ class Trainer:
                 images, labels = self.mixup(images, labels)
             micro += 1
             last_micro = micro % accum == 0
-            with self._sync_context(last_micro):
-                with autocast_context(dev, self.amp_dtype):
-                    loss = self.loss_fn(self.forward_model(images), labels)
-                scaled = loss / accum
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            if self.graphed is not None:  # forward, backward and optimizer in one replay
+                loss = self.graphed(images, labels)
+            else:
+                with self._sync_context(last_micro):
+                    with autocast_context(dev, self.amp_dtype):
+                        loss = self.loss_fn(self.forward_model(images), labels)
+                    scaled = loss / accum
+                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             self.window["loss"] += loss.detach().double() / accum
             self.window["images"] += len(images) * self.info.world_size
             images_epoch += len(images) * self.info.world_size

@@ -1,0 +1,87 @@
+"""A whole training step (forward, loss, backward, clipping, optimizer) captured in one CUDA graph.
+
+An eager step launches thousands of small kernels; when the GPU finishes them faster than Python
+issues them, the step waits on the CPU. Capturing the step once and replaying it removes that cost
+for training runs whose batches all have one shape (``rmt train --cuda-graph``).
+
+How it works: the first ``warmup`` steps run eagerly on a side stream (they are real training steps;
+they also compile the Triton kernels and let cuDNN pick algorithms, neither of which may happen
+during capture). The next step is captured with the batch copied into static input tensors and
+then replayed; every later step copies its batch into those tensors and replays. The optimizer must
+be ``capturable``; its learning rates become device tensors that are refreshed from the param
+groups (which the scheduler keeps updating as floats) before each replay. Gradients live in the
+graph's memory pool and are overwritten, never zeroed, by each replay.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+import torch
+
+
+class GraphedTrainStep:
+    """``step(images, labels) -> loss`` (a device scalar) that captures itself after ``warmup`` steps."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer,
+                 amp_dtype: Optional[torch.dtype], clip_grad: Optional[float], warmup: int = 3):
+        if not all(group.get("capturable", False) for group in optimizer.param_groups):
+            raise ValueError("a CUDA-graph training step needs a capturable optimizer "
+                             "(torch.optim.AdamW(..., capturable=True))")
+        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.amp_dtype, self.clip_grad, self.warmup = amp_dtype, clip_grad, warmup
+        self.steps = 0
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.static_images = self.static_labels = self.static_loss = None
+        self.lr_tensors: List[torch.Tensor] = []
+
+    def _eager(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None,
+                            cache_enabled=False):
+            loss = self.loss_fn(self.model(images), labels)
+        loss.backward()
+        if self.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+        self.optimizer.step()
+        return loss.detach()
+
+    def _refresh_lr(self) -> None:
+        for tensor, group in zip(self.lr_tensors, self.optimizer.param_groups):
+            tensor.fill_(float(group["lr"]))
+
+    def _capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.static_images, self.static_labels = images.clone(), labels.clone()
+        device = images.device
+        floats = [float(group["lr"]) for group in self.optimizer.param_groups]
+        self.lr_tensors = [torch.tensor(lr, dtype=torch.float32, device=device) for lr in floats]
+        for group, tensor in zip(self.optimizer.param_groups, self.lr_tensors):
+            group["lr"] = tensor               # the captured kernels read the rate from this memory
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(device)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_loss = self._eager(self.static_images, self.static_labels)
+        for group, lr in zip(self.optimizer.param_groups, floats):
+            group["lr"] = lr                   # the scheduler goes on writing floats
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.steps += 1
+        if self.graph is None and self.steps <= self.warmup:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                loss = self._eager(images, labels)
+                self.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.current_stream().wait_stream(side)
+            return loss
+        if self.graph is None:
+            self._capture(images, labels)
+        elif images.shape != self.static_images.shape or labels.shape != self.static_labels.shape:
+            raise RuntimeError(
+                f"--cuda-graph needs every batch to have one shape; got images {tuple(images.shape)} and labels "
+                f"{tuple(labels.shape)} after capturing {tuple(self.static_images.shape)} and "
+                f"{tuple(self.static_labels.shape)} (drop the last incomplete batch, or train without --cuda-graph)")
+        self.static_images.copy_(images)
+        self.static_labels.copy_(labels)
+        self._refresh_lr()
+        self.graph.replay()
+        return self.static_loss
