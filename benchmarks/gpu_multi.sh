@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Two GPUs: DDP scaling (1 vs 2 GPUs, batch 128 per GPU), rank agreement, the loss curve at equal
 # global batch (1 GPU x 128 vs 2 GPUs x 64), and FSDP2 with rmt_large: train, checkpoint, resume.
+# MODES="eager graph" measures the scaling of eager steps and of steps replayed from CUDA graphs.
 set -uo pipefail
 OUT="${OUT:-benchmark-output}"; mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -9,14 +10,19 @@ RUNS="${RUNS:-/tmp/rmt-runs}"
 STEPS="${STEPS:-60}"
 FSDP="${FSDP:-1}"   # 0 skips the FSDP2 part
 CURVE="${CURVE:-1}"  # 0 skips the equal-global-batch loss-curve run
+MODES="${MODES:-eager}"
 {
-CUDA_VISIBLE_DEVICES=0 python3 benchmarks/multi_gpu.py --tag 1gpu_b128 --batch-size 128 --steps "$STEPS"
-torchrun --standalone --nproc_per_node 2 benchmarks/multi_gpu.py --tag 2gpu_b128 --batch-size 128 --steps "$STEPS"
+for mode in $MODES; do
+  flag=""; [ "$mode" = graph ] && flag="--cuda-graph"
+  echo "== $mode steps: 1 GPU, then 2 GPUs (batch 128 per GPU)"
+  CUDA_VISIBLE_DEVICES=0 python3 benchmarks/multi_gpu.py --tag "1gpu_b128_$mode" --batch-size 128 --steps "$STEPS" $flag
+  torchrun --standalone --nproc_per_node 2 benchmarks/multi_gpu.py --tag "2gpu_b128_$mode" --batch-size 128 \
+    --steps "$STEPS" $flag
+  python3 benchmarks/compare_runs.py "$OUT/1gpu_b128_$mode.json" "$OUT/2gpu_b128_$mode.json"
+done
 if [ "$CURVE" = 1 ]; then
   torchrun --standalone --nproc_per_node 2 benchmarks/multi_gpu.py --tag 2gpu_b64 --batch-size 64 --steps "$STEPS"
-  python3 benchmarks/compare_runs.py "$OUT/1gpu_b128.json" "$OUT/2gpu_b128.json" "$OUT/2gpu_b64.json"
-else
-  python3 benchmarks/compare_runs.py "$OUT/1gpu_b128.json" "$OUT/2gpu_b128.json"
+  python3 benchmarks/compare_runs.py "$OUT/1gpu_b128_eager.json" "$OUT/2gpu_b64.json"
 fi
 if [ "$FSDP" = 1 ]; then
 echo "== FSDP2 rmt_large: 10 steps with a checkpoint every 5, then resume to 15"

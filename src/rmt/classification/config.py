@@ -28,8 +28,8 @@ OPTIONS: Dict[str, List[Option]] = {
         ("channels_last", False, bool, "channels-last memory format for images and convolutions"),
         ("compile", False, bool, "torch.compile the model"),
         ("cuda_graph", False, bool, "capture the whole training step in a CUDA graph and replay it: no launch "
-                                    "cost on the CPU (one CUDA device, batches of one shape, AdamW, bf16 or fp32, "
-                                    "no accumulation)"),
+                                    "cost on the CPU (CUDA devices, one process or DDP, batches of one shape, "
+                                    "AdamW, bf16 or fp32, no accumulation)"),
     ],
     "data": [
         ("dataset", "folder", str, "folder (ImageFolder tree: DATA/train/CLASS/img, DATA/val/CLASS/img), "

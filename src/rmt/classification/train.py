@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import warnings
 from datetime import datetime
@@ -68,8 +69,8 @@ def check_cuda_graph_options(cfg: Dict[str, Any], info) -> None:
     problems = []
     if info.device.type != "cuda":
         problems.append("a CUDA device (this run is on " + info.device.type + ")")
-    if info.distributed:
-        problems.append("a single process (not torchrun)")
+    if cfg["fsdp"]:
+        problems.append("DDP or a single process (not --fsdp)")
     if cfg["accum_steps"] != 1:
         problems.append("--accum-steps 1")
     if cfg["amp"] == "fp16":
@@ -165,8 +166,9 @@ class Trainer:
             self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg["smoothing"])
         if cfg["cuda_graph"]:
             from ..engine.cuda_graph import GraphedTrainStep
+            # DDP settles its gradient buckets over the first iterations: capture after 11 (PyTorch's advice)
             self.graphed = GraphedTrainStep(self.forward_model, self.loss_fn, self.optimizer, self.amp_dtype,
-                                            cfg["clip_grad"])
+                                            cfg["clip_grad"], warmup=11 if self.ddp is not None else 3)
 
         self.epoch, self.step_in_epoch, self.step, self.best_top1 = 0, 0, 0, -1.0
         self.completed_epochs = 0
@@ -490,6 +492,8 @@ def train(options: Dict[str, Any]) -> Dict[str, Any]:
         raise ValueError(f"'{resume_path}' is not a checkpoint written by rmt train (no config); to start from "
                          "its weights use --pretrained instead")
     cfg = config_mod.resolve(options, resumed["config"] if resumed else None)
+    if cfg["cuda_graph"]:  # NCCL's watchdog must not poll collectives that live in a captured graph
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
     info = setup_distributed(cfg["device"], cfg["dist_backend"])
     try:
         run_dir = make_run_dir(cfg, info, resume_path)
