@@ -128,6 +128,7 @@ class Trainer:
                               foreach=not cfg["fsdp"]) if cfg["model_ema"] else None
         self.model = model  # the module whose parameters are trained (sharded in place under FSDP)
         forward_model: torch.nn.Module = model
+        self.graph_stream: Optional[torch.cuda.Stream] = None
         if cfg["fsdp"]:
             shard_with_fsdp(model)
             if self.ema is not None:
@@ -135,9 +136,12 @@ class Trainer:
         elif info.distributed:
             # depthwise conv weights (C, 1, k, k) report a stride mismatch on their size-1 dim: harmless
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-            forward_model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[dev.index] if dev.type == "cuda" else None,
-                gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: no copies
+            # a captured step runs on its own stream, and DDP's gradient hooks must be made on it
+            self.graph_stream = torch.cuda.Stream(dev) if cfg["cuda_graph"] and dev.type == "cuda" else None
+            with torch.cuda.stream(self.graph_stream) if self.graph_stream is not None else contextlib.nullcontext():
+                forward_model = torch.nn.parallel.DistributedDataParallel(
+                    model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                    gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: no copies
         self.ddp = forward_model if forward_model is not model else None
         self.forward_model = torch.compile(forward_model) if cfg["compile"] else forward_model
         seed_everything(cfg["seed"], info.rank)  # per-rank augmentation and drop-path from here on
@@ -168,7 +172,8 @@ class Trainer:
             from ..engine.cuda_graph import GraphedTrainStep
             # DDP settles its gradient buckets over the first iterations: capture after 11 (PyTorch's advice)
             self.graphed = GraphedTrainStep(self.forward_model, self.loss_fn, self.optimizer, self.amp_dtype,
-                                            cfg["clip_grad"], warmup=11 if self.ddp is not None else 3)
+                                            cfg["clip_grad"], warmup=11 if self.ddp is not None else 3,
+                                            stream=self.graph_stream)
 
         self.epoch, self.step_in_epoch, self.step, self.best_top1 = 0, 0, 0, -1.0
         self.completed_epochs = 0

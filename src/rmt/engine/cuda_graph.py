@@ -11,6 +11,11 @@ then replayed; every later step copies its batch into those tensors and replays.
 be ``capturable``; its learning rates become device tensors that are refreshed from the param
 groups (which the scheduler keeps updating as floats) before each replay. Gradients live in the
 graph's memory pool and are overwritten, never zeroed, by each replay.
+
+Under DDP the all-reduces are captured too. DDP keeps the parameters' gradient-accumulation nodes
+from its construction on, and those nodes run on the stream that was current then; DDP must
+therefore be built on the stream that later captures (pass it as ``stream``), or the backward pass
+makes the default stream wait on the capturing one and the capture fails.
 """
 from __future__ import annotations
 
@@ -23,13 +28,16 @@ class GraphedTrainStep:
     """``step(images, labels) -> loss`` (a device scalar) that captures itself after ``warmup`` steps."""
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer,
-                 amp_dtype: Optional[torch.dtype], clip_grad: Optional[float], warmup: int = 3):
+                 amp_dtype: Optional[torch.dtype], clip_grad: Optional[float], warmup: int = 3,
+                 stream: Optional[torch.cuda.Stream] = None):
         if not all(group.get("capturable", False) for group in optimizer.param_groups):
             raise ValueError("a CUDA-graph training step needs a capturable optimizer "
                              "(torch.optim.AdamW(..., capturable=True))")
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.amp_dtype, self.clip_grad, self.warmup = amp_dtype, clip_grad, warmup
         self.steps = 0
+        # warm-up and capture run on this stream; DDP must be built under it too (see side_stream_for_ddp)
+        self.stream = stream if stream is not None else torch.cuda.Stream()
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.static_images = self.static_labels = self.static_loss = None
         self.lr_tensors: List[torch.Tensor] = []
@@ -58,7 +66,7 @@ class GraphedTrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize(device)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=self.stream):
             self.static_loss = self._eager(self.static_images, self.static_labels)
         for group, lr in zip(self.optimizer.param_groups, floats):
             group["lr"] = lr                   # the scheduler goes on writing floats
@@ -66,7 +74,7 @@ class GraphedTrainStep:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self.steps += 1
         if self.graph is None and self.steps <= self.warmup:
-            side = torch.cuda.Stream()
+            side = self.stream
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 loss = self._eager(images, labels)
