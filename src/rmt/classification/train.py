@@ -198,6 +198,7 @@ class Trainer:
                     group["capturable"] = True
         # (step, time) where timing for --time-budget starts, after a few steps of warm-up
         self.calibration: Optional[Tuple[int, float]] = None
+        self.budget: Optional[Dict[str, float]] = None  # set by the first budget fit, refined after epoch 1
         self.calibration_steps = max(10, min(50, self.steps_per_epoch // 4))
         self._set_schedule_length(cfg["epochs"])
 
@@ -227,36 +228,47 @@ class Trainer:
             updates_per_epoch=self.steps_per_epoch)
         return scheduler
 
-    def _fit_schedule_to_budget(self) -> None:
+    def _fit_schedule_to_budget(self, epoch_overhead: Optional[float] = None) -> None:
         """Set ``epochs`` so that the run ends within ``time_budget`` minutes, from the measured step time.
 
-        Called once, early in the first epoch (inside the warm-up, whose learning rates do not depend on
-        the schedule length). Rank 0 decides; the choice is saved with the run so a resume keeps it.
+        Called twice. First early in the first epoch, from the step time measured then, with the
+        validation time estimated. Then once the first epoch's validation, checkpoint and plot are
+        done, with their measured time (``epoch_overhead``) in place of that estimate; both calls fall
+        in the first epochs, where the learning rate hardly depends on the schedule's length (the
+        warm-up). Rank 0 decides; the choice is saved with the run so a resume keeps it.
         """
         cfg = self.cfg
         now = time.perf_counter()
-        step_time = (now - self.calibration[1]) / (self.step - self.calibration[0])
-        epoch_time = step_time * self.steps_per_epoch
-        passes = 1 + (self.ema is not None) - (self.ema is not None and cfg["eval_ema_only"])
-        val_time = epoch_time * passes * self.data.val_size / (3.0 * max(self.data.train_size, 1))
-        remaining = cfg["time_budget"] * 60.0 * 0.97 - (now - self.t_begin) - 5.0
+        if epoch_overhead is None:
+            step_time = (now - self.calibration[1]) / (self.step - self.calibration[0])
+            self.budget = dict(minutes=cfg["time_budget"], step_time=step_time, max_epochs=cfg["epochs"])
+            self.calibration = None
+        budget = self.budget
+        epoch_time = budget["step_time"] * self.steps_per_epoch
+        if epoch_overhead is None:
+            passes = 1 + (self.ema is not None) - (self.ema is not None and cfg["eval_ema_only"])
+            overhead = epoch_time * passes * self.data.val_size / (3.0 * max(self.data.train_size, 1))
+        else:
+            overhead = epoch_overhead
+        remaining = budget["minutes"] * 60.0 * 0.97 - (now - self.t_begin) - 5.0
         done = self.epoch + self.step_in_epoch / self.steps_per_epoch
-        fit = done + remaining / (epoch_time + val_time)
-        steps = min(round(cfg["epochs"] * self.steps_per_epoch), int(fit * self.steps_per_epoch))
+        fit = done + remaining / (epoch_time + overhead)
+        steps = min(round(budget["max_epochs"] * self.steps_per_epoch), int(fit * self.steps_per_epoch))
         steps = torch.tensor([max(self.step + 1, steps)], device=self.info.device)
         if self.info.distributed:
             dist.broadcast(steps, src=0)
-        old = cfg["epochs"]
         cfg["epochs"], cfg["time_budget"] = int(steps.item()) / self.steps_per_epoch, None
         self._set_schedule_length(cfg["epochs"])
         self.scheduler = self._make_scheduler()
         self.scheduler.step_update(self.step)
-        self.calibration = None
         if self.info.is_main:
             (self.run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg))
-            tqdm.write(f"time budget: {self.global_batch / step_time:.0f} img/s measured, "
-                       f"{epoch_time:.1f} s per epoch + {val_time:.1f} s validation: {cfg['epochs']:.3g} epochs "
-                       f"({self.total_steps} steps, of at most {old:g} epochs) fit")
+            what = "validation (estimated)" if epoch_overhead is None else "validation, checkpoint and plot"
+            tqdm.write(f"time budget: {self.global_batch / budget['step_time']:.0f} img/s measured, "
+                       f"{epoch_time:.1f} s per epoch + {overhead:.1f} s {what}: {cfg['epochs']:.3g} epochs "
+                       f"({self.total_steps} steps, of at most {budget['max_epochs']:g} epochs) fit")
+        if epoch_overhead is not None:
+            self.budget = None
 
     # --- steps ------------------------------------------------------------------------------------
 
@@ -435,6 +447,7 @@ class Trainer:
             self.epoch = epoch
             if self.train_epoch(epoch):
                 break
+            t_trained = time.perf_counter()
             metrics = self.validate(epoch)
             score = metrics.get("ema_top1", metrics.get("val_top1", 0.0))
             improved = score > self.best_top1
@@ -456,7 +469,13 @@ class Trainer:
                 plot_curves(self.log.path, self.run_dir / "curves.png", PLOT_GROUPS, x_key="step",
                             title=f"{cfg['model']} on {cfg['dataset']}")
             self.step_in_epoch = 0
+            if self.budget is not None:  # the first epoch's validation, checkpoint and plot are now timed
+                self.epoch = epoch + 1
+                self._fit_schedule_to_budget(epoch_overhead=time.perf_counter() - t_trained)
+                self.save(epoch + 1, 0, metrics, best=False)  # so that a resume keeps the refined schedule
             epoch += 1
+        if self.graphed is not None:
+            self.graphed.release()
         summary = dict(run_dir=str(self.run_dir), epochs_done=self.completed_epochs,
                        steps=self.step, best_top1=self.best_top1, final=metrics,
                        train_img_per_s=sum(speeds) / len(speeds) if speeds else None,

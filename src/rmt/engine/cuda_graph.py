@@ -93,3 +93,13 @@ class GraphedTrainStep:
         self._refresh_lr()
         self.graph.replay()
         return self.static_loss
+
+    def release(self) -> None:
+        """Free the captured graph (and with it the graph's hold on NCCL communicators) once training is over.
+
+        NCCL wants graphs that contain its collectives destroyed before its communicators are; the
+        training loop calls this before the process group is torn down."""
+        if self.graph is not None:
+            torch.cuda.synchronize()
+            self.graph.reset()
+            self.graph = None
