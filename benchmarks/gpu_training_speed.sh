@@ -27,8 +27,8 @@ python3 -c "import torch, timm, triton; print('torch', torch.__version__, 'timm'
   # shellcheck disable=SC2086
   if ! fm_train "$FM_MINUTES" $FM_ARGS && [ ! -f "$RUNS/fm-gpu/last.pth" ]; then
     left=$(python3 -c "print(max(1.0, $FM_MINUTES - ($(date +%s) - $t0) / 60 - 0.5))")
-    echo "== the run with FM_ARGS='$FM_ARGS' failed; again without them for $left minutes"
-    rm -rf "$RUNS/fm-gpu"; fm_train "$left"
+    echo "== the run with FM_ARGS='$FM_ARGS' failed; again without them and without CUDA graphs for $left minutes"
+    rm -rf "$RUNS/fm-gpu"; fm_train "$left" --no-cuda-graph
   fi
   python3 -m rmt eval "$RUNS/fm-gpu/last.pth" --data "$FM" --split test
   cp "$RUNS/fm-gpu/summary.json" "$OUT/fm_summary.json"; cp "$RUNS/fm-gpu/curves.png" "$OUT/fm_curves.png"

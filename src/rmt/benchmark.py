@@ -48,13 +48,21 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _create(name: str, impl: Optional[str], device: torch.device) -> torch.nn.Module:
+def _create(name: str, impl: Optional[str], device: torch.device, size: Optional[int] = None) -> torch.nn.Module:
+    """The model on ``device``, channels-last; peers with a fixed input size (Swin) are built for ``size``."""
     import timm
     import rmt  # noqa: F401
     kwargs = {}
     if name.startswith("rmt_") and impl:
         kwargs["masa_impl"] = "auto" if impl == "fast" else "reference"
-    model = timm.create_model(name, **kwargs)
+    model = None
+    if size is not None and not name.startswith("rmt_"):
+        try:  # Swin's patch embedding and attention masks are sized at construction
+            model = timm.create_model(name, img_size=size, **kwargs)
+        except TypeError:  # models that take any input size have no img_size argument (ConvNeXt)
+            model = None
+    if model is None:
+        model = timm.create_model(name, **kwargs)
     return model.to(device=device, memory_format=torch.channels_last)
 
 
@@ -90,7 +98,7 @@ def measure(name: str, impl: Optional[str], mode: str, size: int, batch: int, de
     res = Result(name, impl or "-", mode, size, batch, compiled)
     model = None
     try:
-        model = _create(name, impl, device)
+        model = _create(name, impl, device, size)
         amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                else contextlib.nullcontext())
         x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
