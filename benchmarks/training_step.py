@@ -11,7 +11,10 @@ channels-last batch at 224x224, timed as in ``rmt benchmark`` (median of CUDA-ev
   cost on the CPU; the optimizer is ``capturable``);
 * ``compiled`` - ``torch.compile(model)`` (default mode), the step otherwise eager;
 * ``eager-cudnn`` - eager, with the depthwise convolutions of training through cuDNN instead of
-  the fused Triton kernels (``rmt.ops.dwconv.TRAINING_KERNELS = False``).
+  the fused Triton kernels (``rmt.ops.dwconv.TRAINING_KERNELS = False``);
+* ``eager-torchln`` - eager, with PyTorch's LayerNorm in training instead of the multi-row Triton
+  kernels (``rmt.ops.layernorm.TRAINING_KERNELS = False``);
+* ``graphed-torchln`` - ``graphed`` with PyTorch's LayerNorm.
 
 ``--profile MODEL`` prints the kernels with the most GPU time and the operators with the most CPU
 time in one eager step (an eager step waits on the CPU when kernels finish faster than they launch).
@@ -32,8 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import timm  # noqa: E402
 
 import rmt  # noqa: E402,F401
-from rmt.ops import dwconv  # noqa: E402
+from rmt.ops import dwconv, layernorm  # noqa: E402
 from rmt.benchmark import environment, save_rows, time_step  # noqa: E402
+from rmt.engine.cuda_graph import GraphedTrainStep  # noqa: E402
 from rmt.profiling import profile_model  # noqa: E402
 
 
@@ -48,36 +52,28 @@ def measure(name: str, mode: str, batch: int, device: torch.device, warmup: int,
     torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     dwconv.TRAINING_KERNELS = mode != "eager-cudnn"
+    layernorm.TRAINING_KERNELS = not mode.endswith("-torchln")
     try:
         model = _make(name, device)
         x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 1000, (batch,), device=device)
-        if mode == "graphed":
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=True)
-        else:
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        graphed = mode.startswith("graphed")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=graphed)
         run = torch.compile(model) if mode == "compiled" else model
+        if graphed:  # the step of `rmt train --cuda-graph`: 3 eager warm-up steps, then capture and replay
+            train_step = GraphedTrainStep(model, F.cross_entropy, opt, torch.bfloat16, None, warmup=3)
 
-        def eager_step():
-            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=mode != "graphed"):
-                loss = F.cross_entropy(run(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=mode != "graphed")
-
-        step = eager_step
-        if mode == "graphed":
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    eager_step()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                eager_step()
-            step = graph.replay
+            def step():
+                train_step(x, y)
+            for _ in range(4):
+                step()
         else:
+            def step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = F.cross_entropy(run(x), y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
             step()  # compile / autotune / allocate optimizer state
         torch.cuda.synchronize()
         row["setup_s"] = round(time.perf_counter() - t0, 1)
@@ -88,7 +84,7 @@ def measure(name: str, mode: str, batch: int, device: torch.device, warmup: int,
         row["note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
     finally:
         torch._dynamo.reset()
-        dwconv.TRAINING_KERNELS = True
+        dwconv.TRAINING_KERNELS = layernorm.TRAINING_KERNELS = True
     return row
 
 

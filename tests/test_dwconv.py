@@ -53,6 +53,24 @@ def test_triton_dwconv_without_bias_and_frozen_weight():
     assert rel_err(torch.autograd.grad(got, wide, g)[0], torch.autograd.grad(want, wide, g)[0]) <= 1e-5
 
 
+@needs_triton
+@pytest.mark.parametrize("frozen", ["input", "weight"])
+def test_triton_dwconv_bias_gradient_with_frozen_input_or_weight(frozen):
+    """The bias gradient comes from the input-gradient kernel's partial sums, or from cuDNN when
+    no input gradient is computed."""
+    wide, x, weight, bias = _inputs((2, 5, 37, 12), 3)
+    if frozen == "input":
+        x = x.detach()
+    else:
+        weight = weight.detach()
+    want = dwconv_nhwc_reference(x, weight, bias, True)
+    got = dwconv_nhwc_triton(x, weight, bias, True)
+    g = torch.randn_like(want)
+    wrt = [bias, weight] if frozen == "input" else [bias, wide]
+    for a, e in zip(torch.autograd.grad(got, wrt, g), torch.autograd.grad(want, wrt, g)):
+        assert rel_err(a, e) <= 1e-5
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="autocast dtypes are checked on CUDA only")
 def test_dispatch_under_autocast_keeps_float32_weight_gradients():
     _, x, weight, bias = _inputs((2, 14, 14, 96), 3)

@@ -188,10 +188,10 @@ class RMTBlock(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.cpe = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim, **dd)
-        self.norm1 = LayerNorm(dim, eps=1e-6, **dd)
+        self.norm1 = LayerNorm(dim, eps=1e-6, impl=impl, **dd)
         self.attn = MaSA(dim, num_heads, form, impl, **dd)
         self.ls1 = LayerScale(dim, layer_init_value, **dd) if layerscale else nn.Identity()
-        self.norm2 = LayerNorm(dim, eps=1e-6, **dd)
+        self.norm2 = LayerNorm(dim, eps=1e-6, impl=impl, **dd)
         self.mlp = Mlp(dim, int(mlp_ratio * dim), impl, **dd)
         self.ls2 = LayerScale(dim, layer_init_value, **dd) if layerscale else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -391,7 +391,7 @@ class RMT(nn.Module):
         if impl not in IMPLS:
             raise ValueError(f"masa_impl must be one of {IMPLS}, got {impl!r}")
         for m in self.modules():
-            if isinstance(m, (MaSA, Mlp, RMTBlock)):
+            if isinstance(m, (MaSA, Mlp, RMTBlock, LayerNorm)):
                 m.impl = impl
 
     # --- timm model interface -------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""LayerNorm that keeps the autocast dtype (one pass fewer per norm than plain autocast)."""
+"""LayerNorm that keeps the autocast dtype (one pass fewer per norm than plain autocast), with the
+multi-row Triton kernels of :mod:`rmt.ops.layernorm` on CUDA."""
 from typing import List
 
 import torch
@@ -6,7 +7,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers._fx import register_notrace_function
 
-__all__ = ["LayerNorm", "layer_norm_autocast"]
+from .ops.layernorm import layer_norm_triton, triton_layer_norm_supported
+
+__all__ = ["LayerNorm", "layer_norm", "layer_norm_autocast"]
 
 
 @torch.jit.ignore
@@ -28,10 +31,32 @@ def layer_norm_autocast(x: torch.Tensor, normalized_shape: List[int], weight: to
 register_notrace_function(layer_norm_autocast)
 
 
+@torch.jit.ignore
+def layer_norm(x: torch.Tensor, normalized_shape: List[int], weight: torch.Tensor, bias: torch.Tensor,
+               eps: float, fused: bool) -> torch.Tensor:
+    """:func:`layer_norm_autocast` over the last dimension; ``fused`` allows the Triton kernels
+    (forward and backward; on CUDA, or on CPU under ``TRITON_INTERPRET=1``) where they apply."""
+    if fused and len(normalized_shape) == 1 and triton_layer_norm_supported(x, weight, bias):
+        return layer_norm_triton(x, weight, bias, eps)
+    return layer_norm_autocast(x, normalized_shape, weight, bias, eps)
+
+
+register_notrace_function(layer_norm)
+
+
 class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` returning the autocast dtype under autocast (see :func:`layer_norm_autocast`)."""
+    """``nn.LayerNorm`` returning the autocast dtype under autocast (see :func:`layer_norm_autocast`).
+
+    ``impl`` as the model's MaSA implementation: ``"auto"`` uses the Triton kernels on CUDA,
+    ``"triton"`` wherever Triton runs, anything else PyTorch's LayerNorm.
+    """
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, impl: str = "auto", **kwargs):
+        super().__init__(normalized_shape, eps=eps, **kwargs)
+        self.impl = impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return layer_norm_autocast(x, list(self.normalized_shape), self.weight, self.bias, self.eps)
+        fused = self.impl == "triton" or (self.impl == "auto" and x.is_cuda)
+        return layer_norm(x, list(self.normalized_shape), self.weight, self.bias, self.eps, fused)

@@ -60,14 +60,16 @@ if HAS_TRITON:
         return cdf + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
 
     @triton.jit
-    def _dwconv_nhwc_kernel(X, WT, B, Z, Y, H, W, C, x_sb, x_sh, x_sw, z_sb, z_sh, z_sw,
+    def _dwconv_nhwc_kernel(X, WT, B, Z, Y, DB_PART, H, W, C, x_sb, x_sh, x_sw, z_sb, z_sh, z_sw,
                             KS: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            RESIDUAL: tl.constexpr, GELU_GRAD: tl.constexpr,
+                            RESIDUAL: tl.constexpr, GELU_GRAD: tl.constexpr, COLUMN_SUMS: tl.constexpr,
                             BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
         """Grid ``(b * h, cdiv(w, BLOCK_W), cdiv(c, BLOCK_C))``: one row segment of tokens per program.
 
         ``Y = [gelu'(Z) *] ([X +] sum_taps X[shifted] * WT[tap] [+ B])``; ``FLIP`` mirrors the kernel
-        (the input gradient). ``Y`` is contiguous.
+        (the input gradient). ``Y`` is contiguous. ``COLUMN_SUMS`` also writes the program's sum of
+        ``X`` over its tokens to row ``pid(0) * cdiv(w, BLOCK_W) + pid(1)`` of ``DB_PART``
+        (float32, ``C`` wide): with ``X`` the output gradient, the parts of the bias gradient.
         """
         pid_bh = tl.program_id(0)
         b = (pid_bh // H).to(tl.int64)
@@ -90,9 +92,14 @@ if HAS_TRITON:
                 acc += xv * wv.to(tl.float32)[None, :]
         if HAS_BIAS:
             acc += tl.load(B + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-        if RESIDUAL:
-            acc += tl.load(X + b * x_sb + r * x_sh + offs_w[:, None] * x_sw + offs_c[None, :],
-                           mask=mask, other=0.0).to(tl.float32)
+        if RESIDUAL or COLUMN_SUMS:
+            center = tl.load(X + b * x_sb + r * x_sh + offs_w[:, None] * x_sw + offs_c[None, :],
+                             mask=mask, other=0.0).to(tl.float32)
+            if RESIDUAL:
+                acc += center
+            if COLUMN_SUMS:
+                part = pid_bh * tl.num_programs(1) + tl.program_id(1)
+                tl.store(DB_PART + part.to(tl.int64) * C + offs_c, tl.sum(center, axis=0), mask=mask_c)
         if GELU_GRAD:
             z = tl.load(Z + b * z_sb + r * z_sh + offs_w[:, None] * z_sw + offs_c[None, :],
                         mask=mask, other=0.0).to(tl.float32)
@@ -118,36 +125,47 @@ def _forward(launch, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     y = torch.empty((b, h, w, c), dtype=x.dtype, device=x.device)
     block_w, block_c = _blocks(w, c)
     launch(_dwconv_nhwc_kernel)[(b * h, triton.cdiv(w, block_w), triton.cdiv(c, block_c))](
-        x, weight, bias if bias is not None else weight, x, y, h, w, c,
+        x, weight, bias if bias is not None else weight, x, y, y, h, w, c,
         x.stride(0), x.stride(1), x.stride(2), 0, 0, 0,
         KS=weight.shape[-1], FLIP=False, HAS_BIAS=bias is not None, RESIDUAL=residual,
-        GELU_GRAD=False, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=4)
+        GELU_GRAD=False, COLUMN_SUMS=False, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=4)
     return y
 
 
 def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, residual: bool,
-              gelu: bool, need_input: bool, need_weight: bool
+              gelu: bool, need_input: bool, need_weight: bool, need_bias: bool = True
               ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Gradients of ``x`` (its dtype), of ``weight`` ``(c, 1, k, k)`` and of the bias ``(c,)`` (dtype of ``x``)."""
+    """Gradients of ``x`` (its dtype), of ``weight`` ``(c, 1, k, k)`` (dtype of ``x``) and of the bias
+    ``(c,)`` (float32 when the input-gradient kernel summed it, else the dtype of ``x``).
+
+    The bias gradient is the sum of ``grad`` over batch and space: the input-gradient kernel, which
+    reads ``grad`` anyway, writes one partial sum per program, so no separate pass over ``grad``.
+    """
     b, h, w, c = x.shape
     ks = weight.shape[-1]
     grad = grad.contiguous()
     block_w, block_c = _blocks(w, c)
+    grid = (b * h, triton.cdiv(w, block_w), triton.cdiv(c, block_c))
     gx = gw = gb = None
     if need_input:
         gx = torch.empty((b, h, w, c), dtype=x.dtype, device=x.device)
-        launch(_dwconv_nhwc_kernel)[(b * h, triton.cdiv(w, block_w), triton.cdiv(c, block_c))](
-            grad, weight, weight, x, gx, h, w, c, grad.stride(0), grad.stride(1), grad.stride(2),
+        parts = (torch.empty((grid[0] * grid[1], c), dtype=torch.float32, device=x.device)
+                 if need_bias else gx)
+        launch(_dwconv_nhwc_kernel)[grid](
+            grad, weight, weight, x, gx, parts, h, w, c, grad.stride(0), grad.stride(1), grad.stride(2),
             x.stride(0), x.stride(1), x.stride(2),
-            KS=ks, FLIP=True, HAS_BIAS=False, RESIDUAL=residual, GELU_GRAD=gelu,
+            KS=ks, FLIP=True, HAS_BIAS=False, RESIDUAL=residual, GELU_GRAD=gelu, COLUMN_SUMS=need_bias,
             BLOCK_W=block_w, BLOCK_C=block_c, num_warps=4)
-    if need_weight:
+        if need_bias:
+            gb = parts.sum(0)
+    if need_weight or (need_bias and gb is None):
         # cuDNN's weight-gradient kernel (a reduction over batch and space) on NCHW views of the
         # channels-last tensors; the input is recomputed when only the pre-activation was kept
         g = F.gelu(x) if gelu else x
-        _, gw, gb = torch.ops.aten.convolution_backward(
+        _, gw, gb_conv = torch.ops.aten.convolution_backward(
             grad.permute(0, 3, 1, 2), g.permute(0, 3, 1, 2), weight.to(g.dtype), [c], [1, 1],
-            [ks // 2, ks // 2], [1, 1], False, [0, 0], c, [False, True, True])
+            [ks // 2, ks // 2], [1, 1], False, [0, 0], c, [False, need_weight, need_bias and gb is None])
+        gb = gb if gb is not None else gb_conv
     return gx, gw, gb
 
 
@@ -167,7 +185,7 @@ if HAS_TRITON:
     def dwconv_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, residual: bool,
                            gelu: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Graph-capturable backward pass (see :func:`_backward`), all three gradients."""
-        gx, gw, gb = _backward(wrap_triton, grad, x, weight, residual, gelu, True, True)
+        gx, gw, gb = _backward(wrap_triton, grad, x, weight, residual, gelu, True, True, True)
         return gx, gw, gb
 
     def _setup_context(ctx, inputs, output) -> None:
@@ -195,12 +213,11 @@ class _DWConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
         gx, gw, gb = _backward(_direct, grad, x, weight, ctx.residual, ctx.gelu,
-                               ctx.needs_input_grad[0], need_w)
-        if gw is not None:
-            gw = gw.to(weight.dtype)
-            gb = gb.to(weight.dtype) if ctx.has_bias else None
+                               ctx.needs_input_grad[0], ctx.needs_input_grad[1], need_b)
+        gw = gw.to(weight.dtype) if gw is not None else None
+        gb = gb.to(weight.dtype) if gb is not None else None
         return gx, gw, gb, None, None
 
 

@@ -36,12 +36,11 @@ class _DWConvLinear(torch.autograd.Function):
         grad_w = flat_grad.t().mm(u.reshape(-1, u.shape[-1])).to(weight.dtype)
         grad_b = flat_grad.sum(0).to(weight.dtype) if ctx.has_bias else None
         grad_u = grad.matmul(weight.to(grad.dtype))
-        need_dw = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        grad_a, grad_dw, grad_db = dwconv._backward(dwconv._direct, grad_u, a, dw_weight, True, True,
-                                                    ctx.needs_input_grad[0], need_dw)
-        if grad_dw is not None:
-            grad_dw = grad_dw.to(dw_weight.dtype)
-            grad_db = grad_db.to(dw_weight.dtype) if dw_bias is not None else None
+        grad_a, grad_dw, grad_db = dwconv._backward(
+            dwconv._direct, grad_u, a, dw_weight, True, True, ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1], dw_bias is not None and ctx.needs_input_grad[2])
+        grad_dw = grad_dw.to(dw_weight.dtype) if grad_dw is not None else None
+        grad_db = grad_db.to(dw_bias.dtype) if grad_db is not None else None
         return grad_a, grad_dw, grad_db, grad_w, grad_b
 
 
