@@ -519,6 +519,7 @@ def train(options: Dict[str, Any]) -> Dict[str, Any]:
     if cfg["cuda_graph"]:  # NCCL's watchdog must not poll collectives that live in a captured graph
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
     info = setup_distributed(cfg["device"], cfg["dist_backend"])
+    trainer: Optional[Trainer] = None
     try:
         run_dir = make_run_dir(cfg, info, resume_path)
         trainer = Trainer(cfg, info, run_dir, resumed, t_begin)
@@ -527,4 +528,6 @@ def train(options: Dict[str, Any]) -> Dict[str, Any]:
             print(f"'{run_dir}' has already finished its {cfg['epochs']:g} epochs; pass --epochs N to train longer")
         return trainer.fit()
     finally:
+        if trainer is not None and trainer.graphed is not None:
+            trainer.graphed.release()  # also after an error: a live graph would hang the teardown
         cleanup_distributed()

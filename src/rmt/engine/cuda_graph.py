@@ -97,9 +97,12 @@ class GraphedTrainStep:
     def release(self) -> None:
         """Free the captured graph (and with it the graph's hold on NCCL communicators) once training is over.
 
-        NCCL wants graphs that contain its collectives destroyed before its communicators are; the
-        training loop calls this before the process group is torn down."""
-        if self.graph is not None:
-            torch.cuda.synchronize()
-            self.graph.reset()
-            self.graph = None
+        A graph that still holds NCCL collectives makes ``destroy_process_group`` hang (pytorch
+        issue 115388), so the trainer calls this before the process group is torn down, also after
+        an error. Idempotent."""
+        graph, self.graph = self.graph, None
+        if graph is not None:
+            try:
+                torch.cuda.synchronize()
+            finally:
+                graph.reset()
