@@ -26,6 +26,7 @@ from .ops.dwconv import dwconv_nhwc
 from .ops.ffn import ffn_tail
 from .ops.masa import FORMS, IMPLS, masa
 from .ops.masa.positions import cached_stage_positions, stage_positions
+from .ops.triton_support import fused_allowed
 
 __all__ = ["RMT", "MaSA", "RMTBlock", "RMTStage", "MIN_INPUT_SIZE"]
 
@@ -57,12 +58,6 @@ register_notrace_function(cached_stage_positions)
 register_notrace_function(masa)
 register_notrace_function(dwconv_nhwc)
 register_notrace_function(ffn_tail)
-
-
-def fused_dwconv(impl: str, x: torch.Tensor) -> bool:
-    """Whether the depthwise convolutions may use the fused Triton kernels for this ``impl``:
-    with ``"auto"`` on CUDA, always with ``"triton"`` (which also covers Triton's CPU interpreter)."""
-    return impl == "triton" or (impl == "auto" and x.is_cuda)
 
 
 def _normalize_forms(forms: FormSpec, num_stages: int) -> Tuple[str, ...]:
@@ -141,7 +136,7 @@ class MaSA(nn.Module):
                 decay: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=-1)
-        lepe = dwconv_nhwc(v, self.lepe.weight, self.lepe.bias, False, fused_dwconv(self.impl, v), False)
+        lepe = dwconv_nhwc(v, self.lepe.weight, self.lepe.bias, False, fused_allowed(self.impl, v), False)
         shape = (b, h, w, self.num_heads, self.head_dim)
         out = masa(q.view(shape), k.view(shape), v.view(shape), sin, cos, decay, self.scale,
                    self.form, self.impl, lepe.reshape(shape))
@@ -165,7 +160,7 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = self.fc1(x)
-        fused = fused_dwconv(self.impl, u)
+        fused = fused_allowed(self.impl, u)
         if not torch.jit.is_scripting() and self._plain_fc2():
             # GELU, depthwise conv and fc2 in one op that keeps only fc1's output for backward
             return ffn_tail(u, self.dwconv.weight, self.dwconv.bias, self.fc2.weight, self.fc2.bias, fused)
@@ -199,7 +194,7 @@ class RMTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
                 decay: torch.Tensor) -> torch.Tensor:
-        x = dwconv_nhwc(x, self.cpe.weight, self.cpe.bias, True, fused_dwconv(self.impl, x), False)
+        x = dwconv_nhwc(x, self.cpe.weight, self.cpe.bias, True, fused_allowed(self.impl, x), False)
         x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), sin, cos, decay)))
         x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return x

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from timm.layers._fx import register_notrace_function
 
 from .ops.layernorm import layer_norm_triton, triton_layer_norm_supported
+from .ops.triton_support import fused_allowed
 
 __all__ = ["LayerNorm", "layer_norm", "layer_norm_autocast"]
 
@@ -58,5 +59,5 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        fused = self.impl == "triton" or (self.impl == "auto" and x.is_cuda)
-        return layer_norm(x, list(self.normalized_shape), self.weight, self.bias, self.eps, fused)
+        return layer_norm(x, list(self.normalized_shape), self.weight, self.bias, self.eps,
+                          fused_allowed(self.impl, x))

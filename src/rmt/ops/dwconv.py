@@ -21,24 +21,20 @@ three times. :func:`dwconv_nhwc_reference` (``F.gelu`` + ``F.conv2d``) is the or
 on other devices. In eager mode the kernels launch from an ``autograd.Function``; under
 ``torch.compile`` through ``torch.library.triton_op`` ops.
 """
-import os
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-try:
+from .triton_support import HAS_TRITON, SUPPORTED_DTYPES, triton_runs_on
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
     from torch.library import triton_op, wrap_triton
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - depends on the install
-    HAS_TRITON = False
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # False: only inference uses the kernels; training runs F.conv2d (cuDNN) and autograd instead
 TRAINING_KERNELS = True
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def dwconv_nhwc_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -235,7 +231,7 @@ def dwconv_nhwc_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
 
 def triton_dwconv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the fused kernels handle this input here (CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
-    return (HAS_TRITON and (x.is_cuda or (_INTERPRET and x.device.type == "cpu"))
+    return (triton_runs_on(x)
             and x.stride(-1) == 1 and x.dtype in SUPPORTED_DTYPES and weight.shape[1] == 1
             and weight.shape[-1] == weight.shape[-2] and weight.shape[-1] % 2 == 1)
 

@@ -17,23 +17,19 @@ kernels launch from an ``autograd.Function``; under ``torch.compile`` through
 ``torch.library.triton_op`` ops.
 """
 import functools
-import os
 from typing import Optional, Tuple
 
 import torch
 
-try:
+from .triton_support import HAS_TRITON, SUPPORTED_DTYPES, triton_runs_on
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
     from torch.library import triton_op, wrap_triton
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - depends on the install
-    HAS_TRITON = False
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # False: only inference uses the kernels; training runs PyTorch's LayerNorm and autograd instead
 TRAINING_KERNELS = True
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_CHANNELS = 4096
 
 if HAS_TRITON:
@@ -192,7 +188,7 @@ def triton_layer_norm_supported(x: torch.Tensor, weight: Optional[torch.Tensor],
     """Whether the kernels handle this input here (CUDA, or CPU under ``TRITON_INTERPRET=1``; in
     training only while :data:`TRAINING_KERNELS`)."""
     training = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
-    return (HAS_TRITON and (TRAINING_KERNELS or not training) and (x.is_cuda or (_INTERPRET and x.device.type == "cpu"))
+    return ((TRAINING_KERNELS or not training) and triton_runs_on(x)
             and weight is not None and bias is not None and x.dtype in SUPPORTED_DTYPES
             and weight.dtype in SUPPORTED_DTYPES and 0 < x.shape[-1] <= MAX_CHANNELS)
 

@@ -7,11 +7,11 @@ Implementations (``impl``):
 * ``"cpu"``       - :mod:`.cpu`, the reference math reorganised for CPU speed.
 * ``"auto"``      - Triton on CUDA when the inputs are supported, ``"cpu"`` on CPU, else reference.
 """
-import os
 from typing import Optional
 
 import torch
 
+from ..triton_support import HAS_TRITON, triton_runs_on
 from .cpu import masa_cpu
 from .naive import (
     default_scale,
@@ -26,18 +26,13 @@ from .naive import (
 FORMS = ("decomposed", "full")
 IMPLS = ("auto", "reference", "triton", "cpu")
 
-try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs may lack it
+if HAS_TRITON:
     from .triton_masa import masa_triton, triton_supports
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - depends on the install
-    HAS_TRITON = False
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def triton_available(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the fused Triton kernels can run on these inputs here."""
-    return HAS_TRITON and (q.is_cuda or _INTERPRET) and triton_supports(q, k, v)
+    return triton_runs_on(q) and triton_supports(q, k, v)
 
 
 def masa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor,

@@ -13,11 +13,11 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
+from ..triton_support import SUPPORTED_DTYPES
 from .triton_kernels import (MODE_COL, MODE_FULL, MODE_ROW, masa_bwd_dkdv_kernel, masa_bwd_dq_kernel,
                              masa_fwd_kernel)
 
 MAX_HEAD_DIM = 128
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _geometry(shape: Tuple[int, ...], mode: int) -> Tuple[int, int]:

@@ -1,0 +1,26 @@
+"""What the fused kernels of :mod:`rmt.ops` share: whether Triton is installed, where its kernels can
+run, and which model setting allows them."""
+import os
+
+import torch
+
+try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs may lack it
+    import triton  # noqa: F401
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    HAS_TRITON = False
+
+# Triton's interpreter runs the kernels on CPU tensors (slowly): how they are tested without a GPU
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def triton_runs_on(x: torch.Tensor) -> bool:
+    """Whether a Triton kernel can take ``x`` here: a CUDA tensor, or a CPU one under ``TRITON_INTERPRET=1``."""
+    return HAS_TRITON and (x.is_cuda or (INTERPRET and x.device.type == "cpu"))
+
+
+def fused_allowed(impl: str, x: torch.Tensor) -> bool:
+    """Whether a module set to ``impl`` may use fused kernels for ``x``: with ``"auto"`` on CUDA,
+    always with ``"triton"`` (which also covers Triton's CPU interpreter)."""
+    return impl == "triton" or (impl == "auto" and x.is_cuda)
