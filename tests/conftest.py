@@ -27,6 +27,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def assert_same_gradients(got: torch.Tensor, want: torch.Tensor, inputs, names, tol: float) -> None:
+    """Backpropagate one random output gradient through ``got`` and ``want``: the gradients of every
+    input have the same dtype and agree to ``tol`` relative error."""
+    g = torch.randn_like(want)
+    for name, a, e in zip(names, torch.autograd.grad(got, inputs, g), torch.autograd.grad(want, inputs, g)):
+        assert a.dtype == e.dtype and rel_err(a, e) <= tol, name
+
+
 @pytest.fixture(scope="session")
 def golden():
     z = np.load(DATA / "rmt_mini.npz")

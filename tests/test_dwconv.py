@@ -8,7 +8,7 @@ import torch
 
 from rmt.ops.dwconv import HAS_TRITON, dwconv_nhwc, dwconv_nhwc_reference, dwconv_nhwc_triton
 
-from conftest import rel_err
+from conftest import assert_same_gradients, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
@@ -33,11 +33,7 @@ def test_triton_dwconv_matches_reference_with_gradients(ks, residual, gelu, shap
     got = dwconv_nhwc_triton(x, weight, bias, residual, gelu)
     assert got.shape == shape and got.is_contiguous() and got.dtype == x.dtype
     assert rel_err(got, want) <= 1e-6
-    g = torch.randn_like(want)
-    want_grads = torch.autograd.grad(want, (wide, weight, bias), g)
-    got_grads = torch.autograd.grad(got, (wide, weight, bias), g)
-    for name, a, e in zip(("input", "weight", "bias"), got_grads, want_grads):
-        assert a.dtype == e.dtype and rel_err(a, e) <= 1e-5, name
+    assert_same_gradients(got, want, (wide, weight, bias), ("input", "weight", "bias"), 1e-5)
     with torch.no_grad():
         assert rel_err(dwconv_nhwc_triton(x, weight, bias, residual, gelu), want) <= 1e-6
 

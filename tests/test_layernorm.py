@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from rmt.norm import LayerNorm, layer_norm, layer_norm_autocast
 from rmt.ops.layernorm import HAS_TRITON, layer_norm_triton
 
-from conftest import rel_err
+from conftest import assert_same_gradients, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
@@ -32,11 +32,7 @@ def test_triton_layer_norm_matches_torch_with_gradients(shape):
     got = layer_norm_triton(x, weight, bias, 1e-6)
     assert got.shape == want.shape and got.dtype == x.dtype
     assert rel_err(got, want) <= 1e-6
-    g = torch.randn_like(want)
-    want_grads = torch.autograd.grad(want, (x, weight, bias), g)
-    got_grads = torch.autograd.grad(got, (x, weight, bias), g)
-    for name, a, e in zip(("input", "weight", "bias"), got_grads, want_grads):
-        assert a.dtype == e.dtype and rel_err(a, e) <= 1e-5, name
+    assert_same_gradients(got, want, (x, weight, bias), ("input", "weight", "bias"), 1e-5)
 
 
 @needs_triton
