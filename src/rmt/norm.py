@@ -36,8 +36,10 @@ register_notrace_function(layer_norm_autocast)
 def layer_norm(x: torch.Tensor, normalized_shape: List[int], weight: torch.Tensor, bias: torch.Tensor,
                eps: float, fused: bool) -> torch.Tensor:
     """:func:`layer_norm_autocast` over the last dimension; ``fused`` allows the Triton kernels
-    (forward and backward; on CUDA, or on CPU under ``TRITON_INTERPRET=1``) where they apply."""
-    if fused and len(normalized_shape) == 1 and triton_layer_norm_supported(x, weight, bias):
+    (forward and backward; on CUDA, or on CPU under ``TRITON_INTERPRET=1``) where they apply, in
+    eager mode (under ``torch.compile`` Inductor fuses LayerNorm with its neighbours itself)."""
+    if (fused and len(normalized_shape) == 1 and not torch.compiler.is_compiling()
+            and triton_layer_norm_supported(x, weight, bias)):
         return layer_norm_triton(x, weight, bias, eps)
     return layer_norm_autocast(x, normalized_shape, weight, bias, eps)
 

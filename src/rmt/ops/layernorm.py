@@ -12,9 +12,10 @@ traffic. The kernels here normalise a tile of ``BLOCK_M`` rows per program:
 * backward: ``dx`` row by row, and per-program partial sums of ``dy * xhat`` and ``dy`` that one
   small reduction turns into the weight and bias gradients.
 
-:func:`rmt.norm.layer_norm_autocast` is the reference and the path elsewhere. In eager mode the
-kernels launch from an ``autograd.Function``; under ``torch.compile`` through
-``torch.library.triton_op`` ops.
+:func:`rmt.norm.layer_norm_autocast` is the reference and the path elsewhere. The kernels launch
+from an ``autograd.Function`` in eager mode only: under ``torch.compile`` Inductor generates its
+own multi-row LayerNorm kernels and fuses the residual additions around them into those, which a
+custom op would prevent.
 """
 import functools
 from typing import Optional, Tuple
@@ -26,7 +27,6 @@ from .triton_support import HAS_TRITON, SUPPORTED_DTYPES, triton_runs_on
 if HAS_TRITON:
     import triton
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
 
 # False: only inference uses the kernels; training runs PyTorch's LayerNorm and autograd instead
 TRAINING_KERNELS = True
@@ -101,7 +101,7 @@ def _programs_for_backward(device: torch.device) -> int:
     return 8
 
 
-def _forward(launch, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
              out_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y, mean, rstd)`` for ``x`` ``(m, c)`` contiguous; ``y`` in ``out_dtype``, the others float32 ``(m,)``."""
     m, c = x.shape
@@ -109,12 +109,12 @@ def _forward(launch, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     mean = torch.empty((m,), dtype=torch.float32, device=x.device)
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
     block_m, block_c, warps = _tile(c)
-    launch(_ln_fwd_kernel)[(triton.cdiv(m, block_m),)](
+    _ln_fwd_kernel[(triton.cdiv(m, block_m),)](
         x, weight, bias, y, mean, rstd, m, c, eps, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
     return y, mean, rstd
 
 
-def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+def _backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
               rstd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dweight, dbias)``: ``dx`` in the dtype of ``x``, the others float32 ``(c,)``."""
     m, c = x.shape
@@ -127,44 +127,10 @@ def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     dx = torch.empty_like(x)
     dw_part = torch.empty((programs, c), dtype=torch.float32, device=x.device)
     db_part = torch.empty((programs, c), dtype=torch.float32, device=x.device)
-    launch(_ln_bwd_kernel)[(programs,)](
+    _ln_bwd_kernel[(programs,)](
         grad, x, weight, mean, rstd, dx, dw_part, db_part, m, c, rows_per_program,
         BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
     return dx, dw_part.sum(0), db_part.sum(0)
-
-
-def _direct(kernel):
-    return kernel
-
-
-if HAS_TRITON:
-    # --- torch.compile: custom ops that Inductor sees through ------------------------------------
-    @triton_op("rmt::layer_norm", mutates_args={})
-    def layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                      out_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Graph-capturable forward pass (see :func:`_forward`)."""
-        y, mean, rstd = _forward(wrap_triton, x, weight, bias, eps, out_dtype)
-        return y, mean, rstd
-
-    @triton_op("rmt::layer_norm_backward", mutates_args={})
-    def layer_norm_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                               rstd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Graph-capturable backward pass (see :func:`_backward`)."""
-        dx, dw, db = _backward(wrap_triton, grad, x, weight, mean, rstd)
-        return dx, dw, db
-
-    def _setup_context(ctx, inputs, output) -> None:
-        x, weight, _, _, _ = inputs
-        _, mean, rstd = output
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.mark_non_differentiable(mean, rstd)
-
-    def _op_backward(ctx, grad, _grad_mean, _grad_rstd):
-        x, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = layer_norm_backward_op(grad, x, weight, mean, rstd)
-        return dx, dw.to(weight.dtype), db.to(weight.dtype), None, None
-
-    layer_norm_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 class _LayerNorm(torch.autograd.Function):
@@ -172,14 +138,14 @@ class _LayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, out_dtype):
-        y, mean, rstd = _forward(_direct, x, weight, bias, eps, out_dtype)
+        y, mean, rstd = _forward(x, weight, bias, eps, out_dtype)
         ctx.save_for_backward(x, weight, mean, rstd)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = _backward(_direct, grad, x, weight, mean, rstd)
+        dx, dw, db = _backward(grad, x, weight, mean, rstd)
         return dx, dw.to(weight.dtype), db.to(weight.dtype), None, None
 
 
@@ -202,8 +168,4 @@ def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     rows = x.reshape(-1, shape[-1])
     if not rows.is_contiguous():
         rows = rows.contiguous()
-    if torch.compiler.is_compiling():
-        y = layer_norm_op(rows, weight, bias, eps, out_dtype)[0]
-    else:
-        y = _LayerNorm.apply(rows, weight, bias, eps, out_dtype)
-    return y.view(shape)
+    return _LayerNorm.apply(rows, weight, bias, eps, out_dtype).view(shape)
