@@ -92,3 +92,4 @@ def test_module_dispatch_follows_impl():
     out = layer_norm(x, [4, 24], w2, torch.zeros_like(w2), 1e-6, True)
     assert rel_err(out, F.layer_norm(x, (4, 24), w2, torch.zeros_like(w2), 1e-6)) <= 1e-6
 
+

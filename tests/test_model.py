@@ -241,3 +241,17 @@ def test_position_tables_cached_once_and_usable_after_inference_mode():
         cached = model.eval()(x)
         _POSITION_CACHE.clear()
         assert torch.equal(model(x), cached)
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference", "triton"])
+def test_empty_batch_runs_forward_and_backward(impl):
+    """A batch of zero images gives zero rows of logits on every path (no empty kernel launches)."""
+    if impl == "triton" and not HAS_TRITON:
+        pytest.skip("Triton is not installed")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = timm.create_model("rmt_tiny", num_classes=3, masa_impl=impl, **SMALL_ARGS).to(device)
+    x = torch.zeros(0, 3, 64, 64, device=device, requires_grad=True)
+    out = model(x)
+    assert out.shape == (0, 3)
+    out.sum().backward()
+    assert x.grad.shape == x.shape

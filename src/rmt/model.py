@@ -283,7 +283,7 @@ class ClassifierHead(nn.Module):
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         b, h, w, _ = x.shape
         x = self.proj(x)
-        x = self.norm(x.reshape(b * h * w, -1)).view(b, h, w, -1)
+        x = self.norm(x.reshape(b * h * w, x.shape[-1])).view(b, h, w, x.shape[-1])
         x = x * torch.sigmoid(x)
         if self.global_pool == "avg":
             x = x.mean(dim=(1, 2))

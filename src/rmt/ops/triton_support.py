@@ -16,8 +16,9 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def triton_runs_on(x: torch.Tensor) -> bool:
-    """Whether a Triton kernel can take ``x`` here: a CUDA tensor, or a CPU one under ``TRITON_INTERPRET=1``."""
-    return HAS_TRITON and (x.is_cuda or (INTERPRET and x.device.type == "cpu"))
+    """Whether a Triton kernel can take ``x`` here: a non-empty CUDA tensor, or a CPU one under
+    ``TRITON_INTERPRET=1`` (an empty input would mean an empty launch grid: the reference handles it)."""
+    return HAS_TRITON and (x.is_cuda or (INTERPRET and x.device.type == "cpu")) and x.numel() > 0
 
 
 def fused_allowed(impl: str, x: torch.Tensor) -> bool:

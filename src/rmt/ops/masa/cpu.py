@@ -56,13 +56,13 @@ def masa_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tenso
         out = out.permute(0, 3, 2, 1, 4)
     else:
         L = h * w
-        qf, kf, vf = qr.reshape(b, n, L, d), kr.reshape(b, n, L, d), vv.reshape(b, n, L, -1)
+        qf, kf, vf = qr.reshape(b, n, L, d), kr.reshape(b, n, L, d), vv.reshape(b, n, L, vv.shape[-1])
         outs = []
         for start, stop, dist in full_form_row_blocks(b, h, w, n, max_logits, q.device):
             logits = qf[:, :, start:stop] @ kf.transpose(-1, -2)       # (b, n, rows, L)
             logits.add_(decay[:, None, None] * dist)
             outs.append(torch.softmax(logits, dim=-1).to(dtype) @ vf)
-        out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)).view(b, n, h, w, -1)
+        out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)).view(b, n, h, w, vv.shape[-1])
         out = out.permute(0, 2, 3, 1, 4)
     if add is None:
         return out.contiguous()

@@ -153,7 +153,7 @@ def masa_full_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         logits = qr[:, :, start:stop] @ kr.transpose(-1, -2) + bias     # (b, n, rows, L)
         outs.append(torch.softmax(logits, dim=-1).to(v.dtype) @ v)
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)         # (b, n, L, d)
-    return out.view(b, n, h, w, -1).permute(0, 2, 3, 1, 4).contiguous()
+    return out.view(b, n, h, w, v.shape[-1]).permute(0, 2, 3, 1, 4).contiguous()
 
 
 def default_scale(head_dim: int) -> float:
