@@ -104,27 +104,29 @@ if HAS_TRITON:
                  acc.to(Y.dtype.element_ty), mask=mask)
 
 
-def _blocks(w: int, c: int) -> Tuple[int, int]:
-    return min(32, triton.next_power_of_2(w)), min(64, triton.next_power_of_2(c))
+# (BLOCK_W, BLOCK_C, num_warps) for a token row of width w and c channels; benchmarks/kernel_tiles.py
+# times the alternatives through the ``tile`` argument of _forward
+def _blocks(w: int, c: int) -> Tuple[int, int, int]:
+    return min(32, triton.next_power_of_2(w)), min(64, triton.next_power_of_2(c)), 4
 
 
 def _forward(launch, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-             residual: bool, gelu: bool) -> torch.Tensor:
+             residual: bool, gelu: bool, tile: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
     """``[g +] dwconv(g) + bias`` (``g = gelu(x)`` or ``x``); ``x`` ``(b, h, w, c)`` with unit channel stride.
 
     GELU is one element-wise pass before the kernel: inside it, each input would be evaluated once
-    per tap (9x the erf work).
+    per tap (9x the erf work). ``tile``: ``(BLOCK_W, BLOCK_C, num_warps)`` instead of :func:`_blocks`.
     """
     if gelu:
         x = F.gelu(x)
     b, h, w, c = x.shape
     y = torch.empty((b, h, w, c), dtype=x.dtype, device=x.device)
-    block_w, block_c = _blocks(w, c)
+    block_w, block_c, warps = tile or _blocks(w, c)
     launch(_dwconv_nhwc_kernel)[(b * h, triton.cdiv(w, block_w), triton.cdiv(c, block_c))](
         x, weight, bias if bias is not None else weight, x, y, y, h, w, c,
         x.stride(0), x.stride(1), x.stride(2), 0, 0, 0,
         KS=weight.shape[-1], FLIP=False, HAS_BIAS=bias is not None, RESIDUAL=residual,
-        GELU_GRAD=False, COLUMN_SUMS=False, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=4)
+        GELU_GRAD=False, COLUMN_SUMS=False, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
     return y
 
 
@@ -140,7 +142,7 @@ def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     b, h, w, c = x.shape
     ks = weight.shape[-1]
     grad = grad.contiguous()
-    block_w, block_c = _blocks(w, c)
+    block_w, block_c, warps = _blocks(w, c)
     grid = (b * h, triton.cdiv(w, block_w), triton.cdiv(c, block_c))
     gx = gw = gb = None
     if need_input:
@@ -151,7 +153,7 @@ def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
             grad, weight, weight, x, gx, parts, h, w, c, grad.stride(0), grad.stride(1), grad.stride(2),
             x.stride(0), x.stride(1), x.stride(2),
             KS=ks, FLIP=True, HAS_BIAS=False, RESIDUAL=residual, GELU_GRAD=gelu, COLUMN_SUMS=need_bias,
-            BLOCK_W=block_w, BLOCK_C=block_c, num_warps=4)
+            BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
         if need_bias:
             gb = parts.sum(0)
     if need_weight or (need_bias and gb is None):

@@ -102,24 +102,29 @@ def _programs_for_backward(device: torch.device) -> int:
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-             out_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y, mean, rstd)`` for ``x`` ``(m, c)`` contiguous; ``y`` in ``out_dtype``, the others float32 ``(m,)``."""
+             out_dtype: torch.dtype, block_m: Optional[int] = None, num_warps: Optional[int] = None
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, mean, rstd)`` for ``x`` ``(m, c)`` contiguous; ``y`` in ``out_dtype``, the others float32 ``(m,)``.
+    ``block_m``/``num_warps`` replace :func:`_tile`'s choice (benchmarks/kernel_tiles.py times them)."""
     m, c = x.shape
     y = torch.empty((m, c), dtype=out_dtype, device=x.device)
     mean = torch.empty((m,), dtype=torch.float32, device=x.device)
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
-    block_m, block_c, warps = _tile(c)
+    block_m0, block_c, warps0 = _tile(c)
+    block_m, warps = block_m or block_m0, num_warps or warps0
     _ln_fwd_kernel[(triton.cdiv(m, block_m),)](
         x, weight, bias, y, mean, rstd, m, c, eps, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
     return y, mean, rstd
 
 
 def _backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-              rstd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              rstd: torch.Tensor, block_m: Optional[int] = None, num_warps: Optional[int] = None
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dweight, dbias)``: ``dx`` in the dtype of ``x``, the others float32 ``(c,)``."""
     m, c = x.shape
     grad = grad.contiguous()
-    block_m, block_c, warps = _tile(c)
+    block_m0, block_c, warps0 = _tile(c)
+    block_m, warps = block_m or block_m0, num_warps or warps0
     blocks = triton.cdiv(m, block_m)
     programs = max(1, min(blocks, _programs_for_backward(x.device)))
     rows_per_program = triton.cdiv(blocks, programs) * block_m

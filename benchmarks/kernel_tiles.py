@@ -1,0 +1,135 @@
+"""Tile sizes of the depthwise-conv and LayerNorm kernels at RMT-S's shapes: time, bandwidth, best choice.
+
+    python benchmarks/kernel_tiles.py --batch 128 --json OUT/kernel_tiles.json
+    TRITON_INTERPRET=1 python benchmarks/kernel_tiles.py --device cpu --batch 1 --smoke   # runs, times nothing useful
+
+For every stage of RMT-S (token grids 56/28/14/7, widths 64/128/256/512, FFN hidden 3x) and bf16
+inputs, one table row per (kernel, shape): the time of the tile the code picks today, the fastest
+tile found, and the effective bandwidth of each (bytes the kernel must move at least, divided by
+its time). Rows for PyTorch's LayerNorm and cuDNN's depthwise convolution give the baselines.
+Timing: median of CUDA-event timings (``rmt.benchmark.time_step``).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from rmt.benchmark import environment, save_rows, time_step  # noqa: E402
+from rmt.ops import dwconv, layernorm  # noqa: E402
+
+STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]   # RMT-S at 224x224: (grid side, width)
+
+
+def _seconds(fn: Callable[[], object], device: torch.device, iters: int) -> float:
+    return time_step(fn, device, warmup=2, iters=iters)
+
+
+def dwconv_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> List[Dict]:
+    """Forward kernel of the CPE (3x3 + residual), LePE (5x5) and FFN (3x3 + residual, 3x width) convs."""
+    rows = []
+    widths = [16, 32, 64]
+    channels = [32, 64, 128]
+    warps = [2, 4, 8]
+    for (side, c), (name, ks, mult, residual) in itertools.product(
+            STAGES[:1] if smoke else STAGES, [("cpe", 3, 1, True), ("lepe", 5, 1, False), ("ffn", 3, 3, True)]):
+        ch = c * mult
+        x = torch.randn(batch, side, side, ch, device=device, dtype=torch.bfloat16)
+        w = torch.randn(ch, 1, ks, ks, device=device)
+        b = torch.randn(ch, device=device)
+        moved = x.numel() * 2 * (3 if residual else 2)  # read x (+ again for the residual), write y
+
+        def run(tile=None):
+            return dwconv._forward(dwconv._direct, x, w, b, residual, False, tile)
+        default = dwconv._blocks(side, ch)
+        timed = {default: _seconds(lambda: run(default), device, iters)}
+        for tile in itertools.product(widths, channels, warps):
+            if tile[0] > triton_pow2(side) or tile[1] > triton_pow2(ch) or tile in timed or smoke:
+                continue
+            timed[tile] = _seconds(lambda: run(tile), device, iters)
+        best = min(timed, key=timed.get)
+        cudnn = _seconds(lambda: F.conv2d(x.permute(0, 3, 1, 2), w.to(x.dtype), b.to(x.dtype), padding=ks // 2,
+                                          groups=ch), device, iters)
+        rows.append(dict(kernel=f"dwconv {name} {ks}x{ks}", shape=f"{batch}x{side}x{side}x{ch}",
+                         default=str(default), default_us=timed[default] * 1e6,
+                         best=str(best), best_us=timed[best] * 1e6, baseline_us=cudnn * 1e6,
+                         default_gbs=moved / timed[default] / 1e9, best_gbs=moved / timed[best] / 1e9))
+    return rows
+
+
+def layernorm_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> List[Dict]:
+    """Forward and backward LayerNorm kernels against PyTorch's, bf16 tokens, float32 parameters."""
+    rows = []
+    for side, c in (STAGES[:1] if smoke else STAGES):
+        x = torch.randn(batch * side * side, c, device=device, dtype=torch.bfloat16)
+        w, b = torch.randn(c, device=device), torch.randn(c, device=device)
+        dy = torch.randn_like(x)
+        _, mean, rstd = layernorm._forward(x, w, b, 1e-6, x.dtype)
+        default_m, _, default_warps = layernorm._tile(c)
+        choices = [(default_m, default_warps)] + ([] if smoke else [
+            (m, nw) for m in (8, 16, 32, 64) for nw in (2, 4, 8)
+            if m * triton_pow2(c) <= 16384 and (m, nw) != (default_m, default_warps)])
+        for phase, moved in (("forward", x.numel() * 4), ("backward", x.numel() * 6)):
+            def run(m, nw):
+                if phase == "forward":
+                    return layernorm._forward(x, w, b, 1e-6, x.dtype, m, nw)
+                return layernorm._backward(dy, x, w, mean, rstd, m, nw)
+            timed = {choice: _seconds(lambda: run(*choice), device, iters) for choice in choices}
+            best = min(timed, key=timed.get)
+            xt = x.detach().requires_grad_(phase == "backward")
+            if phase == "forward":
+                def torch_ln():
+                    return F.layer_norm(x, (c,), w.to(x.dtype), b.to(x.dtype), 1e-6)
+            else:
+                out = F.layer_norm(xt, (c,), w.to(x.dtype), b.to(x.dtype), 1e-6)
+
+                def torch_ln():
+                    return torch.autograd.grad(out, xt, dy, retain_graph=True)
+            default = choices[0]
+            rows.append(dict(kernel=f"layernorm {phase}", shape=f"{x.shape[0]}x{c}",
+                             default=f"rows {default[0]}, warps {default[1]}", default_us=timed[default] * 1e6,
+                             best=f"rows {best[0]}, warps {best[1]}", best_us=timed[best] * 1e6,
+                             baseline_us=_seconds(torch_ln, device, iters) * 1e6,
+                             default_gbs=moved / timed[default] / 1e9, best_gbs=moved / timed[best] / 1e9))
+    return rows
+
+
+def triton_pow2(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--smoke", action="store_true", help="one shape, the default tiles only (a quick check)")
+    p.add_argument("--json", default="")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("kernel_tiles.py times CUDA kernels; no CUDA device here (use --device cpu --smoke "
+              "under TRITON_INTERPRET=1 for a check that it runs)", file=sys.stderr)
+        return 1
+    torch.manual_seed(0)
+    rows = dwconv_rows(args.batch, device, args.iters, args.smoke) + \
+        layernorm_rows(args.batch, device, args.iters, args.smoke)
+    print(f"{'kernel':<24} {'shape':<18} {'default tile':<18} {'us':>8} {'GB/s':>7}  "
+          f"{'best tile':<18} {'us':>8} {'GB/s':>7}  {'torch us':>8}")
+    for r in rows:
+        print(f"{r['kernel']:<24} {r['shape']:<18} {r['default']:<18} {r['default_us']:>8.1f} {r['default_gbs']:>7.0f}  "
+              f"{r['best']:<18} {r['best_us']:>8.1f} {r['best_gbs']:>7.0f}  {r['baseline_us']:>8.1f}")
+    if args.json:
+        save_rows(args.json, environment(device), vars(args), rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
