@@ -4,8 +4,8 @@
 #          `rmt train` options in FM_ARGS; if that run fails, it is run again without them) and its
 #          test evaluation;
 #   GPU 0: with --with-tests first the CUDA kernel tests and the CUDA-graph training test; then
-#          training-step execution modes (eager and CUDA graph, each with and without the Triton
-#          LayerNorm) and a GPU/CPU profile,
+#          training-step execution modes (eager and CUDA graph, with and without the Triton
+#          LayerNorm and the single-tile MaSA backward) and a GPU/CPU profile,
 #          then the RMT-S rows of the throughput table with numerics checks and compiled inference.
 # Needs the Fashion-MNIST idx files in $FASHION_MNIST_DIR. Results go to $OUT.
 set -uo pipefail
@@ -41,7 +41,7 @@ python3 -c "import torch, timm, triton; print('torch', torch.__version__, 'timm'
       tests/test_train_run.py::test_cuda_graph_training_follows_the_eager_run 2>&1 | tail -15
   fi
   timeout 180 python3 benchmarks/training_step.py --models rmt_small,swin_tiny_patch4_window7_224 \
-    --modes "${TRAIN_MODES:-eager,eager-torchln,graphed,graphed-torchln}" --batch 128 --profile rmt_small --json "$OUT/train_modes.json"
+    --modes "${TRAIN_MODES:-eager,eager-torchln-twokernel,graphed,graphed-torchln,graphed-twokernel}" --batch 128 --profile rmt_small --json "$OUT/train_modes.json"
   timeout 220 python3 -m rmt benchmark --models rmt_small --check --sizes 1024:16 \
     --peers swin_tiny_patch4_window7_224,convnext_tiny --compiled rmt_small --json "$OUT/throughput_s.json"
 ) > "$OUT/gpu0.log" 2>&1 &

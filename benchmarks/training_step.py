@@ -1,20 +1,22 @@
 """Training-step throughput of one model in several execution modes, and where the CPU time goes.
 
     python benchmarks/training_step.py --models rmt_small,swin_tiny_patch4_window7_224 \
-        --modes eager,eager-cudnn,graphed,compiled --batch 128 --profile rmt_small --json OUT/train_modes.json
+        --modes eager,eager-torchln,graphed,graphed-twokernel,compiled --batch 128 --profile rmt_small --json OUT/train_modes.json
 
 One step is forward (bf16 autocast), cross-entropy, backward and a fused AdamW update, on a fixed
-channels-last batch at 224x224, timed as in ``rmt benchmark`` (median of CUDA-event timings). Modes:
+channels-last batch at 224x224, timed as in ``rmt benchmark`` (median of CUDA-event timings). A mode
+is an execution mode with optional switches, e.g. ``graphed-torchln`` or ``eager-cudnn-twokernel``:
 
 * ``eager``    - plain PyTorch (the fast MaSA path for RMT models);
-* ``graphed``  - the same eager step captured once in a CUDA graph and replayed (no kernel-launch
-  cost on the CPU; the optimizer is ``capturable``);
+* ``graphed``  - the step of ``rmt train --cuda-graph``: captured once in a CUDA graph and replayed
+  (no kernel-launch cost on the CPU; the optimizer is ``capturable``);
 * ``compiled`` - ``torch.compile(model)`` (default mode), the step otherwise eager;
-* ``eager-cudnn`` - eager, with the depthwise convolutions of training through cuDNN instead of
-  the fused Triton kernels (``rmt.ops.dwconv.TRAINING_KERNELS = False``);
-* ``eager-torchln`` - eager, with PyTorch's LayerNorm in training instead of the multi-row Triton
-  kernels (``rmt.ops.layernorm.TRAINING_KERNELS = False``);
-* ``graphed-torchln`` - ``graphed`` with PyTorch's LayerNorm.
+* switch ``cudnn``: the depthwise convolutions of training through cuDNN instead of the fused
+  Triton kernels (``rmt.ops.dwconv.TRAINING_KERNELS = False``);
+* switch ``torchln``: PyTorch's LayerNorm in training instead of the multi-row Triton kernels
+  (``rmt.ops.layernorm.TRAINING_KERNELS = False``);
+* switch ``twokernel``: the MaSA backward pass through the dq and dk/dv kernels also for sequences
+  that fit one tile (``rmt.ops.masa.triton_masa.SINGLE_TILE_BACKWARD = False``).
 
 ``--profile MODEL`` prints the kernels with the most GPU time and the operators with the most CPU
 time in one eager step (an eager step waits on the CPU when kernels finish faster than they launch).
@@ -36,6 +38,7 @@ import timm  # noqa: E402
 
 import rmt  # noqa: E402,F401
 from rmt.ops import dwconv, layernorm  # noqa: E402
+from rmt.ops.masa import triton_masa  # noqa: E402
 from rmt.benchmark import environment, save_rows, time_step  # noqa: E402
 from rmt.engine.cuda_graph import GraphedTrainStep  # noqa: E402
 from rmt.profiling import profile_model  # noqa: E402
@@ -45,21 +48,34 @@ def _make(name: str, device: torch.device) -> torch.nn.Module:
     return timm.create_model(name).to(device=device, memory_format=torch.channels_last).train()
 
 
+SWITCHES = ("cudnn", "torchln", "twokernel")
+
+
+def _set_switches(switches: List[str]) -> None:
+    """Turn the fast-path pieces named in ``switches`` off (see the module docstring), the others on."""
+    dwconv.TRAINING_KERNELS = "cudnn" not in switches
+    layernorm.TRAINING_KERNELS = "torchln" not in switches
+    triton_masa.SINGLE_TILE_BACKWARD = "twokernel" not in switches
+
+
 def measure(name: str, mode: str, batch: int, device: torch.device, warmup: int, iters: int) -> Dict:
     """img/s and peak GiB of one (model, mode); failures are reported in ``note``."""
     row = dict(model=name, mode=mode, batch=batch, img_per_s=None, peak_gib=None, setup_s=None, note="")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    dwconv.TRAINING_KERNELS = mode != "eager-cudnn"
-    layernorm.TRAINING_KERNELS = not mode.endswith("-torchln")
+    base, *switches = mode.split("-")
+    unknown = set(switches) - set(SWITCHES)
+    if base not in ("eager", "graphed", "compiled") or unknown:
+        raise SystemExit(f"unknown mode {mode!r}: eager, graphed or compiled, then switches from {SWITCHES}")
+    _set_switches(switches)
     try:
         model = _make(name, device)
         x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 1000, (batch,), device=device)
-        graphed = mode.startswith("graphed")
+        graphed = base == "graphed"
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=graphed)
-        run = torch.compile(model) if mode == "compiled" else model
+        run = torch.compile(model) if base == "compiled" else model
         if graphed:  # the step of `rmt train --cuda-graph`: 3 eager warm-up steps, then capture and replay
             train_step = GraphedTrainStep(model, F.cross_entropy, opt, torch.bfloat16, None, warmup=3)
 
@@ -84,7 +100,7 @@ def measure(name: str, mode: str, batch: int, device: torch.device, warmup: int,
         row["note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
     finally:
         torch._dynamo.reset()
-        dwconv.TRAINING_KERNELS = layernorm.TRAINING_KERNELS = True
+        _set_switches([])
     return row
 
 

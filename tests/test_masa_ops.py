@@ -61,6 +61,21 @@ def test_triton_matches_reference_fp32(shape, form):
 
 
 @needs_triton
+@pytest.mark.parametrize("single_tile", [True, False])
+@pytest.mark.parametrize("form", ["decomposed", "full"])
+def test_triton_backward_single_tile_and_two_kernel_paths(single_tile, form, monkeypatch):
+    """Short sequences take one backward kernel (dq, dk, dv from one tile) unless switched off;
+    both paths match the reference."""
+    from rmt.ops.masa import triton_masa
+    monkeypatch.setattr(triton_masa, "SINGLE_TILE_BACKWARD", single_tile)
+    launched = []
+    monkeypatch.setattr(triton_masa, "_direct", lambda kernel: launched.append(kernel.fn.__name__) or kernel)
+    _check("triton", (2, 6, 7, 2, 16), form)
+    backward = [name for name in launched if "bwd" in name]
+    assert backward and all(("tile" in name) == single_tile for name in backward)
+
+
+@needs_triton
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("form", ["decomposed", "full"])

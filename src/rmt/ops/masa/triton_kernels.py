@@ -245,3 +245,46 @@ def masa_bwd_dq_kernel(
     dq = _rotate(dq, rows_m, cols_m, mask_m, W, SIN, COS, BLOCK_M, HEAD_DIM, BLOCK_D, True)
     _store_tokens(DQ + b * g_sb + head * g_sn, dq.to(DQ.dtype.element_ty), rows_m, cols_m, mask_m,
                   g_sh, g_sw, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def masa_bwd_tile_kernel(
+        Q, K, V, O, DO, LSE, DQ, DK, DV, SIN, COS, DECAY,
+        q_sb, q_sh, q_sw, q_sn, k_sb, k_sh, k_sw, k_sn, v_sb, v_sh, v_sw, v_sn,
+        g_sb, g_sh, g_sw, g_sn,
+        NH, W, SEQ, TOKENS, scale,
+        MODE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """Grid ``(1, sequences * NH, b)`` for sequences of at most ``BLOCK`` tokens: all of dq, dk and
+    dv of one sequence from one tile, so the logits and probabilities are formed once (the dq and
+    dk/dv kernels each form them again). ``O``, ``DO``, ``DQ``, ``DK``, ``DV`` share the strides ``g_*``.
+    """
+    b, head, seq_id, decay = _program(NH, DECAY)
+    dtype = Q.dtype.element_ty
+    offs = tl.arange(0, BLOCK)
+    q, rows, cols, mask = _rotated_tokens(
+        Q + b * q_sb + head * q_sn, offs, seq_id, SEQ, W, q_sh, q_sw,
+        SIN, COS, 1.0, BLOCK, HEAD_DIM, BLOCK_D, MODE)
+    k, _, _, _ = _rotated_tokens(
+        K + b * k_sb + head * k_sn, offs, seq_id, SEQ, W, k_sh, k_sw,
+        SIN, COS, scale, BLOCK, HEAD_DIM, BLOCK_D, MODE)
+    v = _load_tokens(V + b * v_sb + head * v_sn, rows, cols, mask, v_sh, v_sw, HEAD_DIM, BLOCK_D)
+    base = b * g_sb + head * g_sn
+    do = _load_tokens(DO + base, rows, cols, mask, g_sh, g_sw, HEAD_DIM, BLOCK_D)
+    o = _load_tokens(O + base, rows, cols, mask, g_sh, g_sw, HEAD_DIM, BLOCK_D)
+    tok = (b * TOKENS + rows * W + cols) * NH + head
+    lse = tl.load(LSE + tok, mask=mask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    s = _logits(q, k, rows, cols, rows, cols, decay, DOT_PRECISION)
+    p = tl.exp(s - lse[:, None])
+    p = tl.where(mask[:, None] & mask[None, :], p, 0.0)
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = (p * (dp - delta[:, None])).to(dtype)
+    dq = tl.dot(ds, k, input_precision=DOT_PRECISION)
+    dk = tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
+    dq = _rotate(dq, rows, cols, mask, W, SIN, COS, BLOCK, HEAD_DIM, BLOCK_D, True)
+    dk = _rotate(dk, rows, cols, mask, W, SIN, COS, BLOCK, HEAD_DIM, BLOCK_D, True) * scale
+    _store_tokens(DQ + base, dq.to(DQ.dtype.element_ty), rows, cols, mask, g_sh, g_sw, HEAD_DIM, BLOCK_D)
+    _store_tokens(DK + base, dk.to(DK.dtype.element_ty), rows, cols, mask, g_sh, g_sw, HEAD_DIM, BLOCK_D)
+    _store_tokens(DV + base, dv.to(DV.dtype.element_ty), rows, cols, mask, g_sh, g_sw, HEAD_DIM, BLOCK_D)

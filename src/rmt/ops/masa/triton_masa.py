@@ -15,9 +15,12 @@ from torch.library import triton_op, wrap_triton
 
 from ..triton_support import SUPPORTED_DTYPES
 from .triton_kernels import (MODE_COL, MODE_FULL, MODE_ROW, masa_bwd_dkdv_kernel, masa_bwd_dq_kernel,
-                             masa_fwd_kernel)
+                             masa_bwd_tile_kernel, masa_fwd_kernel)
 
 MAX_HEAD_DIM = 128
+# sequences that fit one tile (rows and columns up to 64 tokens, full-form grids up to 64 tokens) take
+# their whole backward pass from one kernel; False: the dq and dk/dv kernels (as for longer sequences)
+SINGLE_TILE_BACKWARD = True
 
 
 def _geometry(shape: Tuple[int, ...], mode: int) -> Tuple[int, int]:
@@ -83,16 +86,22 @@ def _attend_backward(launch, grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
     """Gradients of the raw (unrotated, unscaled) q, k and of v, each ``(b, h, w, n, d)``."""
     b, h, w, n, d = q.shape
     grad_out = grad_out.contiguous()
-    delta = torch.empty((b, h, w, n), dtype=torch.float32, device=q.device)
     dq = torch.empty((b, h, w, n, d), dtype=q.dtype, device=q.device)
     dk = torch.empty((b, h, w, n, d), dtype=k.dtype, device=q.device)
     dv = torch.empty((b, h, w, n, d), dtype=v.dtype, device=q.device)
     seq, nseq = _geometry(q.shape, mode)
     block_m, block_n, warps = _launch_config(seq, d)
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
+    if SINGLE_TILE_BACKWARD and seq <= block_m:  # every sequence fits one tile: one kernel for all three
+        launch(masa_bwd_tile_kernel)[(1, nseq * n, b)](
+            q, k, v, out, grad_out, lse, dq, dk, dv, sin, cos, decay, *strides,
+            n, w, seq, h * w, scale, MODE=mode, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK=block_m,
+            DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps)
+        return dq, dk, dv
     common = dict(MODE=mode, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=block_m, BLOCK_N=block_n,
                   DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps)
-    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
     # dq first: it also writes delta = rowsum(dO * O), which the dk/dv kernel reads
+    delta = torch.empty((b, h, w, n), dtype=torch.float32, device=q.device)
     launch(masa_bwd_dq_kernel)[(triton.cdiv(seq, block_m), nseq * n, b)](
         q, k, v, out, grad_out, lse, delta, dq, sin, cos, decay, *strides,
         n, w, seq, h * w, scale, **common)
