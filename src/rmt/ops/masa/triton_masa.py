@@ -96,7 +96,7 @@ def _attend_backward(launch, grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
         launch(masa_bwd_tile_kernel)[(1, nseq * n, b)](
             q, k, v, out, grad_out, lse, dq, dk, dv, sin, cos, decay, *strides,
             n, w, seq, h * w, scale, MODE=mode, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK=block_m,
-            DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps)
+            DOT_PRECISION=_dot_precision(q.dtype), num_warps=max(warps, 4))  # four [BLOCK, BLOCK] tiles live
         return dq, dk, dv
     common = dict(MODE=mode, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=block_m, BLOCK_N=block_n,
                   DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps)
