@@ -66,10 +66,18 @@ class GraphedTrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize(device)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=self.stream):
-            self.static_loss = self._eager(self.static_images, self.static_labels)
-        for group, lr in zip(self.optimizer.param_groups, floats):
-            group["lr"] = lr                   # the scheduler goes on writing floats
+        try:
+            with torch.cuda.graph(self.graph, stream=self.stream):
+                self.static_loss = self._eager(self.static_images, self.static_labels)
+        except RuntimeError as e:  # an operation of the step that a graph cannot hold
+            self.graph = None
+            raise RuntimeError(
+                f"--cuda-graph: the training step could not be captured in a CUDA graph ({e}). Some "
+                "operations cannot be captured, e.g. ones that read values back to the CPU or, on "
+                "older PyTorch, the RNG bookkeeping of --grad-checkpointing; train without --cuda-graph") from e
+        finally:
+            for group, lr in zip(self.optimizer.param_groups, floats):
+                group["lr"] = lr               # the scheduler goes on writing floats
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self.steps += 1
