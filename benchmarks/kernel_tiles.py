@@ -1,12 +1,13 @@
-"""Tile sizes of the depthwise-conv and LayerNorm kernels at RMT-S's shapes: time, bandwidth, best choice.
+"""Tile sizes of the depthwise-conv, LayerNorm and MaSA forward kernels at RMT-S's shapes: time, bandwidth, best choice.
 
     python benchmarks/kernel_tiles.py --batch 128 --json OUT/kernel_tiles.json
     TRITON_INTERPRET=1 python benchmarks/kernel_tiles.py --device cpu --batch 1 --smoke   # runs, times nothing useful
 
-For every stage of RMT-S (token grids 56/28/14/7, widths 64/128/256/512, FFN hidden 3x) and bf16
-inputs, one table row per (kernel, shape): the time of the tile the code picks today, the fastest
-tile found, and the effective bandwidth of each (bytes the kernel must move at least, divided by
-its time). Rows for PyTorch's LayerNorm and cuDNN's depthwise convolution give the baselines.
+For every stage of RMT-S (token grids 56/28/14/7, widths 64/128/256/512, FFN hidden 3x, heads
+4/4/8/16; decomposed MaSA in stages 1-3, full in stage 4) and bf16 inputs, one table row per
+(kernel, shape): the time of the tile the code picks today, the fastest tile found, and the
+effective bandwidth of each (bytes the kernel must move at least, divided by its time). Rows for
+PyTorch's LayerNorm and cuDNN's depthwise convolution give the baselines (none for MaSA).
 Timing: median of CUDA-event timings (``rmt.benchmark.time_step``).
 """
 from __future__ import annotations
@@ -24,8 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from rmt.benchmark import environment, save_rows, time_step  # noqa: E402
 from rmt.ops import dwconv, layernorm  # noqa: E402
+from rmt.ops.masa import head_decays, rotation_tables, triton_masa  # noqa: E402
 
 STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]   # RMT-S at 224x224: (grid side, width)
+HEADS = [4, 4, 8, 16]
 
 
 def _seconds(fn: Callable[[], object], device: torch.device, iters: int) -> float:
@@ -37,7 +40,7 @@ def dwconv_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> Li
     rows = []
     widths = [16, 32, 64]
     channels = [32, 64, 128]
-    warps = [2, 4, 8]
+    warps = [4, 8]
     for (side, c), (name, ks, mult, residual) in itertools.product(
             STAGES[:1] if smoke else STAGES, [("cpe", 3, 1, True), ("lepe", 5, 1, False), ("ffn", 3, 3, True)]):
         ch = c * mult
@@ -74,7 +77,7 @@ def layernorm_rows(batch: int, device: torch.device, iters: int, smoke: bool) ->
         _, mean, rstd = layernorm._forward(x, w, b, 1e-6, x.dtype)
         default_m, _, default_warps = layernorm._tile(c)
         choices = [(default_m, default_warps)] + ([] if smoke else [
-            (m, nw) for m in (8, 16, 32, 64) for nw in (2, 4, 8)
+            (m, nw) for m in (16, 32, 64) for nw in (4, 8)
             if m * triton_pow2(c) <= 16384 and (m, nw) != (default_m, default_warps)])
         for phase, moved in (("forward", x.numel() * 4), ("backward", x.numel() * 6)):
             def run(m, nw):
@@ -101,6 +104,42 @@ def layernorm_rows(batch: int, device: torch.device, iters: int, smoke: bool) ->
     return rows
 
 
+def masa_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> List[Dict]:
+    """MaSA forward kernel: the row pass of the decomposed form (stages 1-3) and the full form (stage 4)."""
+    rows = []
+    stages = list(zip(STAGES, HEADS, (triton_masa.MODE_ROW,) * 3 + (triton_masa.MODE_FULL,)))
+    for (side, c), n, mode in (stages[:1] if smoke else stages):
+        d = c // n
+        qkv = torch.randn(batch, side, side, 3, n, d, device=device, dtype=torch.bfloat16)
+        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+        sin, cos = rotation_tables(side, side, d, device=device)
+        decay = head_decays(n, 2.0, 4.0, device=device).float()
+        seq = side if mode == triton_masa.MODE_ROW else side * side
+        moved = q.numel() * 2 * 4  # read q, k, v; write the output
+
+        def run(config):
+            return triton_masa._attend(triton_masa._direct, q, k, v, sin, cos, decay, None, d ** -0.5,
+                                       mode, False, config)
+        default = triton_masa._launch_config(seq, d)
+        tiles = [(32, 32), (32, 64), (64, 32), (64, 64), (128, 64)]
+        choices = [default] + ([] if smoke else [
+            (bm, bn, nw) for (bm, bn) in tiles for nw in (2, 4, 8)
+            if max(bm, bn) <= 2 * triton_pow2(seq) and (bm, bn, nw) != default])
+        timed = {}
+        for config in choices:
+            try:
+                timed[config] = _seconds(lambda: run(config), device, iters)
+            except Exception as e:  # e.g. out of shared memory for the largest tiles
+                print(f"masa {config}: {type(e).__name__}", file=sys.stderr)
+        best = min(timed, key=timed.get)
+        kind = "row pass" if mode == triton_masa.MODE_ROW else "full"
+        rows.append(dict(kernel=f"masa fwd {kind}", shape=f"{batch}x{side}x{side}x{n}x{d}",
+                         default=str(default), default_us=timed[default] * 1e6,
+                         best=str(best), best_us=timed[best] * 1e6, baseline_us=float("nan"),
+                         default_gbs=moved / timed[default] / 1e9, best_gbs=moved / timed[best] / 1e9))
+    return rows
+
+
 def triton_pow2(n: int) -> int:
     return 1 << (max(n, 1) - 1).bit_length()
 
@@ -119,8 +158,9 @@ def main() -> int:
               "under TRITON_INTERPRET=1 for a check that it runs)", file=sys.stderr)
         return 1
     torch.manual_seed(0)
-    rows = dwconv_rows(args.batch, device, args.iters, args.smoke) + \
-        layernorm_rows(args.batch, device, args.iters, args.smoke)
+    rows = (dwconv_rows(args.batch, device, args.iters, args.smoke)
+            + layernorm_rows(args.batch, device, args.iters, args.smoke)
+            + masa_rows(args.batch, device, args.iters, args.smoke))
     print(f"{'kernel':<24} {'shape':<18} {'default tile':<18} {'us':>8} {'GB/s':>7}  "
           f"{'best tile':<18} {'us':>8} {'GB/s':>7}  {'torch us':>8}")
     for r in rows:

@@ -57,17 +57,19 @@ def _strides(t: torch.Tensor) -> Tuple[int, int, int, int]:
 
 def _attend(launch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor,
             cos: torch.Tensor, decay: torch.Tensor, add: Optional[torch.Tensor], scale: float,
-            mode: int, need_lse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+            mode: int, need_lse: bool, config: Optional[Tuple[int, int, int]] = None
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward pass over sequences of ``mode``; returns ``(out (b,h,w,n,d), lse (b,h,w,n))``.
 
     ``launch`` maps a kernel to its launcher: the kernel itself in eager mode, ``wrap_triton``
-    inside ``torch.compile``.
+    inside ``torch.compile``. ``config``: ``(BLOCK_M, BLOCK_N, num_warps)`` instead of
+    :func:`_launch_config` (benchmarks/kernel_tiles.py times the alternatives).
     """
     b, h, w, n, d = q.shape
     out = torch.empty((b, h, w, n, d), dtype=v.dtype, device=q.device)
     lse = torch.empty((b, h, w, n) if need_lse else (1,), dtype=torch.float32, device=q.device)
     seq, nseq = _geometry(q.shape, mode)
-    block_m, block_n, warps = _launch_config(seq, d)
+    block_m, block_n, warps = config or _launch_config(seq, d)
     extra = add if add is not None else out
     launch(masa_fwd_kernel)[(triton.cdiv(seq, block_m), nseq * n, b)](
         q, k, v, out, extra, lse, sin, cos, decay,
