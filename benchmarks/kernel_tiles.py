@@ -29,6 +29,7 @@ from rmt.ops.masa import head_decays, rotation_tables, triton_masa  # noqa: E402
 
 STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]   # RMT-S at 224x224: (grid side, width)
 HEADS = [4, 4, 8, 16]
+SMOKE_STAGES = [(9, 32)]                              # --smoke: one small grid, quick under the interpreter
 
 
 def _seconds(fn: Callable[[], object], device: torch.device, iters: int) -> float:
@@ -42,7 +43,7 @@ def dwconv_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> Li
     channels = [32, 64, 128]
     warps = [4, 8]
     for (side, c), (name, ks, mult, residual) in itertools.product(
-            STAGES[:1] if smoke else STAGES, [("cpe", 3, 1, True), ("lepe", 5, 1, False), ("ffn", 3, 3, True)]):
+            SMOKE_STAGES if smoke else STAGES, [("cpe", 3, 1, True), ("lepe", 5, 1, False), ("ffn", 3, 3, True)]):
         ch = c * mult
         x = torch.randn(batch, side, side, ch, device=device, dtype=torch.bfloat16)
         w = torch.randn(ch, 1, ks, ks, device=device)
@@ -70,7 +71,7 @@ def dwconv_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> Li
 def layernorm_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> List[Dict]:
     """Forward and backward LayerNorm kernels against PyTorch's, bf16 tokens, float32 parameters."""
     rows = []
-    for side, c in (STAGES[:1] if smoke else STAGES):
+    for side, c in (SMOKE_STAGES if smoke else STAGES):
         x = torch.randn(batch * side * side, c, device=device, dtype=torch.bfloat16)
         w, b = torch.randn(c, device=device), torch.randn(c, device=device)
         dy = torch.randn_like(x)
@@ -108,7 +109,9 @@ def masa_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> List
     """MaSA forward kernel: the row pass of the decomposed form (stages 1-3) and the full form (stage 4)."""
     rows = []
     stages = list(zip(STAGES, HEADS, (triton_masa.MODE_ROW,) * 3 + (triton_masa.MODE_FULL,)))
-    for (side, c), n, mode in (stages[:1] if smoke else stages):
+    if smoke:
+        stages = [(SMOKE_STAGES[0], 2, triton_masa.MODE_ROW), (SMOKE_STAGES[0], 2, triton_masa.MODE_FULL)]
+    for (side, c), n, mode in stages:
         d = c // n
         qkv = torch.randn(batch, side, side, 3, n, d, device=device, dtype=torch.bfloat16)
         q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
@@ -149,7 +152,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--smoke", action="store_true", help="one shape, the default tiles only (a quick check)")
+    p.add_argument("--smoke", action="store_true", help="one small shape, the default tiles only (a quick check)")
     p.add_argument("--json", default="")
     args = p.parse_args()
     device = torch.device(args.device)
