@@ -27,6 +27,19 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def saved_bytes(fn):
+    """Bytes of distinct storages autograd keeps while running ``fn`` (parameters excluded)."""
+    seen = {}
+
+    def pack(t):
+        if not (t.is_leaf and t.requires_grad):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
 def assert_same_gradients(got: torch.Tensor, want: torch.Tensor, inputs, names, tol: float) -> None:
     """Backpropagate one random output gradient through ``got`` and ``want``: the gradients of every
     input have the same dtype and agree to ``tol`` relative error."""

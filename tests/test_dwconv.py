@@ -8,7 +8,7 @@ import torch
 
 from rmt.ops.dwconv import HAS_TRITON, dwconv_nhwc, dwconv_nhwc_reference, dwconv_nhwc_triton
 
-from conftest import assert_same_gradients, rel_err
+from conftest import assert_same_gradients, rel_err, saved_bytes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
@@ -102,19 +102,6 @@ def test_custom_op_used_by_compile_matches_eager_function():
         assert torch.equal(a, b)
 
 
-def _saved_bytes(fn):
-    """Bytes of distinct storages autograd keeps while running ``fn`` (parameters excluded)."""
-    seen = {}
-
-    def pack(t):
-        if not (t.is_leaf and t.requires_grad):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(seen.values())
-
-
 @needs_triton
 def test_ffn_tail_recomputes_the_depthwise_output_and_matches_reference():
     from rmt.ops.ffn import ffn_tail
@@ -125,8 +112,8 @@ def test_ffn_tail_recomputes_the_depthwise_output_and_matches_reference():
     fc_w = torch.randn(dim, hidden, device=DEVICE, requires_grad=True)
     fc_b = torch.randn(dim, device=DEVICE, requires_grad=True)
     args = (a, dw_w, dw_b, fc_w, fc_b)
-    want, want_saved = _saved_bytes(lambda: ffn_tail(*args, False))
-    got, got_saved = _saved_bytes(lambda: ffn_tail(*args, True))
+    want, want_saved = saved_bytes(lambda: ffn_tail(*args, False))
+    got, got_saved = saved_bytes(lambda: ffn_tail(*args, True))
     assert rel_err(got, want) <= 1e-6
     assert got_saved <= want_saved - a.numel() * a.element_size()   # the (b, h, w, hidden) output is not kept
     g = torch.randn_like(want)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from rmt.norm import LayerNorm, layer_norm, layer_norm_autocast
 from rmt.ops.layernorm import HAS_TRITON, layer_norm_triton
 
-from conftest import assert_same_gradients, rel_err
+from conftest import assert_same_gradients, rel_err, saved_bytes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
@@ -93,3 +93,15 @@ def test_module_dispatch_follows_impl():
     assert rel_err(out, F.layer_norm(x, (4, 24), w2, torch.zeros_like(w2), 1e-6)) <= 1e-6
 
 
+
+
+@needs_triton
+def test_autocast_keeps_the_same_activation_memory_as_the_reference():
+    """A float32 input under autocast: like the reference, the kernels keep its 16-bit copy for backward."""
+    x = torch.randn(64, 48, device=DEVICE, requires_grad=True)
+    weight, bias = _params(48)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        _, got = saved_bytes(lambda: layer_norm_triton(x, weight, bias, 1e-6))
+        _, want = saved_bytes(lambda: layer_norm_autocast(x, [48], weight, bias, 1e-6))
+    assert got <= want + 8 * x.shape[0]  # + float32 row statistics (PyTorch's CPU kernel keeps them in bf16)
+    assert got < x.numel() * 4            # not the float32 input

@@ -168,7 +168,11 @@ def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     """LayerNorm of ``(..., c)`` over ``c`` with autograd; returns the autocast dtype under autocast,
     else the dtype of ``x``. ``weight``/``bias`` ``(c,)`` are read as they are (float32 under autocast)."""
     device = x.device.type
-    out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    out_dtype = x.dtype
+    if torch.is_autocast_enabled(device):
+        # as the reference: normalise the autocast-dtype copy, so that is what backward keeps
+        out_dtype = torch.get_autocast_dtype(device)
+        x = x.to(out_dtype)
     shape = x.shape
     rows = x.reshape(-1, shape[-1])
     if not rows.is_contiguous():
