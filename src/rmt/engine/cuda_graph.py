@@ -36,7 +36,7 @@ class GraphedTrainStep:
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.amp_dtype, self.clip_grad, self.warmup = amp_dtype, clip_grad, warmup
         self.steps = 0
-        # warm-up and capture run on this stream; DDP must be built under it too (see side_stream_for_ddp)
+        # warm-up and capture run on this stream; DDP must be built under it too (see the module docstring)
         self.stream = stream if stream is not None else torch.cuda.Stream()
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.static_images = self.static_labels = self.static_loss = None
