@@ -21,7 +21,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .norm import LayerNorm, layer_norm_autocast  # noqa: F401  (re-exported)
+from .norm import LayerNorm
 from .ops.dwconv import dwconv_nhwc
 from .ops.ffn import ffn_tail
 from .ops.masa import FORMS, IMPLS, masa

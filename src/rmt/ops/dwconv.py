@@ -14,7 +14,8 @@ come from cache) and write the result once:
   or ``g = x``;
 * input gradient: the same kernel on ``dy`` with the kernel flipped, plus ``dy`` for the residual,
   times ``gelu'(x)``;
-* weight and bias gradients: cuDNN's reduction kernels on ``g`` (recomputed from ``x``).
+* bias gradient: per-program partial sums of ``dy`` written by the input-gradient kernel;
+* weight gradient: cuDNN's reduction kernel on ``g`` (recomputed from ``x``).
 
 Only ``x`` is kept for the backward pass, so the FFN stores its hidden activation once instead of
 three times. :func:`dwconv_nhwc_reference` (``F.gelu`` + ``F.conv2d``) is the oracle and the path
