@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from rmt.benchmark import environment, save_rows, time_step  # noqa: E402
 from rmt.ops import dwconv, layernorm  # noqa: E402
 from rmt.ops.masa import head_decays, rotation_tables, triton_masa  # noqa: E402
+from rmt.ops.triton_support import eager_launch  # noqa: E402
 
 STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]   # RMT-S at 224x224: (grid side, width)
 HEADS = [4, 4, 8, 16]
@@ -51,7 +52,7 @@ def dwconv_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> Li
         moved = x.numel() * 2 * (3 if residual else 2)  # read x (+ again for the residual), write y
 
         def run(tile=None):
-            return dwconv._forward(dwconv._direct, x, w, b, residual, False, tile)
+            return dwconv._forward(eager_launch, x, w, b, residual, False, tile)
         default = dwconv._blocks(side, ch)
         timed = {default: _seconds(lambda: run(default), device, iters)}
         for tile in itertools.product(widths, channels, warps):
@@ -76,11 +77,12 @@ def layernorm_rows(batch: int, device: torch.device, iters: int, smoke: bool) ->
         w, b = torch.randn(c, device=device), torch.randn(c, device=device)
         dy = torch.randn_like(x)
         _, mean, rstd = layernorm._forward(x, w, b, 1e-6, x.dtype)
-        default_m, _, default_warps = layernorm._tile(c)
-        choices = [(default_m, default_warps)] + ([] if smoke else [
-            (m, nw) for m in (16, 32, 64) for nw in (4, 8)
-            if m * triton_pow2(c) <= 16384 and (m, nw) != (default_m, default_warps)])
         for phase, moved in (("forward", x.numel() * 4), ("backward", x.numel() * 6)):
+            default_m, _, default_warps = layernorm._tile(c, backward=phase == "backward")
+            choices = [(default_m, default_warps)] + ([] if smoke else [
+                (m, nw) for m in (16, 32, 64) for nw in (4, 8)
+                if m * triton_pow2(c) <= 16384 and (m, nw) != (default_m, default_warps)])
+
             def run(m, nw):
                 if phase == "forward":
                     return layernorm._forward(x, w, b, 1e-6, x.dtype, m, nw)
@@ -121,7 +123,7 @@ def masa_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> List
         moved = q.numel() * 2 * 4  # read q, k, v; write the output
 
         def run(config):
-            return triton_masa._attend(triton_masa._direct, q, k, v, sin, cos, decay, None, d ** -0.5,
+            return triton_masa._attend(eager_launch, q, k, v, sin, cos, decay, None, d ** -0.5,
                                        mode, False, config)
         default = triton_masa._launch_config(seq, d)
         tiles = [(32, 32), (32, 64), (64, 32), (64, 64), (128, 64)]

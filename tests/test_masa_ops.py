@@ -69,7 +69,9 @@ def test_triton_backward_single_tile_and_two_kernel_paths(single_tile, form, mon
     from rmt.ops.masa import triton_masa
     monkeypatch.setattr(triton_masa, "SINGLE_TILE_BACKWARD", single_tile)
     launched = []
-    monkeypatch.setattr(triton_masa, "_direct", lambda kernel: launched.append(kernel.fn.__name__) or kernel)
+    launcher = triton_masa.eager_launch
+    monkeypatch.setattr(triton_masa, "eager_launch",
+                        lambda kernel: launched.append(kernel.fn.__name__) or launcher(kernel))
     _check("triton", (2, 6, 7, 2, 16), form)
     backward = [name for name in launched if "bwd" in name]
     assert backward and all(("tile" in name) == single_tile for name in backward)
@@ -115,13 +117,19 @@ def test_auto_picks_cpu_path_on_cpu_and_reference_switch_matches():
 
 @pytest.mark.parametrize("impl", ["reference", "cpu"] + (["triton"] if HAS_TRITON and DEVICE == "cuda" else []))
 def test_torch_compile_fullgraph_has_no_graph_breaks(impl):
-    """Dynamo captures the whole model in one graph (backend 'eager' keeps the test fast)."""
+    """Dynamo captures the whole model in one graph (backend 'eager' keeps the test fast).
+
+    The pooled features are compared (the randomly initialised head's logits are small sums of
+    large terms, which magnifies rounding). With the Triton path the two runs normalise with
+    different kernels (the Triton LayerNorm in eager mode, PyTorch's under compile), so they agree
+    to float32 rounding rather than exactly.
+    """
     torch._dynamo.reset()
-    model = timm.create_model("rmt_tiny", masa_impl=impl, **SMALL_ARGS).to(DEVICE).eval()
+    model = timm.create_model("rmt_tiny", masa_impl=impl, num_classes=0, **SMALL_ARGS).to(DEVICE).eval()
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     x = torch.randn(1, 3, 64, 64, device=DEVICE)
     with torch.no_grad():
-        assert rel_err(compiled(x), model(x)) <= 1e-6
+        assert rel_err(compiled(x), model(x)) <= (1e-5 if impl == "triton" else 1e-6)
 
 
 @needs_triton

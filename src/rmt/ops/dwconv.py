@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .triton_support import HAS_TRITON, SUPPORTED_DTYPES, triton_runs_on
+from .triton_support import HAS_TRITON, SUPPORTED_DTYPES, eager_launch, triton_runs_on
 
 if HAS_TRITON:
     import triton
@@ -105,10 +105,18 @@ if HAS_TRITON:
                  acc.to(Y.dtype.element_ty), mask=mask)
 
 
-# (BLOCK_W, BLOCK_C, num_warps) for a token row of width w and c channels; benchmarks/kernel_tiles.py
-# times the alternatives through the ``tile`` argument of _forward
 def _blocks(w: int, c: int) -> Tuple[int, int, int]:
-    return min(32, triton.next_power_of_2(w)), min(64, triton.next_power_of_2(c)), 4
+    """``(BLOCK_W, BLOCK_C, num_warps)`` for a token row of width ``w`` and ``c`` channels.
+
+    Chosen by ``benchmarks/kernel_tiles.py`` (which times the alternatives through the ``tile``
+    argument of :func:`_forward`) at the RMT-S shapes on an H200: narrow channel blocks and whole rows
+    for 64 channels, 128-channel blocks from 128 channels up (but 64 on 7-token rows, where the
+    grid would otherwise fill the GPU only a few times over).
+    """
+    bw = triton.next_power_of_2(w)
+    if c < 128:
+        return min(64, bw), min(32, triton.next_power_of_2(c)), 4
+    return min(32, bw), 64 if w <= 8 else 128, 4
 
 
 def _forward(launch, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -168,10 +176,6 @@ def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     return gx, gw, gb
 
 
-def _direct(kernel):
-    return kernel
-
-
 if HAS_TRITON:
     # --- torch.compile: custom ops that Inductor sees through ------------------------------------
     @triton_op("rmt::dwconv_nhwc", mutates_args={})
@@ -207,13 +211,13 @@ class _DWConv(torch.autograd.Function):
     def forward(ctx, x, weight, bias, residual, gelu):
         ctx.save_for_backward(x, weight)
         ctx.residual, ctx.gelu, ctx.has_bias = residual, gelu, bias is not None
-        return _forward(_direct, x, weight, bias, residual, gelu)
+        return _forward(eager_launch, x, weight, bias, residual, gelu)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
-        gx, gw, gb = _backward(_direct, grad, x, weight, ctx.residual, ctx.gelu,
+        gx, gw, gb = _backward(eager_launch, grad, x, weight, ctx.residual, ctx.gelu,
                                ctx.needs_input_grad[0], ctx.needs_input_grad[1], need_b)
         gw = gw.to(weight.dtype) if gw is not None else None
         gb = gb.to(weight.dtype) if gb is not None else None

@@ -17,12 +17,13 @@ import torch.nn.functional as F
 
 from . import dwconv
 from .dwconv import dwconv_nhwc, triton_dwconv_supported
+from .triton_support import eager_launch
 
 
 class _DWConvLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, dw_weight, dw_bias, weight, bias):
-        u = dwconv._forward(dwconv._direct, a, dw_weight, dw_bias, True, True)
+        u = dwconv._forward(eager_launch, a, dw_weight, dw_bias, True, True)
         ctx.save_for_backward(a, dw_weight, dw_bias, weight)
         ctx.has_bias = bias is not None
         return F.linear(u, weight.to(u.dtype), bias.to(u.dtype) if bias is not None else None)
@@ -30,14 +31,14 @@ class _DWConvLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         a, dw_weight, dw_bias, weight = ctx.saved_tensors
-        u = dwconv._forward(dwconv._direct, a, dw_weight, dw_bias, True, True)  # recomputed
+        u = dwconv._forward(eager_launch, a, dw_weight, dw_bias, True, True)  # recomputed
         grad = grad.contiguous()
         flat_grad = grad.reshape(-1, grad.shape[-1])
         grad_w = flat_grad.t().mm(u.reshape(-1, u.shape[-1])).to(weight.dtype)
         grad_b = flat_grad.sum(0).to(weight.dtype) if ctx.has_bias else None
         grad_u = grad.matmul(weight.to(grad.dtype))
         grad_a, grad_dw, grad_db = dwconv._backward(
-            dwconv._direct, grad_u, a, dw_weight, True, True, ctx.needs_input_grad[0],
+            eager_launch, grad_u, a, dw_weight, True, True, ctx.needs_input_grad[0],
             ctx.needs_input_grad[1], dw_bias is not None and ctx.needs_input_grad[2])
         grad_dw = grad_dw.to(dw_weight.dtype) if grad_dw is not None else None
         grad_db = grad_db.to(dw_bias.dtype) if grad_db is not None else None

@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .triton_support import HAS_TRITON, SUPPORTED_DTYPES, triton_runs_on
+from .triton_support import HAS_TRITON, SUPPORTED_DTYPES, eager_launch, triton_runs_on
 
 if HAS_TRITON:
     import triton
@@ -54,10 +54,10 @@ if HAS_TRITON:
         tl.store(RSTD + rows, rstd, mask=mask_r)
 
     @triton.jit
-    def _ln_bwd_kernel(DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, M, C, rows_per_program,
+    def _ln_bwd_kernel(DY, X, W, MEAN, RSTD, DX, PARTS, M, C, rows_per_program,
                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
         """Grid ``(programs,)``: ``rows_per_program`` rows (a multiple of ``BLOCK_M``) per program;
-        ``DW_PART``/``DB_PART`` ``(programs, C)`` float32 get the program's column sums."""
+        ``PARTS`` ``(programs, 2, C)`` float32 gets the program's column sums of ``dy * xhat`` and ``dy``."""
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_C)
         mask_c = cols < C
@@ -82,14 +82,19 @@ if HAS_TRITON:
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
             dw += tl.sum(dy * xhat, axis=0)
             db += tl.sum(dy, axis=0)
-        tl.store(DW_PART + pid * C + cols, dw, mask=mask_c)
-        tl.store(DB_PART + pid * C + cols, db, mask=mask_c)
+        tl.store(PARTS + pid * 2 * C + cols, dw, mask=mask_c)
+        tl.store(PARTS + (pid * 2 + 1) * C + cols, db, mask=mask_c)
 
 
-def _tile(c: int) -> Tuple[int, int, int]:
-    """``(BLOCK_M, BLOCK_C, num_warps)``: about 4096 elements per tile."""
+def _tile(c: int, backward: bool = False) -> Tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_C, num_warps)``: about 4096 elements per forward tile (at least 16 rows up to
+    512 channels) and 8192 per backward tile, as ``benchmarks/kernel_tiles.py`` found best at the
+    RMT-S shapes (64-512 channels) on an H200."""
     block_c = triton.next_power_of_2(c)
-    block_m = max(1, min(64, 4096 // block_c))
+    if backward:
+        block_m = max(1, min(64, 8192 // block_c))
+    else:
+        block_m = min(64, max(4096 // block_c, 16 if block_c <= 512 else 1))
     return block_m, block_c, 8 if block_c >= 2048 else 4
 
 
@@ -112,7 +117,7 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: flo
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
     block_m0, block_c, warps0 = _tile(c)
     block_m, warps = block_m or block_m0, num_warps or warps0
-    _ln_fwd_kernel[(triton.cdiv(m, block_m),)](
+    eager_launch(_ln_fwd_kernel)[(triton.cdiv(m, block_m),)](
         x, weight, bias, y, mean, rstd, m, c, eps, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
     return y, mean, rstd
 
@@ -123,19 +128,19 @@ def _backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: t
     """``(dx, dweight, dbias)``: ``dx`` in the dtype of ``x``, the others float32 ``(c,)``."""
     m, c = x.shape
     grad = grad.contiguous()
-    block_m0, block_c, warps0 = _tile(c)
+    block_m0, block_c, warps0 = _tile(c, backward=True)
     block_m, warps = block_m or block_m0, num_warps or warps0
     blocks = triton.cdiv(m, block_m)
     programs = max(1, min(blocks, _programs_for_backward(x.device)))
     rows_per_program = triton.cdiv(blocks, programs) * block_m
     programs = triton.cdiv(m, rows_per_program)
     dx = torch.empty_like(x)
-    dw_part = torch.empty((programs, c), dtype=torch.float32, device=x.device)
-    db_part = torch.empty((programs, c), dtype=torch.float32, device=x.device)
-    _ln_bwd_kernel[(programs,)](
-        grad, x, weight, mean, rstd, dx, dw_part, db_part, m, c, rows_per_program,
+    parts = torch.empty((programs, 2, c), dtype=torch.float32, device=x.device)
+    eager_launch(_ln_bwd_kernel)[(programs,)](
+        grad, x, weight, mean, rstd, dx, parts, m, c, rows_per_program,
         BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
-    return dx, dw_part.sum(0), db_part.sum(0)
+    dw, db = parts.sum(0)  # one reduction for both
+    return dx, dw, db
 
 
 class _LayerNorm(torch.autograd.Function):

@@ -13,7 +13,7 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
-from ..triton_support import SUPPORTED_DTYPES
+from ..triton_support import SUPPORTED_DTYPES, eager_launch
 from .triton_kernels import (MODE_COL, MODE_FULL, MODE_ROW, masa_bwd_dkdv_kernel, masa_bwd_dq_kernel,
                              masa_bwd_tile_kernel, masa_fwd_kernel)
 
@@ -61,7 +61,7 @@ def _attend(launch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torc
             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward pass over sequences of ``mode``; returns ``(out (b,h,w,n,d), lse (b,h,w,n))``.
 
-    ``launch`` maps a kernel to its launcher: the kernel itself in eager mode, ``wrap_triton``
+    ``launch`` maps a kernel to its launcher: :func:`~rmt.ops.triton_support.eager_launch` in eager mode, ``wrap_triton``
     inside ``torch.compile``. ``config``: ``(BLOCK_M, BLOCK_N, num_warps)`` instead of
     :func:`_launch_config` (benchmarks/kernel_tiles.py times the alternatives).
     """
@@ -113,10 +113,6 @@ def _attend_backward(launch, grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
     return dq, dk, dv
 
 
-def _direct(kernel):
-    return kernel
-
-
 # --- torch.compile: custom ops that Inductor sees through -----------------------------------------
 
 @triton_op("rmt::masa_attend", mutates_args={})
@@ -157,7 +153,7 @@ masa_attend.register_autograd(_backward, setup_context=_setup_context)
 class _MasaAttend(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sin, cos, decay, add, scale, mode, need_lse):
-        out, lse = _attend(_direct, q, k, v, sin, cos, decay, add, scale, mode, need_lse)
+        out, lse = _attend(eager_launch, q, k, v, sin, cos, decay, add, scale, mode, need_lse)
         ctx.save_for_backward(q, k, v, sin, cos, decay, out, lse)
         ctx.scale, ctx.mode = scale, mode
         return out
@@ -165,7 +161,7 @@ class _MasaAttend(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, sin, cos, decay, out, lse = ctx.saved_tensors
-        dq, dk, dv = _attend_backward(_direct, grad_out, q, k, v, out, lse, sin, cos, decay,
+        dq, dk, dv = _attend_backward(eager_launch, grad_out, q, k, v, out, lse, sin, cos, decay,
                                       ctx.scale, ctx.mode)
         return dq, dk, dv, None, None, None, None, None, None, None
 
