@@ -1,14 +1,19 @@
 """CPU time per call of the eager Triton launches, beside PyTorch's own kernels (CUDA only).
 
-    python benchmarks/launch_overhead.py
+    python benchmarks/launch_overhead.py [--cprofile]
 
 An eager training step of RMT-S makes about 800 Triton launches; when the GPU finishes kernels
 faster than the CPU issues them, these microseconds set the step time. Each row is the mean CPU
-time of one call, issued back to back without synchronising (the GPU runs behind): small
-LayerNorm and depthwise-conv inputs, so the GPU never becomes the limit.
+time of one call, issued back to back without synchronising (the GPU runs behind), on inputs small
+enough that the GPU never becomes the limit. "launch only" rows time ``kernel[grid](...)`` with
+preallocated outputs; the others the whole eager op (allocation, autograd, launch).
+``--cprofile`` also prints where the Python time of the bare LayerNorm launch goes.
 """
 from __future__ import annotations
 
+import argparse
+import cProfile
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -18,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from rmt.ops import triton_support  # noqa: E402
+from rmt.ops import dwconv, layernorm  # noqa: E402
 from rmt.ops.dwconv import dwconv_nhwc_triton  # noqa: E402
 from rmt.ops.layernorm import layer_norm_triton  # noqa: E402
 
@@ -36,6 +41,9 @@ def per_call_us(fn, calls: int = 2000) -> float:
 
 
 def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cprofile", action="store_true")
+    args = p.parse_args()
     if not torch.cuda.is_available():
         print("launch_overhead.py measures CUDA launches; no CUDA device here", file=sys.stderr)
         return 2
@@ -43,10 +51,21 @@ def main() -> int:
     x = torch.randn(256, 64, device=dev)
     w, b = torch.randn(64, device=dev), torch.randn(64, device=dev)
     xg = x.clone().requires_grad_()
+    y, mean, rstd = (torch.empty_like(x), torch.empty(256, device=dev), torch.empty(256, device=dev))
     img = torch.randn(2, 8, 8, 64, device=dev)
+    out = torch.empty_like(img)
     dw_w, dw_b = torch.randn(64, 1, 3, 3, device=dev), torch.randn(64, device=dev)
 
-    def ln_train(ln):
+    def ln_launch():
+        layernorm._ln_fwd_kernel[(4,)](x, w, b, y, mean, rstd, 256, 64, 1e-6, BLOCK_M=64, BLOCK_C=64, num_warps=4)
+
+    def dw_launch():
+        dwconv._dwconv_nhwc_kernel[(16, 1, 2)](
+            img, dw_w, dw_b, img, out, out, 8, 8, 64, *img.stride()[:3], 0, 0, 0, KS=3, FLIP=False,
+            HAS_BIAS=True, RESIDUAL=True, GELU_GRAD=False, COLUMN_SUMS=False, BLOCK_W=8, BLOCK_C=32,
+            num_warps=4)
+
+    def train(ln):
         def step():
             ln(xg).sum().backward()
         return step
@@ -54,20 +73,26 @@ def main() -> int:
     cases = {
         "torch.add (one aten kernel)": lambda: torch.add(x, 1.0),
         "F.layer_norm forward": lambda: F.layer_norm(x, (64,), w, b),
+        "LayerNorm kernel, launch only": ln_launch,
         "Triton LayerNorm forward": lambda: layer_norm_triton(x, w, b, 1e-6),
-        "F.layer_norm forward+backward": ln_train(lambda t: F.layer_norm(t, (64,), w, b)),
-        "Triton LayerNorm forward+backward": ln_train(lambda t: layer_norm_triton(t, w, b, 1e-6)),
+        "F.layer_norm forward+backward": train(lambda t: F.layer_norm(t, (64,), w, b)),
+        "Triton LayerNorm forward+backward": train(lambda t: layer_norm_triton(t, w, b, 1e-6)),
+        "dwconv kernel, launch only": dw_launch,
         "Triton dwconv 3x3 + residual forward": lambda: dwconv_nhwc_triton(img, dw_w, dw_b, True),
     }
-    print(f"{'call':<40} {'cached launch us':>17} {'Triton dispatch us':>19}")
+    print(f"{'call':<40} {'CPU us per call':>16}")
     for name, fn in cases.items():
-        times = []
-        for fast in (True, False):
-            triton_support.FAST_LAUNCH = fast
-            times.append(per_call_us(fn))
-        triton_support.FAST_LAUNCH = True
-        print(f"{name:<40} {times[0]:>17.1f} {times[1]:>19.1f}")
+        print(f"{name:<40} {per_call_us(fn):>16.1f}")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
+    if args.cprofile:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(1000):
+            ln_launch()
+        prof.disable()
+        torch.cuda.synchronize()
+        print("cProfile of 1000 bare LayerNorm launches (tottime, s):")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(14)
     return 0
 
 

@@ -16,9 +16,7 @@ is an execution mode with optional switches, e.g. ``graphed-torchln`` or ``eager
 * switch ``torchln``: PyTorch's LayerNorm in training instead of the multi-row Triton kernels
   (``rmt.ops.layernorm.TRAINING_KERNELS = False``);
 * switch ``twokernel``: the MaSA backward pass through the dq and dk/dv kernels also for sequences
-  that fit one tile (``rmt.ops.masa.triton_masa.SINGLE_TILE_BACKWARD = False``);
-* switch ``jitlaunch``: every Triton launch through Triton's own dispatch instead of the cached
-  compiled kernel (``rmt.ops.triton_support.FAST_LAUNCH = False``).
+  that fit one tile (``rmt.ops.masa.triton_masa.SINGLE_TILE_BACKWARD = False``).
 
 ``--profile MODEL`` prints the kernels with the most GPU time and the operators with the most CPU
 time in one eager step (an eager step waits on the CPU when kernels finish faster than they launch).
@@ -39,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import timm  # noqa: E402
 
 import rmt  # noqa: E402,F401
-from rmt.ops import dwconv, layernorm, triton_support  # noqa: E402
+from rmt.ops import dwconv, layernorm  # noqa: E402
 from rmt.ops.masa import triton_masa  # noqa: E402
 from rmt.benchmark import environment, save_rows, time_step  # noqa: E402
 from rmt.engine.cuda_graph import GraphedTrainStep  # noqa: E402
@@ -50,7 +48,7 @@ def _make(name: str, device: torch.device) -> torch.nn.Module:
     return timm.create_model(name).to(device=device, memory_format=torch.channels_last).train()
 
 
-SWITCHES = ("cudnn", "torchln", "twokernel", "jitlaunch")
+SWITCHES = ("cudnn", "torchln", "twokernel")
 
 
 def _set_switches(switches: List[str]) -> None:
@@ -58,7 +56,6 @@ def _set_switches(switches: List[str]) -> None:
     dwconv.TRAINING_KERNELS = "cudnn" not in switches
     layernorm.TRAINING_KERNELS = "torchln" not in switches
     triton_masa.SINGLE_TILE_BACKWARD = "twokernel" not in switches
-    triton_support.FAST_LAUNCH = "jitlaunch" not in switches
 
 
 def measure(name: str, mode: str, batch: int, device: torch.device, warmup: int, iters: int) -> Dict:
