@@ -65,6 +65,19 @@ def main() -> int:
             HAS_BIAS=True, RESIDUAL=True, GELU_GRAD=False, COLUMN_SUMS=False, BLOCK_W=8, BLOCK_C=32,
             num_warps=4)
 
+    class Identity(torch.autograd.Function):
+        """No kernels of its own: what a Python autograd Function costs around its launches."""
+        @staticmethod
+        def forward(ctx, t):
+            return t.view_as(t)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+
+    grad_y = torch.randn_like(x)
+    _, ln_mean, ln_rstd = layernorm._forward(x, w, b, 1e-6, x.dtype)
+
     def train(ln):
         def step():
             ln(xg).sum().backward()
@@ -77,6 +90,9 @@ def main() -> int:
         "Triton LayerNorm forward": lambda: layer_norm_triton(x, w, b, 1e-6),
         "F.layer_norm forward+backward": train(lambda t: F.layer_norm(t, (64,), w, b)),
         "Triton LayerNorm forward+backward": train(lambda t: layer_norm_triton(t, w, b, 1e-6)),
+        "LayerNorm backward, no autograd": lambda: layernorm._backward(grad_y, x, w, ln_mean, ln_rstd),
+        "x * 2 forward+backward": train(lambda t: t * 2),
+        "Python autograd.Function fwd+bwd": train(lambda t: Identity.apply(t) * 2),
         "dwconv kernel, launch only": dw_launch,
         "Triton dwconv 3x3 + residual forward": lambda: dwconv_nhwc_triton(img, dw_w, dw_b, True),
     }
