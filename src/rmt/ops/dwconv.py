@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .triton_support import HAS_TRITON, SUPPORTED_DTYPES, eager_launch, triton_runs_on
+from .triton_support import HAS_TRITON, SUPPORTED_DTYPES, cdiv, eager_launch, next_power_of_2, triton_runs_on
 
 if HAS_TRITON:
     import triton
@@ -113,9 +113,9 @@ def _blocks(w: int, c: int) -> Tuple[int, int, int]:
     for 64 channels, 128-channel blocks from 128 channels up (but 64 on 7-token rows, where the
     grid would otherwise fill the GPU only a few times over).
     """
-    bw = triton.next_power_of_2(w)
+    bw = next_power_of_2(w)
     if c < 128:
-        return min(64, bw), min(32, triton.next_power_of_2(c)), 4
+        return min(64, bw), min(32, next_power_of_2(c)), 4
     return min(32, bw), 64 if w <= 8 else 128, 4
 
 
@@ -131,7 +131,7 @@ def _forward(launch, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     b, h, w, c = x.shape
     y = torch.empty((b, h, w, c), dtype=x.dtype, device=x.device)
     block_w, block_c, warps = tile or _blocks(w, c)
-    launch(_dwconv_nhwc_kernel)[(b * h, triton.cdiv(w, block_w), triton.cdiv(c, block_c))](
+    launch(_dwconv_nhwc_kernel)[(b * h, cdiv(w, block_w), cdiv(c, block_c))](
         x, weight, bias if bias is not None else weight, x, y, y, h, w, c,
         x.stride(0), x.stride(1), x.stride(2), 0, 0, 0,
         KS=weight.shape[-1], FLIP=False, HAS_BIAS=bias is not None, RESIDUAL=residual,
@@ -152,7 +152,7 @@ def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     ks = weight.shape[-1]
     grad = grad.contiguous()
     block_w, block_c, warps = _blocks(w, c)
-    grid = (b * h, triton.cdiv(w, block_w), triton.cdiv(c, block_c))
+    grid = (b * h, cdiv(w, block_w), cdiv(c, block_c))
     gx = gw = gb = None
     if need_input:
         gx = torch.empty((b, h, w, c), dtype=x.dtype, device=x.device)

@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .triton_support import HAS_TRITON, SUPPORTED_DTYPES, eager_launch, triton_runs_on
+from .triton_support import HAS_TRITON, SUPPORTED_DTYPES, cdiv, eager_launch, next_power_of_2, triton_runs_on
 
 if HAS_TRITON:
     import triton
@@ -90,7 +90,7 @@ def _tile(c: int, backward: bool = False) -> Tuple[int, int, int]:
     """``(BLOCK_M, BLOCK_C, num_warps)``: about 4096 elements per forward tile (at least 16 rows up to
     512 channels) and 8192 per backward tile, as ``benchmarks/kernel_tiles.py`` found best at the
     RMT-S shapes (64-512 channels) on an H200."""
-    block_c = triton.next_power_of_2(c)
+    block_c = next_power_of_2(c)
     if backward:
         block_m = max(1, min(64, 8192 // block_c))
     else:
@@ -117,7 +117,7 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: flo
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
     block_m0, block_c, warps0 = _tile(c)
     block_m, warps = block_m or block_m0, num_warps or warps0
-    eager_launch(_ln_fwd_kernel)[(triton.cdiv(m, block_m),)](
+    eager_launch(_ln_fwd_kernel)[(cdiv(m, block_m),)](
         x, weight, bias, y, mean, rstd, m, c, eps, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
     return y, mean, rstd
 
@@ -130,10 +130,10 @@ def _backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: t
     grad = grad.contiguous()
     block_m0, block_c, warps0 = _tile(c, backward=True)
     block_m, warps = block_m or block_m0, num_warps or warps0
-    blocks = triton.cdiv(m, block_m)
+    blocks = cdiv(m, block_m)
     programs = max(1, min(blocks, _programs_for_backward(x.device)))
-    rows_per_program = triton.cdiv(blocks, programs) * block_m
-    programs = triton.cdiv(m, rows_per_program)
+    rows_per_program = cdiv(blocks, programs) * block_m
+    programs = cdiv(m, rows_per_program)
     dx = torch.empty_like(x)
     parts = torch.empty((programs, 2, c), dtype=torch.float32, device=x.device)
     eager_launch(_ln_bwd_kernel)[(programs,)](

@@ -27,6 +27,17 @@ def fused_allowed(impl: str, x: torch.Tensor) -> bool:
     return impl == "triton" or (impl == "auto" and x.is_cuda)
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for launch grids (``triton.cdiv`` goes through Triton's constexpr-function
+    wrapper: about 2 us a call, a few calls per op)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` (1 for ``n <= 1``), as ``triton.next_power_of_2``."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def eager_launch(kernel):
     """The launcher of ``kernel`` in eager mode: the ``@triton.jit`` function itself, launched as
     ``kernel[grid](...)`` (under ``torch.compile`` the ops pass ``wrap_triton`` instead).

@@ -10,10 +10,9 @@ test suite checks them without a GPU.
 from typing import Optional, Tuple
 
 import torch
-import triton
 from torch.library import triton_op, wrap_triton
 
-from ..triton_support import SUPPORTED_DTYPES, eager_launch
+from ..triton_support import SUPPORTED_DTYPES, cdiv, eager_launch, next_power_of_2
 from .triton_kernels import (MODE_COL, MODE_FULL, MODE_ROW, masa_bwd_dkdv_kernel, masa_bwd_dq_kernel,
                              masa_bwd_tile_kernel, masa_fwd_kernel)
 
@@ -35,14 +34,14 @@ def _geometry(shape: Tuple[int, ...], mode: int) -> Tuple[int, int]:
 
 def _launch_config(seq: int, head_dim: int) -> Tuple[int, int, int]:
     """Block sizes and warps: one tile for short rows/columns, 64x64 flash tiles otherwise."""
-    block = min(64, max(16, triton.next_power_of_2(seq)))
+    block = min(64, max(16, next_power_of_2(seq)))
     warps = 4 if block * head_dim >= 64 * 32 else 2
     return block, block, warps
 
 
 def _block_d(head_dim: int) -> int:
     """Head width padded to a power of two of at least 16 (the smallest matrix-unit tile)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def _dot_precision(dtype: torch.dtype) -> Optional[str]:
@@ -71,7 +70,7 @@ def _attend(launch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torc
     seq, nseq = _geometry(q.shape, mode)
     block_m, block_n, warps = config or _launch_config(seq, d)
     extra = add if add is not None else out
-    launch(masa_fwd_kernel)[(triton.cdiv(seq, block_m), nseq * n, b)](
+    launch(masa_fwd_kernel)[(cdiv(seq, block_m), nseq * n, b)](
         q, k, v, out, extra, lse, sin, cos, decay,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(extra),
         n, w, seq, h * w, scale,
@@ -104,10 +103,10 @@ def _attend_backward(launch, grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
                   DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps)
     # dq first: it also writes delta = rowsum(dO * O), which the dk/dv kernel reads
     delta = torch.empty((b, h, w, n), dtype=torch.float32, device=q.device)
-    launch(masa_bwd_dq_kernel)[(triton.cdiv(seq, block_m), nseq * n, b)](
+    launch(masa_bwd_dq_kernel)[(cdiv(seq, block_m), nseq * n, b)](
         q, k, v, out, grad_out, lse, delta, dq, sin, cos, decay, *strides,
         n, w, seq, h * w, scale, **common)
-    launch(masa_bwd_dkdv_kernel)[(triton.cdiv(seq, block_n), nseq * n, b)](
+    launch(masa_bwd_dkdv_kernel)[(cdiv(seq, block_n), nseq * n, b)](
         q, k, v, grad_out, lse, delta, dk, dv, sin, cos, decay, *strides,
         n, w, seq, h * w, scale, **common)
     return dq, dk, dv
