@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from rmt.benchmark import environment, save_rows, time_step  # noqa: E402
 from rmt.ops import dwconv, layernorm  # noqa: E402
 from rmt.ops.masa import head_decays, rotation_tables, triton_masa  # noqa: E402
-from rmt.ops.triton_support import eager_launch  # noqa: E402
+from rmt.ops.triton_support import eager_launch, next_power_of_2  # noqa: E402
 
 STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]   # RMT-S at 224x224: (grid side, width)
 HEADS = [4, 4, 8, 16]
@@ -56,7 +56,7 @@ def dwconv_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> Li
         default = dwconv._blocks(side, ch)
         timed = {default: _seconds(lambda: run(default), device, iters)}
         for tile in itertools.product(widths, channels, warps):
-            if tile[0] > triton_pow2(side) or tile[1] > triton_pow2(ch) or tile in timed or smoke:
+            if tile[0] > next_power_of_2(side) or tile[1] > next_power_of_2(ch) or tile in timed or smoke:
                 continue
             timed[tile] = _seconds(lambda: run(tile), device, iters)
         best = min(timed, key=timed.get)
@@ -81,7 +81,7 @@ def layernorm_rows(batch: int, device: torch.device, iters: int, smoke: bool) ->
             default_m, _, default_warps = layernorm._tile(c, backward=phase == "backward")
             choices = [(default_m, default_warps)] + ([] if smoke else [
                 (m, nw) for m in (16, 32, 64) for nw in (4, 8)
-                if m * triton_pow2(c) <= 16384 and (m, nw) != (default_m, default_warps)])
+                if m * next_power_of_2(c) <= 16384 and (m, nw) != (default_m, default_warps)])
 
             def run(m, nw):
                 if phase == "forward":
@@ -108,45 +108,51 @@ def layernorm_rows(batch: int, device: torch.device, iters: int, smoke: bool) ->
 
 
 def masa_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> List[Dict]:
-    """MaSA forward kernel: the row pass of the decomposed form (stages 1-3) and the full form (stage 4)."""
+    """MaSA forward kernels: the row and column passes of the decomposed form (stages 1-3; one
+    sequence per program or several, ``seqs``) and the full form (stage 4; flash tiles)."""
     rows = []
-    stages = list(zip(STAGES, HEADS, (triton_masa.MODE_ROW,) * 3 + (triton_masa.MODE_FULL,)))
+    R, C, FULL = triton_masa.MODE_ROW, triton_masa.MODE_COL, triton_masa.MODE_FULL
+    stages = [(st, n, m) for st, n in zip(STAGES[:3], HEADS[:3]) for m in (R, C)] + [(STAGES[3], HEADS[3], FULL)]
     if smoke:
-        stages = [(SMOKE_STAGES[0], 2, triton_masa.MODE_ROW), (SMOKE_STAGES[0], 2, triton_masa.MODE_FULL)]
+        stages = [(SMOKE_STAGES[0], 2, R), (SMOKE_STAGES[0], 2, FULL)]
     for (side, c), n, mode in stages:
         d = c // n
         qkv = torch.randn(batch, side, side, 3, n, d, device=device, dtype=torch.bfloat16)
         q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
         sin, cos = rotation_tables(side, side, d, device=device)
         decay = head_decays(n, 2.0, 4.0, device=device).float()
-        seq = side if mode == triton_masa.MODE_ROW else side * side
+        seq = side * side if mode == FULL else side
         moved = q.numel() * 2 * 4  # read q, k, v; write the output
 
-        def run(config):
+        def run(choice):
+            config, seqs = choice
             return triton_masa._attend(eager_launch, q, k, v, sin, cos, decay, None, d ** -0.5,
-                                       mode, False, config)
-        default = triton_masa._launch_config(seq, d)
-        tiles = [(32, 32), (32, 64), (64, 32), (64, 64), (128, 64)]
-        choices = [default] + ([] if smoke else [
-            (bm, bn, nw) for (bm, bn) in tiles for nw in (2, 4, 8)
-            if max(bm, bn) <= 2 * triton_pow2(seq) and (bm, bn, nw) != default])
+                                       mode, False, config, seqs)
+        config = triton_masa._launch_config(seq, d)
+        default = (config, None if mode == FULL else triton_masa._seqs_per_program(config[0], side))
+        if mode == FULL:
+            tiles = [(32, 32), (32, 64), (64, 32), (64, 64), (128, 64)]
+            others = [((bm, bn, nw), None) for (bm, bn) in tiles for nw in (2, 4, 8)
+                      if max(bm, bn) <= 2 * next_power_of_2(seq)]
+        else:
+            others = [((config[0], config[0], nw), s) for nw in (2, 4) for s in (0, 1, 2, 4, 8)]
+        choices = [default] + ([] if smoke else [o for o in others if o != default])
         timed = {}
-        for config in choices:
+        for choice in choices:
             try:
-                timed[config] = _seconds(lambda: run(config), device, iters)
+                timed[choice] = _seconds(lambda: run(choice), device, iters)
             except Exception as e:  # e.g. out of shared memory for the largest tiles
-                print(f"masa {config}: {type(e).__name__}", file=sys.stderr)
+                print(f"masa {choice}: {type(e).__name__}", file=sys.stderr)
         best = min(timed, key=timed.get)
-        kind = "row pass" if mode == triton_masa.MODE_ROW else "full"
+        kind = {R: "row pass", C: "col pass", FULL: "full"}[mode]
+
+        def name(choice):
+            return str(choice[0]) + ("" if choice[1] is None else f" x{choice[1]}")
         rows.append(dict(kernel=f"masa fwd {kind}", shape=f"{batch}x{side}x{side}x{n}x{d}",
-                         default=str(default), default_us=timed[default] * 1e6,
-                         best=str(best), best_us=timed[best] * 1e6, baseline_us=float("nan"),
+                         default=name(default), default_us=timed[default] * 1e6,
+                         best=name(best), best_us=timed[best] * 1e6, baseline_us=float("nan"),
                          default_gbs=moved / timed[default] / 1e9, best_gbs=moved / timed[best] / 1e9))
     return rows
-
-
-def triton_pow2(n: int) -> int:
-    return 1 << (max(n, 1) - 1).bit_length()
 
 
 def main() -> int:
@@ -155,6 +161,7 @@ def main() -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--device", default="cuda")
     p.add_argument("--smoke", action="store_true", help="one small shape, the default tiles only (a quick check)")
+    p.add_argument("--kernels", default="dwconv,layernorm,masa", help="which sweeps, comma separated")
     p.add_argument("--json", default="")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -163,9 +170,13 @@ def main() -> int:
               "under TRITON_INTERPRET=1 for a check that it runs)", file=sys.stderr)
         return 1
     torch.manual_seed(0)
-    rows = (dwconv_rows(args.batch, device, args.iters, args.smoke)
-            + layernorm_rows(args.batch, device, args.iters, args.smoke)
-            + masa_rows(args.batch, device, args.iters, args.smoke))
+    sweeps = {"dwconv": dwconv_rows, "layernorm": layernorm_rows, "masa": masa_rows}
+    unknown = set(args.kernels.split(",")) - set(sweeps)
+    if unknown:
+        print(f"unknown --kernels {sorted(unknown)}: choose from {sorted(sweeps)}", file=sys.stderr)
+        return 1
+    rows = [r for name, sweep in sweeps.items() if name in args.kernels.split(",")
+            for r in sweep(args.batch, device, args.iters, args.smoke)]
     print(f"{'kernel':<24} {'shape':<18} {'default tile':<18} {'us':>8} {'GB/s':>7}  "
           f"{'best tile':<18} {'us':>8} {'GB/s':>7}  {'torch us':>8}")
     for r in rows:

@@ -16,7 +16,9 @@ is an execution mode with optional switches, e.g. ``graphed-torchln`` or ``eager
 * switch ``torchln``: PyTorch's LayerNorm in training instead of the multi-row Triton kernels
   (``rmt.ops.layernorm.TRAINING_KERNELS = False``);
 * switch ``twokernel``: the MaSA backward pass through the dq and dk/dv kernels also for sequences
-  that fit one tile (``rmt.ops.masa.triton_masa.SINGLE_TILE_BACKWARD = False``).
+  that fit one tile (``rmt.ops.masa.triton_masa.SINGLE_TILE_BACKWARD = False``);
+* switch ``oneseq``: the MaSA forward pass with one row or column per program
+  (``rmt.ops.masa.triton_masa.SEQUENCES_PER_PROGRAM_FORWARD = False``).
 
 ``--profile MODEL`` prints the kernels with the most GPU time and the operators with the most CPU
 time in one eager step (an eager step waits on the CPU when kernels finish faster than they launch).
@@ -48,7 +50,7 @@ def _make(name: str, device: torch.device) -> torch.nn.Module:
     return timm.create_model(name).to(device=device, memory_format=torch.channels_last).train()
 
 
-SWITCHES = ("cudnn", "torchln", "twokernel")
+SWITCHES = ("cudnn", "torchln", "twokernel", "oneseq")
 
 
 def _set_switches(switches: List[str]) -> None:
@@ -56,6 +58,7 @@ def _set_switches(switches: List[str]) -> None:
     dwconv.TRAINING_KERNELS = "cudnn" not in switches
     layernorm.TRAINING_KERNELS = "torchln" not in switches
     triton_masa.SINGLE_TILE_BACKWARD = "twokernel" not in switches
+    triton_masa.SEQUENCES_PER_PROGRAM_FORWARD = "oneseq" not in switches
 
 
 def measure(name: str, mode: str, batch: int, device: torch.device, warmup: int, iters: int) -> Dict:

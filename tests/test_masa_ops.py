@@ -78,6 +78,30 @@ def test_triton_backward_single_tile_and_two_kernel_paths(single_tile, form, mon
 
 
 @needs_triton
+@pytest.mark.parametrize("seqs", [1, 2, 8])
+@pytest.mark.parametrize("mode", ["row", "col"])
+def test_triton_forward_several_sequences_per_program(seqs, mode):
+    """The batched forward kernel (whole rows or columns, ``seqs`` per program, the last group
+    partly empty) writes what the one-sequence kernel writes, LePE addition and LSE included."""
+    from rmt.ops.masa import head_decays, rotation_tables, triton_masa
+    from rmt.ops.triton_support import eager_launch
+    b, h, w, n, d = 2, 7, 5, 2, 16
+    q, k, v, add = (torch.randn(b, h, w, n, d, device=DEVICE) for _ in range(4))
+    sin, cos = rotation_tables(h, w, d, device=DEVICE)
+    decay = head_decays(n, 2.0, 4.0, device=DEVICE).float()
+    m = triton_masa.MODE_ROW if mode == "row" else triton_masa.MODE_COL
+    launched = []
+
+    def launch(kernel):
+        launched.append(kernel.fn.__name__)
+        return eager_launch(kernel)
+    one = triton_masa._attend(launch, q, k, v, sin, cos, decay, add, d ** -0.5, m, True, seqs=0)
+    many = triton_masa._attend(launch, q, k, v, sin, cos, decay, add, d ** -0.5, m, True, seqs=seqs)
+    assert launched == ["masa_fwd_kernel", "masa_fwd_seqs_kernel"]
+    assert rel_err(many[0], one[0]) <= 1e-6 and rel_err(many[1], one[1]) <= 1e-6
+
+
+@needs_triton
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("form", ["decomposed", "full"])

@@ -288,3 +288,79 @@ def masa_bwd_tile_kernel(
     _store_tokens(DQ + base, dq.to(DQ.dtype.element_ty), rows, cols, mask, g_sh, g_sw, HEAD_DIM, BLOCK_D)
     _store_tokens(DK + base, dk.to(DK.dtype.element_ty), rows, cols, mask, g_sh, g_sw, HEAD_DIM, BLOCK_D)
     _store_tokens(DV + base, dv.to(DV.dtype.element_ty), rows, cols, mask, g_sh, g_sw, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _rotate_seqs(x, pos, mask, SIN, COS, SEQS: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """:func:`_rotate` (forward) for ``x`` [SEQS, BLOCK, BLOCK_D] float32 at flat positions ``pos``."""
+    HALF: tl.constexpr = BLOCK_D // 2
+    xe, xo = tl.split(tl.reshape(x, (SEQS, BLOCK, HALF, 2)))
+    even = 2 * tl.arange(0, HALF)
+    table = pos[:, :, None] * HEAD_DIM + even[None, None, :]
+    tmask = mask[:, :, None] & (even[None, None, :] < HEAD_DIM)
+    s = tl.load(SIN + table, mask=tmask, other=0.0)
+    c = tl.load(COS + table, mask=tmask, other=0.0)
+    return tl.reshape(tl.join(xe * c - xo * s, xo * c + xe * s), (SEQS, BLOCK, BLOCK_D))
+
+
+@triton.jit
+def _load_seqs(base, rows, cols, mask, s_h, s_w, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Load ``[SEQS, BLOCK, BLOCK_D]`` tokens at grid coordinates ``rows``/``cols`` [SEQS, BLOCK] (zero padded)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    return tl.load(base + rows[:, :, None] * s_h + cols[:, :, None] * s_w + offs_d[None, None, :],
+                   mask=mask[:, :, None] & (offs_d[None, None, :] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def masa_fwd_seqs_kernel(
+        Q, K, V, O, ADD, LSE, SIN, COS, DECAY,
+        q_sb, q_sh, q_sw, q_sn, k_sb, k_sh, k_sw, k_sn, v_sb, v_sh, v_sw, v_sn,
+        o_sb, o_sh, o_sw, o_sn, a_sb, a_sh, a_sw, a_sn,
+        NH, W, SEQ, NSEQ, TOKENS, scale,
+        MODE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+        SEQS: tl.constexpr, HAS_ADD: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid ``(cdiv(NSEQ, SEQS) * NH, b)``: ``SEQS`` whole rows (``MODE_ROW``) or columns
+    (``MODE_COL``) of at most ``BLOCK`` tokens per program, as batched ``[SEQS, BLOCK, BLOCK]``
+    products, so that the short sequences of the later stages (14 or 28 tokens at 224x224) give each
+    program more than one small tile of work. Same outputs as :func:`masa_fwd_kernel`."""
+    pid = tl.program_id(0)
+    head = pid % NH
+    b = tl.program_id(1).to(tl.int64)
+    decay = tl.load(DECAY + head)
+    seq_ids = (pid // NH) * SEQS + tl.arange(0, SEQS)
+    offs = tl.arange(0, BLOCK)
+    zero = seq_ids[:, None] * 0 + offs[None, :] * 0
+    if MODE == 0:
+        rows = seq_ids[:, None] + zero
+        cols = offs[None, :] + zero
+    else:
+        rows = offs[None, :] + zero
+        cols = seq_ids[:, None] + zero
+    key_ok = offs < SEQ
+    mask = (seq_ids < NSEQ)[:, None] & key_ok[None, :]
+    pos = rows * W + cols
+    dtype = Q.dtype.element_ty
+
+    q = _load_seqs(Q + b * q_sb + head * q_sn, rows, cols, mask, q_sh, q_sw, HEAD_DIM, BLOCK_D)
+    q = _rotate_seqs(q.to(tl.float32), pos, mask, SIN, COS, SEQS, BLOCK, HEAD_DIM, BLOCK_D).to(dtype)
+    k = _load_seqs(K + b * k_sb + head * k_sn, rows, cols, mask, k_sh, k_sw, HEAD_DIM, BLOCK_D)
+    k = _rotate_seqs(k.to(tl.float32) * scale, pos, mask, SIN, COS, SEQS, BLOCK, HEAD_DIM, BLOCK_D).to(dtype)
+    v = _load_seqs(V + b * v_sb + head * v_sn, rows, cols, mask, v_sh, v_sw, HEAD_DIM, BLOCK_D)
+
+    s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=DOT_PRECISION)
+    dist = tl.abs(offs[:, None] - offs[None, :]).to(tl.float32)
+    s = tl.where(key_ok[None, None, :], s + decay * dist[None, :, :], float("-inf"))
+    m = tl.max(s, 2)
+    p = tl.exp(s - m[:, :, None])
+    l = tl.sum(p, 2)
+    acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION) / l[:, :, None]
+    if HAS_ADD:
+        add = _load_seqs(ADD + b * a_sb + head * a_sn, rows, cols, mask, a_sh, a_sw, HEAD_DIM, BLOCK_D)
+        acc += add.to(tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(O + b * o_sb + head * o_sn + rows[:, :, None] * o_sh + cols[:, :, None] * o_sw
+             + offs_d[None, None, :], acc.to(O.dtype.element_ty),
+             mask=mask[:, :, None] & (offs_d[None, None, :] < HEAD_DIM))
+    if STORE_LSE:
+        tl.store(LSE + (b * TOKENS + pos) * NH + head, m + tl.log(l), mask=mask)

@@ -14,12 +14,15 @@ from torch.library import triton_op, wrap_triton
 
 from ..triton_support import SUPPORTED_DTYPES, cdiv, eager_launch, next_power_of_2
 from .triton_kernels import (MODE_COL, MODE_FULL, MODE_ROW, masa_bwd_dkdv_kernel, masa_bwd_dq_kernel,
-                             masa_bwd_tile_kernel, masa_fwd_kernel)
+                             masa_bwd_tile_kernel, masa_fwd_kernel, masa_fwd_seqs_kernel)
 
 MAX_HEAD_DIM = 128
 # sequences that fit one tile (rows and columns up to 64 tokens, full-form grids up to 64 tokens) take
 # their whole backward pass from one kernel; False: the dq and dk/dv kernels (as for longer sequences)
 SINGLE_TILE_BACKWARD = True
+# rows and columns that fit one tile take their forward pass from the kernel that batches several
+# of them per program (masa_fwd_seqs_kernel); False: one sequence per program (masa_fwd_kernel)
+SEQUENCES_PER_PROGRAM_FORWARD = True
 
 
 def _geometry(shape: Tuple[int, ...], mode: int) -> Tuple[int, int]:
@@ -39,6 +42,11 @@ def _launch_config(seq: int, head_dim: int) -> Tuple[int, int, int]:
     return block, block, warps
 
 
+def _seqs_per_program(block: int, nseq: int) -> int:
+    """Rows or columns per program of the batched forward kernel: about 64 tokens per program."""
+    return max(1, min(next_power_of_2(nseq), 64 // block))
+
+
 def _block_d(head_dim: int) -> int:
     """Head width padded to a power of two of at least 16 (the smallest matrix-unit tile)."""
     return max(16, next_power_of_2(head_dim))
@@ -56,13 +64,15 @@ def _strides(t: torch.Tensor) -> Tuple[int, int, int, int]:
 
 def _attend(launch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor,
             cos: torch.Tensor, decay: torch.Tensor, add: Optional[torch.Tensor], scale: float,
-            mode: int, need_lse: bool, config: Optional[Tuple[int, int, int]] = None
-            ) -> Tuple[torch.Tensor, torch.Tensor]:
+            mode: int, need_lse: bool, config: Optional[Tuple[int, int, int]] = None,
+            seqs: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward pass over sequences of ``mode``; returns ``(out (b,h,w,n,d), lse (b,h,w,n))``.
 
     ``launch`` maps a kernel to its launcher: :func:`~rmt.ops.triton_support.eager_launch` in eager mode, ``wrap_triton``
     inside ``torch.compile``. ``config``: ``(BLOCK_M, BLOCK_N, num_warps)`` instead of
-    :func:`_launch_config` (benchmarks/kernel_tiles.py times the alternatives).
+    :func:`_launch_config` (benchmarks/kernel_tiles.py times the alternatives). Rows and columns
+    that fit one tile go through the batched kernel with ``seqs`` of them per program (default
+    :func:`_seqs_per_program`; 0: the one-sequence kernel).
     """
     b, h, w, n, d = q.shape
     out = torch.empty((b, h, w, n, d), dtype=v.dtype, device=q.device)
@@ -70,6 +80,17 @@ def _attend(launch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torc
     seq, nseq = _geometry(q.shape, mode)
     block_m, block_n, warps = config or _launch_config(seq, d)
     extra = add if add is not None else out
+    if seqs is None:
+        seqs = _seqs_per_program(block_m, nseq) if SEQUENCES_PER_PROGRAM_FORWARD else 0
+    if seqs and mode != MODE_FULL and seq <= block_m:
+        launch(masa_fwd_seqs_kernel)[(cdiv(nseq, seqs) * n, b)](
+            q, k, v, out, extra, lse, sin, cos, decay,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(extra),
+            n, w, seq, nseq, h * w, scale,
+            MODE=mode, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK=block_m, SEQS=seqs,
+            HAS_ADD=add is not None, STORE_LSE=need_lse, DOT_PRECISION=_dot_precision(q.dtype),
+            num_warps=warps)
+        return out, lse
     launch(masa_fwd_kernel)[(cdiv(seq, block_m), nseq * n, b)](
         q, k, v, out, extra, lse, sin, cos, decay,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(extra),
