@@ -129,7 +129,7 @@ def masa_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> List
             return triton_masa._attend(eager_launch, q, k, v, sin, cos, decay, None, d ** -0.5,
                                        mode, False, config, seqs)
         config = triton_masa._launch_config(seq, d)
-        default = (config, None if mode == FULL else triton_masa._seqs_per_program(config[0], side))
+        default = (None, None)  # what the model runs: _attend's own choice
         if mode == FULL:
             tiles = [(32, 32), (32, 64), (64, 32), (64, 64), (128, 64)]
             others = [((bm, bn, nw), None) for (bm, bn) in tiles for nw in (2, 4, 8)
@@ -147,6 +147,8 @@ def masa_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> List
         kind = {R: "row pass", C: "col pass", FULL: "full"}[mode]
 
         def name(choice):
+            if choice == default:
+                return "auto" + ("" if mode == FULL else f" x{triton_masa._seqs_per_program(config[0], side)}")
             return str(choice[0]) + ("" if choice[1] is None else f" x{choice[1]}")
         rows.append(dict(kernel=f"masa fwd {kind}", shape=f"{batch}x{side}x{side}x{n}x{d}",
                          default=name(default), default_us=timed[default] * 1e6,

@@ -43,8 +43,9 @@ def _launch_config(seq: int, head_dim: int) -> Tuple[int, int, int]:
 
 
 def _seqs_per_program(block: int, nseq: int) -> int:
-    """Rows or columns per program of the batched forward kernel: about 64 tokens per program."""
-    return max(1, min(next_power_of_2(nseq), 64 // block))
+    """Rows or columns per program of the batched forward kernel: about 128 token slots per program
+    (2 rows of 56 tokens, 4 of 28, 8 of 14), as ``benchmarks/kernel_tiles.py`` found best on an H200."""
+    return max(1, min(next_power_of_2(nseq), 128 // block))
 
 
 def _block_d(head_dim: int) -> int:
@@ -83,6 +84,8 @@ def _attend(launch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torc
     if seqs is None:
         seqs = _seqs_per_program(block_m, nseq) if SEQUENCES_PER_PROGRAM_FORWARD else 0
     if seqs and mode != MODE_FULL and seq <= block_m:
+        if config is None:  # 2 warps for one 64-token tile, 4 for batches of shorter sequences
+            warps = 2 if block_m >= 64 else 4
         launch(masa_fwd_seqs_kernel)[(cdiv(nseq, seqs) * n, b)](
             q, k, v, out, extra, lse, sin, cos, decay,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(extra),
