@@ -3,7 +3,7 @@
     python benchmarks/infer_switches.py --model rmt_small --switch masa_seqs --repeats 2
 
 ``--switch`` names a module flag of the fast path (``masa_seqs``: the MaSA forward kernel with several
-rows or columns per program, :data:`rmt.ops.masa.triton_masa.BATCH_SHORT_SEQUENCES`).
+rows or columns per program, :data:`rmt.ops.masa.triton_masa.SEQUENCES_PER_PROGRAM_FORWARD`).
 Each repeat times the flag on, then off (``rmt benchmark``'s harness: bf16, batch 256, median of
 10 steps), so slow drifts of the machine affect both alike.
 """
@@ -21,7 +21,7 @@ import rmt  # noqa: E402,F401
 from rmt import benchmark as bm  # noqa: E402
 from rmt.ops.masa import triton_masa  # noqa: E402
 
-FLAGS = {"masa_seqs": (triton_masa, "BATCH_SHORT_SEQUENCES")}
+FLAGS = {"masa_seqs": (triton_masa, "SEQUENCES_PER_PROGRAM_FORWARD")}
 
 
 def main() -> int:

@@ -157,47 +157,13 @@ def masa_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> List
     return rows
 
 
-def masa_backward_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> List[Dict]:
-    """MaSA single-tile backward kernel of the row pass (stages 1-3): ``seqs`` rows per program
-    (``auto``: the model's choice; 0: one sequence per program, ``masa_bwd_tile_kernel``)."""
-    rows = []
-    for (side, c), n in list(zip(STAGES[:3], HEADS[:3]))[:1 if smoke else 3]:
-        if smoke:
-            side, c = SMOKE_STAGES[0]
-            n = 2
-        d = c // n
-        q, k, v, grad = (torch.randn(batch, side, side, n, d, device=device, dtype=torch.bfloat16)
-                         for _ in range(4))
-        sin, cos = rotation_tables(side, side, d, device=device)
-        decay = head_decays(n, 2.0, 4.0, device=device).float()
-        mode = triton_masa.MODE_ROW
-        out, lse = triton_masa._attend(eager_launch, q, k, v, sin, cos, decay, None, d ** -0.5, mode, True)
-        moved = q.numel() * 2 * 8  # read q, k, v, o, do; write dq, dk, dv
-
-        def run(seqs):
-            return triton_masa._attend_backward(eager_launch, grad, q, k, v, out, lse, sin, cos, decay,
-                                                d ** -0.5, mode, seqs)
-        choices = [None] + ([] if smoke else [0, 1, 2, 4, 8])
-        timed = {ch: _seconds(lambda: run(ch), device, iters) for ch in choices}
-        best = min(timed, key=timed.get)
-        auto = triton_masa._seqs_per_program(triton_masa._launch_config(side, d)[0], side, backward=True)
-
-        def name(ch):
-            return f"auto x{auto}" if ch is None else f"x{ch}"
-        rows.append(dict(kernel="masa bwd row pass", shape=f"{batch}x{side}x{side}x{n}x{d}",
-                         default=name(None), default_us=timed[None] * 1e6, best=name(best),
-                         best_us=timed[best] * 1e6, baseline_us=float("nan"),
-                         default_gbs=moved / timed[None] / 1e9, best_gbs=moved / timed[best] / 1e9))
-    return rows
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--device", default="cuda")
     p.add_argument("--smoke", action="store_true", help="one small shape, the default tiles only (a quick check)")
-    p.add_argument("--kernels", default="dwconv,layernorm,masa,masa_bwd", help="which sweeps, comma separated")
+    p.add_argument("--kernels", default="dwconv,layernorm,masa", help="which sweeps, comma separated")
     p.add_argument("--json", default="")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -206,8 +172,7 @@ def main() -> int:
               "under TRITON_INTERPRET=1 for a check that it runs)", file=sys.stderr)
         return 1
     torch.manual_seed(0)
-    sweeps = {"dwconv": dwconv_rows, "layernorm": layernorm_rows, "masa": masa_rows,
-              "masa_bwd": masa_backward_rows}
+    sweeps = {"dwconv": dwconv_rows, "layernorm": layernorm_rows, "masa": masa_rows}
     unknown = set(args.kernels.split(",")) - set(sweeps)
     if unknown:
         print(f"unknown --kernels {sorted(unknown)}: choose from {sorted(sweeps)}", file=sys.stderr)

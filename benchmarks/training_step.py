@@ -17,8 +17,8 @@ is an execution mode with optional switches, e.g. ``graphed-torchln`` or ``eager
   (``rmt.ops.layernorm.TRAINING_KERNELS = False``);
 * switch ``twokernel``: the MaSA backward pass through the dq and dk/dv kernels also for sequences
   that fit one tile (``rmt.ops.masa.triton_masa.SINGLE_TILE_BACKWARD = False``);
-* switch ``oneseq``: the MaSA forward and single-tile backward passes with one row or column per program
-  (``rmt.ops.masa.triton_masa.BATCH_SHORT_SEQUENCES = False``).
+* switch ``oneseq``: the MaSA forward pass with one row or column per program
+  (``rmt.ops.masa.triton_masa.SEQUENCES_PER_PROGRAM_FORWARD = False``).
 
 ``--profile MODEL`` prints the kernels with the most GPU time and the operators with the most CPU
 time in one eager step (an eager step waits on the CPU when kernels finish faster than they launch).
@@ -58,7 +58,7 @@ def _set_switches(switches: List[str]) -> None:
     dwconv.TRAINING_KERNELS = "cudnn" not in switches
     layernorm.TRAINING_KERNELS = "torchln" not in switches
     triton_masa.SINGLE_TILE_BACKWARD = "twokernel" not in switches
-    triton_masa.BATCH_SHORT_SEQUENCES = "oneseq" not in switches
+    triton_masa.SEQUENCES_PER_PROGRAM_FORWARD = "oneseq" not in switches
 
 
 def measure(name: str, mode: str, batch: int, device: torch.device, warmup: int, iters: int) -> Dict:

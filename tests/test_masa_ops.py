@@ -74,17 +74,15 @@ def test_triton_backward_single_tile_and_two_kernel_paths(single_tile, form, mon
                         lambda kernel: launched.append(kernel.fn.__name__) or launcher(kernel))
     _check("triton", (2, 6, 7, 2, 16), form)
     backward = [name for name in launched if "bwd" in name]
-    one_kernel = {"masa_bwd_tile_kernel", "masa_bwd_seqs_kernel"}
-    assert backward and all((name in one_kernel) == single_tile for name in backward)
+    assert backward and all(("tile" in name) == single_tile for name in backward)
 
 
 @needs_triton
 @pytest.mark.parametrize("seqs", [1, 2, 8])
 @pytest.mark.parametrize("mode", ["row", "col"])
 def test_triton_forward_several_sequences_per_program(seqs, mode):
-    """The batched kernels (whole rows or columns, ``seqs`` per program, the last group partly
-    empty) compute what the one-sequence kernels compute: output, LSE (LePE addition included)
-    and the gradients of q, k and v."""
+    """The batched forward kernel (whole rows or columns, ``seqs`` per program, the last group
+    partly empty) writes what the one-sequence kernel writes, LePE addition and LSE included."""
     from rmt.ops.masa import head_decays, rotation_tables, triton_masa
     from rmt.ops.triton_support import eager_launch
     b, h, w, n, d = 2, 7, 5, 2, 16
@@ -101,14 +99,6 @@ def test_triton_forward_several_sequences_per_program(seqs, mode):
     many = triton_masa._attend(launch, q, k, v, sin, cos, decay, add, d ** -0.5, m, True, seqs=seqs)
     assert launched == ["masa_fwd_kernel", "masa_fwd_seqs_kernel"]
     assert rel_err(many[0], one[0]) <= 1e-6 and rel_err(many[1], one[1]) <= 1e-6
-    # the backward pass: batched single-tile kernel against the one-sequence single-tile kernel
-    grad = torch.randn_like(one[0])
-    args = (grad, q, k, v, one[0], one[1], sin, cos, decay, d ** -0.5, m)
-    ref = triton_masa._attend_backward(launch, *args, seqs=0)
-    got = triton_masa._attend_backward(launch, *args, seqs=seqs)
-    assert launched[2:] == ["masa_bwd_tile_kernel", "masa_bwd_seqs_kernel"]
-    for a, b in zip(got, ref):
-        assert rel_err(a, b) <= 1e-6
 
 
 @needs_triton

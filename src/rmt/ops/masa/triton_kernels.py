@@ -292,8 +292,8 @@ def masa_bwd_tile_kernel(
 
 @triton.jit
 def _rotate_seqs(x, pos, mask, SIN, COS, SEQS: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 BLOCK_D: tl.constexpr, INVERSE: tl.constexpr = False):
-    """:func:`_rotate` for ``x`` [SEQS, BLOCK, BLOCK_D] float32 at flat positions ``pos``."""
+                 BLOCK_D: tl.constexpr):
+    """:func:`_rotate` (forward) for ``x`` [SEQS, BLOCK, BLOCK_D] float32 at flat positions ``pos``."""
     HALF: tl.constexpr = BLOCK_D // 2
     xe, xo = tl.split(tl.reshape(x, (SEQS, BLOCK, HALF, 2)))
     even = 2 * tl.arange(0, HALF)
@@ -301,8 +301,6 @@ def _rotate_seqs(x, pos, mask, SIN, COS, SEQS: tl.constexpr, BLOCK: tl.constexpr
     tmask = mask[:, :, None] & (even[None, None, :] < HEAD_DIM)
     s = tl.load(SIN + table, mask=tmask, other=0.0)
     c = tl.load(COS + table, mask=tmask, other=0.0)
-    if INVERSE:
-        s = -s
     return tl.reshape(tl.join(xe * c - xo * s, xo * c + xe * s), (SEQS, BLOCK, BLOCK_D))
 
 
@@ -315,10 +313,17 @@ def _load_seqs(base, rows, cols, mask, s_h, s_w, HEAD_DIM: tl.constexpr, BLOCK_D
 
 
 @triton.jit
-def _seqs_program(NH, DECAY, SEQ, NSEQ, SEQS: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr):
-    """This program's image, head, decay and ``SEQS`` sequences: grid axis 0 is group * NH + head,
-    axis 1 the image. Returns ``(b, head, decay, offs, rows, cols, key_ok, mask)``, the last four
-    [SEQS, BLOCK] or [BLOCK]."""
+def masa_fwd_seqs_kernel(
+        Q, K, V, O, ADD, LSE, SIN, COS, DECAY,
+        q_sb, q_sh, q_sw, q_sn, k_sb, k_sh, k_sw, k_sn, v_sb, v_sh, v_sw, v_sn,
+        o_sb, o_sh, o_sw, o_sn, a_sb, a_sh, a_sw, a_sn,
+        NH, W, SEQ, NSEQ, TOKENS, scale,
+        MODE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+        SEQS: tl.constexpr, HAS_ADD: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid ``(cdiv(NSEQ, SEQS) * NH, b)``: ``SEQS`` whole rows (``MODE_ROW``) or columns
+    (``MODE_COL``) of at most ``BLOCK`` tokens per program, as batched ``[SEQS, BLOCK, BLOCK]``
+    products, so that the short sequences of the later stages (14 or 28 tokens at 224x224) give each
+    program more than one small tile of work. Same outputs as :func:`masa_fwd_kernel`."""
     pid = tl.program_id(0)
     head = pid % NH
     b = tl.program_id(1).to(tl.int64)
@@ -334,30 +339,6 @@ def _seqs_program(NH, DECAY, SEQ, NSEQ, SEQS: tl.constexpr, BLOCK: tl.constexpr,
         cols = seq_ids[:, None] + zero
     key_ok = offs < SEQ
     mask = (seq_ids < NSEQ)[:, None] & key_ok[None, :]
-    return b, head, decay, offs, rows, cols, key_ok, mask
-
-
-@triton.jit
-def _store_seqs(base, value, rows, cols, mask, s_h, s_w, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Store ``[SEQS, BLOCK, BLOCK_D]`` (first ``HEAD_DIM`` channels) at grid coordinates."""
-    offs_d = tl.arange(0, BLOCK_D)
-    tl.store(base + rows[:, :, None] * s_h + cols[:, :, None] * s_w + offs_d[None, None, :], value,
-             mask=mask[:, :, None] & (offs_d[None, None, :] < HEAD_DIM))
-
-
-@triton.jit
-def masa_fwd_seqs_kernel(
-        Q, K, V, O, ADD, LSE, SIN, COS, DECAY,
-        q_sb, q_sh, q_sw, q_sn, k_sb, k_sh, k_sw, k_sn, v_sb, v_sh, v_sw, v_sn,
-        o_sb, o_sh, o_sw, o_sn, a_sb, a_sh, a_sw, a_sn,
-        NH, W, SEQ, NSEQ, TOKENS, scale,
-        MODE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
-        SEQS: tl.constexpr, HAS_ADD: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid ``(cdiv(NSEQ, SEQS) * NH, b)``: ``SEQS`` whole rows (``MODE_ROW``) or columns
-    (``MODE_COL``) of at most ``BLOCK`` tokens per program, as batched ``[SEQS, BLOCK, BLOCK]``
-    products, so that the short sequences of the later stages (14 or 28 tokens at 224x224) give each
-    program more than one small tile of work. Same outputs as :func:`masa_fwd_kernel`."""
-    b, head, decay, offs, rows, cols, key_ok, mask = _seqs_program(NH, DECAY, SEQ, NSEQ, SEQS, BLOCK, MODE)
     pos = rows * W + cols
     dtype = Q.dtype.element_ty
 
@@ -377,46 +358,9 @@ def masa_fwd_seqs_kernel(
     if HAS_ADD:
         add = _load_seqs(ADD + b * a_sb + head * a_sn, rows, cols, mask, a_sh, a_sw, HEAD_DIM, BLOCK_D)
         acc += add.to(tl.float32)
-    _store_seqs(O + b * o_sb + head * o_sn, acc.to(O.dtype.element_ty), rows, cols, mask, o_sh, o_sw,
-                HEAD_DIM, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(O + b * o_sb + head * o_sn + rows[:, :, None] * o_sh + cols[:, :, None] * o_sw
+             + offs_d[None, None, :], acc.to(O.dtype.element_ty),
+             mask=mask[:, :, None] & (offs_d[None, None, :] < HEAD_DIM))
     if STORE_LSE:
         tl.store(LSE + (b * TOKENS + pos) * NH + head, m + tl.log(l), mask=mask)
-
-
-@triton.jit
-def masa_bwd_seqs_kernel(
-        Q, K, V, O, DO, LSE, DQ, DK, DV, SIN, COS, DECAY,
-        q_sb, q_sh, q_sw, q_sn, k_sb, k_sh, k_sw, k_sn, v_sb, v_sh, v_sw, v_sn,
-        g_sb, g_sh, g_sw, g_sn,
-        NH, W, SEQ, NSEQ, TOKENS, scale,
-        MODE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
-        SEQS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid ``(cdiv(NSEQ, SEQS) * NH, b)``: :func:`masa_bwd_tile_kernel` for ``SEQS`` whole rows or
-    columns per program (batched products, as :func:`masa_fwd_seqs_kernel`)."""
-    b, head, decay, offs, rows, cols, key_ok, mask = _seqs_program(NH, DECAY, SEQ, NSEQ, SEQS, BLOCK, MODE)
-    pos = rows * W + cols
-    dtype = Q.dtype.element_ty
-    q = _load_seqs(Q + b * q_sb + head * q_sn, rows, cols, mask, q_sh, q_sw, HEAD_DIM, BLOCK_D)
-    q = _rotate_seqs(q.to(tl.float32), pos, mask, SIN, COS, SEQS, BLOCK, HEAD_DIM, BLOCK_D).to(dtype)
-    k = _load_seqs(K + b * k_sb + head * k_sn, rows, cols, mask, k_sh, k_sw, HEAD_DIM, BLOCK_D)
-    k = _rotate_seqs(k.to(tl.float32) * scale, pos, mask, SIN, COS, SEQS, BLOCK, HEAD_DIM, BLOCK_D).to(dtype)
-    v = _load_seqs(V + b * v_sb + head * v_sn, rows, cols, mask, v_sh, v_sw, HEAD_DIM, BLOCK_D)
-    base = b * g_sb + head * g_sn
-    do = _load_seqs(DO + base, rows, cols, mask, g_sh, g_sw, HEAD_DIM, BLOCK_D)
-    o = _load_seqs(O + base, rows, cols, mask, g_sh, g_sw, HEAD_DIM, BLOCK_D)
-    lse = tl.load(LSE + (b * TOKENS + pos) * NH + head, mask=mask, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 2)
-    s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=DOT_PRECISION)
-    dist = tl.abs(offs[:, None] - offs[None, :]).to(tl.float32)
-    p = tl.exp(s + decay * dist[None, :, :] - lse[:, :, None])
-    p = tl.where(mask[:, :, None] & key_ok[None, None, :], p, 0.0)
-    dv = tl.dot(tl.permute(p.to(do.dtype), (0, 2, 1)), do, input_precision=DOT_PRECISION)
-    dp = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=DOT_PRECISION)
-    ds = (p * (dp - delta[:, :, None])).to(dtype)
-    dq = tl.dot(ds, k, input_precision=DOT_PRECISION)
-    dk = tl.dot(tl.permute(ds, (0, 2, 1)), q, input_precision=DOT_PRECISION)
-    dq = _rotate_seqs(dq, pos, mask, SIN, COS, SEQS, BLOCK, HEAD_DIM, BLOCK_D, True)
-    dk = _rotate_seqs(dk, pos, mask, SIN, COS, SEQS, BLOCK, HEAD_DIM, BLOCK_D, True) * scale
-    _store_seqs(DQ + base, dq.to(DQ.dtype.element_ty), rows, cols, mask, g_sh, g_sw, HEAD_DIM, BLOCK_D)
-    _store_seqs(DK + base, dk.to(DK.dtype.element_ty), rows, cols, mask, g_sh, g_sw, HEAD_DIM, BLOCK_D)
-    _store_seqs(DV + base, dv.to(DV.dtype.element_ty), rows, cols, mask, g_sh, g_sw, HEAD_DIM, BLOCK_D)

@@ -14,16 +14,15 @@ from torch.library import triton_op, wrap_triton
 
 from ..triton_support import SUPPORTED_DTYPES, cdiv, eager_launch, next_power_of_2
 from .triton_kernels import (MODE_COL, MODE_FULL, MODE_ROW, masa_bwd_dkdv_kernel, masa_bwd_dq_kernel,
-                             masa_bwd_seqs_kernel, masa_bwd_tile_kernel, masa_fwd_kernel, masa_fwd_seqs_kernel)
+                             masa_bwd_tile_kernel, masa_fwd_kernel, masa_fwd_seqs_kernel)
 
 MAX_HEAD_DIM = 128
 # sequences that fit one tile (rows and columns up to 64 tokens, full-form grids up to 64 tokens) take
 # their whole backward pass from one kernel; False: the dq and dk/dv kernels (as for longer sequences)
 SINGLE_TILE_BACKWARD = True
-# rows and columns that fit one tile take their forward and single-tile backward passes from the
-# kernels that batch several of them per program (masa_fwd_seqs_kernel, masa_bwd_seqs_kernel);
-# False: one sequence per program (masa_fwd_kernel, masa_bwd_tile_kernel)
-BATCH_SHORT_SEQUENCES = True
+# rows and columns that fit one tile take their forward pass from the kernel that batches several
+# of them per program (masa_fwd_seqs_kernel); False: one sequence per program (masa_fwd_kernel)
+SEQUENCES_PER_PROGRAM_FORWARD = True
 
 
 def _geometry(shape: Tuple[int, ...], mode: int) -> Tuple[int, int]:
@@ -43,11 +42,10 @@ def _launch_config(seq: int, head_dim: int) -> Tuple[int, int, int]:
     return block, block, warps
 
 
-def _seqs_per_program(block: int, nseq: int, backward: bool = False) -> int:
-    """Rows or columns per program of the batched kernels: about 128 token slots per program in the
-    forward pass (2 rows of 56 tokens, 4 of 28, 8 of 14, as ``benchmarks/kernel_tiles.py`` found
-    best on an H200), 64 in the backward pass (which keeps four [BLOCK, BLOCK] tiles live)."""
-    return max(1, min(next_power_of_2(nseq), (64 if backward else 128) // block))
+def _seqs_per_program(block: int, nseq: int) -> int:
+    """Rows or columns per program of the batched forward kernel: about 128 token slots per program
+    (2 rows of 56 tokens, 4 of 28, 8 of 14), as ``benchmarks/kernel_tiles.py`` found best on an H200."""
+    return max(1, min(next_power_of_2(nseq), 128 // block))
 
 
 def _block_d(head_dim: int) -> int:
@@ -84,7 +82,7 @@ def _attend(launch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torc
     block_m, block_n, warps = config or _launch_config(seq, d)
     extra = add if add is not None else out
     if seqs is None:
-        seqs = _seqs_per_program(block_m, nseq) if BATCH_SHORT_SEQUENCES else 0
+        seqs = _seqs_per_program(block_m, nseq) if SEQUENCES_PER_PROGRAM_FORWARD else 0
     if seqs and mode != MODE_FULL and seq <= block_m:
         if config is None:  # 2 warps for one 64-token tile, 4 for batches of shorter sequences
             warps = 2 if block_m >= 64 else 4
@@ -108,12 +106,9 @@ def _attend(launch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torc
 
 def _attend_backward(launch, grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                      v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sin: torch.Tensor,
-                     cos: torch.Tensor, decay: torch.Tensor, scale: float, mode: int,
-                     seqs: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of the raw (unrotated, unscaled) q, k and of v, each ``(b, h, w, n, d)``.
-
-    ``seqs``: rows or columns per program of the batched single-tile kernel (default
-    :func:`_seqs_per_program`; 0: one per program)."""
+                     cos: torch.Tensor, decay: torch.Tensor, scale: float, mode: int
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the raw (unrotated, unscaled) q, k and of v, each ``(b, h, w, n, d)``."""
     b, h, w, n, d = q.shape
     grad_out = grad_out.contiguous()
     dq = torch.empty((b, h, w, n, d), dtype=q.dtype, device=q.device)
@@ -122,14 +117,6 @@ def _attend_backward(launch, grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
     seq, nseq = _geometry(q.shape, mode)
     block_m, block_n, warps = _launch_config(seq, d)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
-    if seqs is None:
-        seqs = _seqs_per_program(block_m, nseq, backward=True) if BATCH_SHORT_SEQUENCES else 0
-    if SINGLE_TILE_BACKWARD and seq <= block_m and seqs and mode != MODE_FULL:
-        launch(masa_bwd_seqs_kernel)[(cdiv(nseq, seqs) * n, b)](
-            q, k, v, out, grad_out, lse, dq, dk, dv, sin, cos, decay, *strides,
-            n, w, seq, nseq, h * w, scale, MODE=mode, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK=block_m,
-            SEQS=seqs, DOT_PRECISION=_dot_precision(q.dtype), num_warps=4)
-        return dq, dk, dv
     if SINGLE_TILE_BACKWARD and seq <= block_m:  # every sequence fits one tile: one kernel for all three
         launch(masa_bwd_tile_kernel)[(1, nseq * n, b)](
             q, k, v, out, grad_out, lse, dq, dk, dv, sin, cos, decay, *strides,
