@@ -313,6 +313,14 @@ def _load_seqs(base, rows, cols, mask, s_h, s_w, HEAD_DIM: tl.constexpr, BLOCK_D
 
 
 @triton.jit
+def _store_seqs(base, value, rows, cols, mask, s_h, s_w, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store ``[SEQS, BLOCK, BLOCK_D]`` (first ``HEAD_DIM`` channels) at grid coordinates."""
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(base + rows[:, :, None] * s_h + cols[:, :, None] * s_w + offs_d[None, None, :], value,
+             mask=mask[:, :, None] & (offs_d[None, None, :] < HEAD_DIM))
+
+
+@triton.jit
 def masa_fwd_seqs_kernel(
         Q, K, V, O, ADD, LSE, SIN, COS, DECAY,
         q_sb, q_sh, q_sw, q_sn, k_sb, k_sh, k_sw, k_sn, v_sb, v_sh, v_sw, v_sn,
@@ -358,9 +366,7 @@ def masa_fwd_seqs_kernel(
     if HAS_ADD:
         add = _load_seqs(ADD + b * a_sb + head * a_sn, rows, cols, mask, a_sh, a_sw, HEAD_DIM, BLOCK_D)
         acc += add.to(tl.float32)
-    offs_d = tl.arange(0, BLOCK_D)
-    tl.store(O + b * o_sb + head * o_sn + rows[:, :, None] * o_sh + cols[:, :, None] * o_sw
-             + offs_d[None, None, :], acc.to(O.dtype.element_ty),
-             mask=mask[:, :, None] & (offs_d[None, None, :] < HEAD_DIM))
+    _store_seqs(O + b * o_sb + head * o_sn, acc.to(O.dtype.element_ty), rows, cols, mask, o_sh, o_sw,
+                HEAD_DIM, BLOCK_D)
     if STORE_LSE:
         tl.store(LSE + (b * TOKENS + pos) * NH + head, m + tl.log(l), mask=mask)
