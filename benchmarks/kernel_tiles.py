@@ -40,9 +40,9 @@ def _seconds(fn: Callable[[], object], device: torch.device, iters: int) -> floa
 def dwconv_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> List[Dict]:
     """Forward kernel of the CPE (3x3 + residual), LePE (5x5) and FFN (3x3 + residual, 3x width) convs."""
     rows = []
-    widths = [16, 32, 64]
+    widths = [8, 16, 32, 64]
     channels = [32, 64, 128]
-    warps = [4, 8]
+    rows_per_program = [1, 2, 4]
     for (side, c), (name, ks, mult, residual) in itertools.product(
             SMOKE_STAGES if smoke else STAGES, [("cpe", 3, 1, True), ("lepe", 5, 1, False), ("ffn", 3, 3, True)]):
         ch = c * mult
@@ -53,16 +53,22 @@ def dwconv_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> Li
 
         def run(tile=None):
             return dwconv._forward(eager_launch, x, w, b, residual, False, tile)
-        default = dwconv._blocks(side, ch)
+        default = dwconv._blocks(side, ch, ks)
         timed = {default: _seconds(lambda: run(default), device, iters)}
-        for tile in itertools.product(widths, channels, warps):
-            if tile[0] > next_power_of_2(side) or tile[1] > next_power_of_2(ch) or tile in timed or smoke:
+        for bw, bc, r in itertools.product(widths, channels, rows_per_program):
+            if bw > next_power_of_2(side) or bc > next_power_of_2(ch) or smoke:
                 continue
-            timed[tile] = _seconds(lambda: run(tile), device, iters)
+            for nw in (4, 8) if bw * bc * r >= 8192 else (4,):
+                tile = (bw, bc, nw, r)
+                if tile not in timed:
+                    timed[tile] = _seconds(lambda: run(tile), device, iters)
         best = min(timed, key=timed.get)
         cudnn = _seconds(lambda: F.conv2d(x.permute(0, 3, 1, 2), w.to(x.dtype), b.to(x.dtype), padding=ks // 2,
                                           groups=ch), device, iters)
+        by_rows = {r: min((t, tile) for tile, t in timed.items() if tile[3] == r) for r in rows_per_program
+                   if any(tile[3] == r for tile in timed)}
         rows.append(dict(kernel=f"dwconv {name} {ks}x{ks}", shape=f"{batch}x{side}x{side}x{ch}",
+                         best_by_rows={r: (str(tile), t * 1e6) for r, (t, tile) in by_rows.items()},
                          default=str(default), default_us=timed[default] * 1e6,
                          best=str(best), best_us=timed[best] * 1e6, baseline_us=cudnn * 1e6,
                          default_gbs=moved / timed[default] / 1e9, best_gbs=moved / timed[best] / 1e9))
@@ -184,6 +190,10 @@ def main() -> int:
     for r in rows:
         print(f"{r['kernel']:<24} {r['shape']:<18} {r['default']:<18} {r['default_us']:>8.1f} {r['default_gbs']:>7.0f}  "
               f"{r['best']:<18} {r['best_us']:>8.1f} {r['best_gbs']:>7.0f}  {r['baseline_us']:>8.1f}")
+    for r in rows:
+        if r.get("best_by_rows"):
+            print(f"{r['kernel']:<24} {r['shape']:<18} best per rows/program: " + ", ".join(
+                f"{n}: {tile} {us:.1f} us" for n, (tile, us) in r["best_by_rows"].items()))
     if args.json:
         save_rows(args.json, environment(device), vars(args), rows)
     return 0

@@ -39,6 +39,21 @@ def test_triton_dwconv_matches_reference_with_gradients(ks, residual, gelu, shap
 
 
 @needs_triton
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("ks", [3, 5])
+def test_triton_dwconv_rows_per_program(rows, ks, monkeypatch):
+    """Every number of output rows per program (1-4), with a partly-empty last group of rows, in
+    the forward kernel and the input-gradient kernel (with the GELU derivative and bias sums)."""
+    from rmt.ops import dwconv
+    monkeypatch.setattr(dwconv, "_blocks", lambda w, c, k: (8, 16, 4, rows))
+    wide, x, weight, bias = _inputs((2, 7, 11, 20), ks)
+    want = dwconv_nhwc_reference(x, weight, bias, True, True)
+    got = dwconv_nhwc_triton(x, weight, bias, True, True)
+    assert rel_err(got, want) <= 1e-6
+    assert_same_gradients(got, want, (wide, weight, bias), ("input", "weight", "bias"), 1e-5)
+
+
+@needs_triton
 def test_triton_dwconv_without_bias_and_frozen_weight():
     wide, x, weight, _ = _inputs((1, 6, 5, 8), 3, bias=False)
     weight = weight.detach()

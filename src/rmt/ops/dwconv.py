@@ -36,6 +36,8 @@ if HAS_TRITON:
 
 # False: only inference uses the kernels; training runs F.conv2d (cuDNN) and autograd instead
 TRAINING_KERNELS = True
+# False: F.conv2d everywhere (benchmarks/inference_modes.py compares the two)
+FUSED_KERNELS = True
 
 
 def dwconv_nhwc_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -57,46 +59,32 @@ if HAS_TRITON:
         return cdf + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
 
     @triton.jit
-    def _dwconv_nhwc_kernel(X, WT, B, Z, Y, DB_PART, H, W, C, x_sb, x_sh, x_sw, z_sb, z_sh, z_sw,
-                            KS: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            RESIDUAL: tl.constexpr, GELU_GRAD: tl.constexpr, COLUMN_SUMS: tl.constexpr,
-                            BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Grid ``(b * h, cdiv(w, BLOCK_W), cdiv(c, BLOCK_C))``: one row segment of tokens per program.
-
-        ``Y = [gelu'(Z) *] ([X +] sum_taps X[shifted] * WT[tap] [+ B])``; ``FLIP`` mirrors the kernel
-        (the input gradient). ``Y`` is contiguous. ``COLUMN_SUMS`` also writes the program's sum of
-        ``X`` over its tokens to row ``pid(0) * cdiv(w, BLOCK_W) + pid(1)`` of ``DB_PART``
-        (float32, ``C`` wide): with ``X`` the output gradient, the parts of the bias gradient.
-        """
-        pid_bh = tl.program_id(0)
-        b = (pid_bh // H).to(tl.int64)
-        r = pid_bh % H
-        offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-        offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < C
-        mask = (offs_w < W)[:, None] & mask_c[None, :]
-        acc = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
-        for dy in tl.static_range(KS):
-            rr = r + dy - KS // 2
-            row_ok = (rr >= 0) & (rr < H)
-            for dx in tl.static_range(KS):
-                ss = offs_w + dx - KS // 2
-                m = (row_ok & (ss >= 0) & (ss < W))[:, None] & mask_c[None, :]
-                xv = tl.load(X + b * x_sb + rr * x_sh + ss[:, None] * x_sw + offs_c[None, :],
-                             mask=m, other=0.0).to(tl.float32)
-                tap = (KS - 1 - dy) * KS + (KS - 1 - dx) if FLIP else dy * KS + dx
+    def _tap(acc, xv, WT, offs_c, mask_c, I: tl.constexpr, O: tl.constexpr, DX: tl.constexpr,
+             KS: tl.constexpr, FLIP: tl.constexpr, RESIDUAL: tl.constexpr):
+        """Add input row ``I`` of the program's window, shifted by ``DX``, to output row ``O``'s
+        accumulator (when that input row is within the kernel's reach of the output row)."""
+        DY: tl.constexpr = I - O
+        if DY >= 0:
+            if DY < KS:
+                if FLIP:
+                    tap = (KS - 1 - DY) * KS + (KS - 1 - DX)
+                else:
+                    tap = DY * KS + DX
                 wv = tl.load(WT + offs_c * (KS * KS) + tap, mask=mask_c, other=0.0)
                 acc += xv * wv.to(tl.float32)[None, :]
+                if RESIDUAL:
+                    if DY == KS // 2:
+                        if DX == KS // 2:
+                            acc += xv  # the centre tap is the residual input
+        return acc
+
+    @triton.jit
+    def _finish_row(acc, r, b, offs_w, offs_c, mask_c, B, Z, Y, H, W, C, z_sb, z_sh, z_sw,
+                    HAS_BIAS: tl.constexpr, GELU_GRAD: tl.constexpr):
+        """Bias, GELU derivative and store of output row ``r`` (skipped past the last row)."""
+        mask = ((offs_w < W)[:, None] & mask_c[None, :]) & (r < H)
         if HAS_BIAS:
             acc += tl.load(B + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-        if RESIDUAL or COLUMN_SUMS:
-            center = tl.load(X + b * x_sb + r * x_sh + offs_w[:, None] * x_sw + offs_c[None, :],
-                             mask=mask, other=0.0).to(tl.float32)
-            if RESIDUAL:
-                acc += center
-            if COLUMN_SUMS:
-                part = pid_bh * tl.num_programs(1) + tl.program_id(1)
-                tl.store(DB_PART + part.to(tl.int64) * C + offs_c, tl.sum(center, axis=0), mask=mask_c)
         if GELU_GRAD:
             z = tl.load(Z + b * z_sb + r * z_sh + offs_w[:, None] * z_sw + offs_c[None, :],
                         mask=mask, other=0.0).to(tl.float32)
@@ -104,9 +92,73 @@ if HAS_TRITON:
         tl.store(Y + ((b * H + r) * W + offs_w[:, None]) * C + offs_c[None, :],
                  acc.to(Y.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _dwconv_nhwc_kernel(X, WT, B, Z, Y, DB_PART, H, W, C, x_sb, x_sh, x_sw, z_sb, z_sh, z_sw,
+                            KS: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            RESIDUAL: tl.constexpr, GELU_GRAD: tl.constexpr, COLUMN_SUMS: tl.constexpr,
+                            ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Grid ``(b * cdiv(h, ROWS), cdiv(w, BLOCK_W), cdiv(c, BLOCK_C))``: the same segment of
+        ``ROWS`` (1-4) consecutive token rows per program.
 
-def _blocks(w: int, c: int) -> Tuple[int, int, int]:
-    """``(BLOCK_W, BLOCK_C, num_warps)`` for a token row of width ``w`` and ``c`` channels.
+        ``Y = [gelu'(Z) *] ([X +] sum_taps X[shifted] * WT[tap] [+ B])``; ``FLIP`` mirrors the kernel
+        (the input gradient). ``Y`` is contiguous. Each shifted input row is loaded once and added to
+        every output row it reaches, so a program loads ``(ROWS + KS - 1) * KS`` tiles for ``ROWS``
+        rows instead of ``KS * KS`` per row: the loads, not the memory traffic, limit this kernel.
+        ``COLUMN_SUMS`` also writes the program's sum of ``X`` over its tokens to row
+        ``pid(0) * cdiv(w, BLOCK_W) + pid(1)`` of ``DB_PART`` (float32, ``C`` wide): with ``X`` the
+        output gradient, the parts of the bias gradient.
+        """
+        pid = tl.program_id(0)
+        row_blocks = (H + ROWS - 1) // ROWS
+        b = (pid // row_blocks).to(tl.int64)
+        r0 = (pid % row_blocks) * ROWS
+        offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        acc0 = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
+        acc1 = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
+        acc2 = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
+        acc3 = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
+        sums = tl.zeros([BLOCK_C], tl.float32)
+        for i in tl.static_range(ROWS + KS - 1):
+            rr = r0 + i - KS // 2
+            row_ok = (rr >= 0) & (rr < H)
+            for dx in tl.static_range(KS):
+                ss = offs_w + dx - KS // 2
+                m = (row_ok & (ss >= 0) & (ss < W))[:, None] & mask_c[None, :]
+                xv = tl.load(X + b * x_sb + rr * x_sh + ss[:, None] * x_sw + offs_c[None, :],
+                             mask=m, other=0.0).to(tl.float32)
+                if COLUMN_SUMS:
+                    if dx == KS // 2:
+                        if i >= KS // 2:
+                            if i < ROWS + KS // 2:
+                                sums += tl.sum(xv, axis=0)  # the program's own rows
+                acc0 = _tap(acc0, xv, WT, offs_c, mask_c, i, 0, dx, KS, FLIP, RESIDUAL)
+                if ROWS > 1:
+                    acc1 = _tap(acc1, xv, WT, offs_c, mask_c, i, 1, dx, KS, FLIP, RESIDUAL)
+                if ROWS > 2:
+                    acc2 = _tap(acc2, xv, WT, offs_c, mask_c, i, 2, dx, KS, FLIP, RESIDUAL)
+                if ROWS > 3:
+                    acc3 = _tap(acc3, xv, WT, offs_c, mask_c, i, 3, dx, KS, FLIP, RESIDUAL)
+        if COLUMN_SUMS:
+            part = pid * tl.num_programs(1) + tl.program_id(1)
+            tl.store(DB_PART + part.to(tl.int64) * C + offs_c, sums, mask=mask_c)
+        _finish_row(acc0, r0, b, offs_w, offs_c, mask_c, B, Z, Y, H, W, C, z_sb, z_sh, z_sw,
+                    HAS_BIAS, GELU_GRAD)
+        if ROWS > 1:
+            _finish_row(acc1, r0 + 1, b, offs_w, offs_c, mask_c, B, Z, Y, H, W, C, z_sb, z_sh, z_sw,
+                        HAS_BIAS, GELU_GRAD)
+        if ROWS > 2:
+            _finish_row(acc2, r0 + 2, b, offs_w, offs_c, mask_c, B, Z, Y, H, W, C, z_sb, z_sh, z_sw,
+                        HAS_BIAS, GELU_GRAD)
+        if ROWS > 3:
+            _finish_row(acc3, r0 + 3, b, offs_w, offs_c, mask_c, B, Z, Y, H, W, C, z_sb, z_sh, z_sw,
+                        HAS_BIAS, GELU_GRAD)
+
+
+def _blocks(w: int, c: int, ks: int) -> Tuple[int, int, int, int]:
+    """``(BLOCK_W, BLOCK_C, num_warps, ROWS)`` for token rows of width ``w``, ``c`` channels and a
+    ``ks x ks`` kernel.
 
     Chosen by ``benchmarks/kernel_tiles.py`` (which times the alternatives through the ``tile``
     argument of :func:`_forward`) at the RMT-S shapes on an H200: narrow channel blocks and whole rows
@@ -114,28 +166,29 @@ def _blocks(w: int, c: int) -> Tuple[int, int, int]:
     grid would otherwise fill the GPU only a few times over).
     """
     bw = next_power_of_2(w)
+    rows = 2 if ks <= 3 else 4
     if c < 128:
-        return min(64, bw), min(32, next_power_of_2(c)), 4
-    return min(32, bw), 64 if w <= 8 else 128, 4
+        return min(64, bw), min(32, next_power_of_2(c)), 4, rows
+    return min(32, bw), 64 if w <= 8 else 128, 4, rows
 
 
 def _forward(launch, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-             residual: bool, gelu: bool, tile: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
+             residual: bool, gelu: bool, tile: Optional[Tuple[int, int, int, int]] = None) -> torch.Tensor:
     """``[g +] dwconv(g) + bias`` (``g = gelu(x)`` or ``x``); ``x`` ``(b, h, w, c)`` with unit channel stride.
 
     GELU is one element-wise pass before the kernel: inside it, each input would be evaluated once
-    per tap (9x the erf work). ``tile``: ``(BLOCK_W, BLOCK_C, num_warps)`` instead of :func:`_blocks`.
+    per tap (9x the erf work). ``tile``: ``(BLOCK_W, BLOCK_C, num_warps, ROWS)`` instead of :func:`_blocks`.
     """
     if gelu:
         x = F.gelu(x)
     b, h, w, c = x.shape
     y = torch.empty((b, h, w, c), dtype=x.dtype, device=x.device)
-    block_w, block_c, warps = tile or _blocks(w, c)
-    launch(_dwconv_nhwc_kernel)[(b * h, cdiv(w, block_w), cdiv(c, block_c))](
+    block_w, block_c, warps, rows = tile or _blocks(w, c, weight.shape[-1])
+    launch(_dwconv_nhwc_kernel)[(b * cdiv(h, rows), cdiv(w, block_w), cdiv(c, block_c))](
         x, weight, bias if bias is not None else weight, x, y, y, h, w, c,
         x.stride(0), x.stride(1), x.stride(2), 0, 0, 0,
         KS=weight.shape[-1], FLIP=False, HAS_BIAS=bias is not None, RESIDUAL=residual,
-        GELU_GRAD=False, COLUMN_SUMS=False, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
+        GELU_GRAD=False, COLUMN_SUMS=False, ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
     return y
 
 
@@ -151,8 +204,8 @@ def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     b, h, w, c = x.shape
     ks = weight.shape[-1]
     grad = grad.contiguous()
-    block_w, block_c, warps = _blocks(w, c)
-    grid = (b * h, cdiv(w, block_w), cdiv(c, block_c))
+    block_w, block_c, warps, rows = _blocks(w, c, ks)
+    grid = (b * cdiv(h, rows), cdiv(w, block_w), cdiv(c, block_c))
     gx = gw = gb = None
     if need_input:
         gx = torch.empty((b, h, w, c), dtype=x.dtype, device=x.device)
@@ -162,7 +215,7 @@ def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
             grad, weight, weight, x, gx, parts, h, w, c, grad.stride(0), grad.stride(1), grad.stride(2),
             x.stride(0), x.stride(1), x.stride(2),
             KS=ks, FLIP=True, HAS_BIAS=False, RESIDUAL=residual, GELU_GRAD=gelu, COLUMN_SUMS=need_bias,
-            BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
+            ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
         if need_bias:
             gb = parts.sum(0)
     if need_weight or (need_bias and gb is None):
@@ -253,7 +306,8 @@ def dwconv_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     ``TRITON_INTERPRET=1``); otherwise, or when they do not apply, :func:`dwconv_nhwc_reference` runs.
     """
     training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if fused and triton_dwconv_supported(x, weight) and (TRAINING_KERNELS or not training):
+    if (fused and FUSED_KERNELS and triton_dwconv_supported(x, weight)
+            and (TRAINING_KERNELS or not training)):
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         return dwconv_nhwc_triton(x, weight, bias, residual, gelu)

@@ -55,7 +55,8 @@ def ffn_tail(a: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torch.T
     """
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (a, dw_weight, dw_bias, weight, bias))
-    if (fused and training and dwconv.TRAINING_KERNELS and not torch.compiler.is_compiling()
+    if (fused and training and dwconv.TRAINING_KERNELS and dwconv.FUSED_KERNELS
+            and not torch.compiler.is_compiling()
             and triton_dwconv_supported(a, dw_weight)):
         if torch.is_autocast_enabled(a.device.type):
             a = a.to(torch.get_autocast_dtype(a.device.type))

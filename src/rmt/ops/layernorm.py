@@ -30,6 +30,8 @@ if HAS_TRITON:
 
 # False: only inference uses the kernels; training runs PyTorch's LayerNorm and autograd instead
 TRAINING_KERNELS = True
+# False: PyTorch's LayerNorm everywhere (benchmarks/inference_modes.py compares the two)
+FUSED_KERNELS = True
 MAX_CHANNELS = 4096
 
 if HAS_TRITON:
@@ -164,7 +166,7 @@ def triton_layer_norm_supported(x: torch.Tensor, weight: Optional[torch.Tensor],
     """Whether the kernels handle this input here (CUDA, or CPU under ``TRITON_INTERPRET=1``; in
     training only while :data:`TRAINING_KERNELS`)."""
     training = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
-    return ((TRAINING_KERNELS or not training) and triton_runs_on(x)
+    return (FUSED_KERNELS and (TRAINING_KERNELS or not training) and triton_runs_on(x)
             and weight is not None and bias is not None and x.dtype in SUPPORTED_DTYPES
             and weight.dtype in SUPPORTED_DTYPES and 0 < x.shape[-1] <= MAX_CHANNELS)
 
