@@ -40,13 +40,14 @@ SWITCHES = ("convref", "torchln", "reference")
 @contextlib.contextmanager
 def _switches(switches: List[str]):
     """Turn the fast-path pieces named in ``switches`` off while the model is built and run."""
-    saved = dwconv.FUSED_KERNELS, layernorm.FUSED_KERNELS
+    saved = [(m, getattr(m, "FUSED_KERNELS", True)) for m in (dwconv, layernorm)]
     dwconv.FUSED_KERNELS = "convref" not in switches
     layernorm.FUSED_KERNELS = "torchln" not in switches
     try:
         yield
     finally:
-        dwconv.FUSED_KERNELS, layernorm.FUSED_KERNELS = saved
+        for module, value in saved:
+            module.FUSED_KERNELS = value
 
 
 def _kernel_table(prof, rows: int) -> str:

@@ -8,7 +8,8 @@ For every stage of RMT-S (token grids 56/28/14/7, widths 64/128/256/512, FFN hid
 (kernel, shape): the time of the tile the code picks today, the fastest tile found, and the
 effective bandwidth of each (bytes the kernel must move at least, divided by its time). Rows for
 PyTorch's LayerNorm and cuDNN's depthwise convolution give the baselines (none for MaSA).
-Timing: median of CUDA-event timings (``rmt.benchmark.time_step``).
+Timing: on CUDA, ten calls captured in a CUDA graph and the replays timed (median of CUDA-event
+timings, divided by ten), so the CPU cost of launching does not hide the GPU time of small kernels.
 """
 from __future__ import annotations
 
@@ -28,13 +29,32 @@ from rmt.ops import dwconv, layernorm  # noqa: E402
 from rmt.ops.masa import head_decays, rotation_tables, triton_masa  # noqa: E402
 from rmt.ops.triton_support import eager_launch, next_power_of_2  # noqa: E402
 
-STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]   # RMT-S at 224x224: (grid side, width)
+WIDTHS = [64, 128, 256, 512]                          # RMT-S stage widths
+STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]   # RMT-S at 224x224: (grid side, width); --size rescales
 HEADS = [4, 4, 8, 16]
 SMOKE_STAGES = [(9, 32)]                              # --smoke: one small grid, quick under the interpreter
 
 
+GRAPH_LAUNCHES = 10
+
+
 def _seconds(fn: Callable[[], object], device: torch.device, iters: int) -> float:
-    return time_step(fn, device, warmup=2, iters=iters)
+    """GPU seconds of one call of ``fn``. On CUDA the calls are captured in a CUDA graph
+    (``GRAPH_LAUNCHES`` per replay) and the replays timed, so the CPU cost of a launch (which exceeds
+    the run time of the small kernels of stages 3-4) does not hide the kernel's own time."""
+    if device.type != "cuda":
+        return time_step(fn, device, warmup=2, iters=iters)
+    fn()  # compile
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(GRAPH_LAUNCHES):
+            fn()
+    return time_step(graph.replay, device, warmup=2, iters=iters) / GRAPH_LAUNCHES
 
 
 def dwconv_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> List[Dict]:
@@ -136,8 +156,8 @@ def masa_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> List
                                        mode, False, config, seqs)
         config = triton_masa._launch_config(seq, d)
         default = (None, None)  # what the model runs: _attend's own choice
-        if mode == FULL:
-            tiles = [(32, 32), (32, 64), (64, 32), (64, 64), (128, 64)]
+        if mode == FULL or seq > config[0]:
+            tiles = [(32, 32), (32, 64), (64, 32), (64, 64), (128, 64), (64, 128), (128, 128)]
             others = [((bm, bn, nw), None) for (bm, bn) in tiles for nw in (2, 4, 8)
                       if max(bm, bn) <= 2 * next_power_of_2(seq)]
         else:
@@ -154,7 +174,8 @@ def masa_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> List
 
         def name(choice):
             if choice == default:
-                return "auto" + ("" if mode == FULL else f" x{triton_masa._seqs_per_program(config[0], side)}")
+                return "auto" + ("" if mode == FULL or seq > config[0]
+                             else f" x{triton_masa._seqs_per_program(config[0], side)}")
             return str(choice[0]) + ("" if choice[1] is None else f" x{choice[1]}")
         rows.append(dict(kernel=f"masa fwd {kind}", shape=f"{batch}x{side}x{side}x{n}x{d}",
                          default=name(default), default_us=timed[default] * 1e6,
@@ -170,6 +191,7 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--smoke", action="store_true", help="one small shape, the default tiles only (a quick check)")
     p.add_argument("--kernels", default="dwconv,layernorm,masa", help="which sweeps, comma separated")
+    p.add_argument("--size", type=int, default=224, help="image side; the token grids are size/4 ... size/32")
     p.add_argument("--json", default="")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -178,6 +200,7 @@ def main() -> int:
               "under TRITON_INTERPRET=1 for a check that it runs)", file=sys.stderr)
         return 1
     torch.manual_seed(0)
+    STAGES[:] = [(args.size // (4 * 2 ** i), c) for i, c in enumerate(WIDTHS)]
     sweeps = {"dwconv": dwconv_rows, "layernorm": layernorm_rows, "masa": masa_rows}
     unknown = set(args.kernels.split(",")) - set(sweeps)
     if unknown:

@@ -158,18 +158,23 @@ if HAS_TRITON:
 
 def _blocks(w: int, c: int, ks: int) -> Tuple[int, int, int, int]:
     """``(BLOCK_W, BLOCK_C, num_warps, ROWS)`` for token rows of width ``w``, ``c`` channels and a
-    ``ks x ks`` kernel.
+    ``ks x ks`` kernel, as ``benchmarks/kernel_tiles.py`` (which times the alternatives through the
+    ``tile`` argument of :func:`_forward`) found best at the RMT-S shapes on an H200:
 
-    Chosen by ``benchmarks/kernel_tiles.py`` (which times the alternatives through the ``tile``
-    argument of :func:`_forward`) at the RMT-S shapes on an H200: narrow channel blocks and whole rows
-    for 64 channels, 128-channel blocks from 128 channels up (but 64 on 7-token rows, where the
-    grid would otherwise fill the GPU only a few times over).
+    * 3x3 on grids of 16 tokens or more: 4 rows of 32 x 64 tiles (stage 1: 97 -> 51 us for the
+      CPE, 225 -> 140 us for the FFN conv against one row per program, batch 128);
+    * 5x5 (LePE): 2 rows (4 rows of wide tiles spill registers and run 10-20x slower) of 64 x 32
+      tiles at 64 channels, else 32 x 128 (64 channels wide on 7-token rows);
+    * 3x3 on small grids: 2 rows of whole-row x 128-channel tiles (64 on 7-token rows).
     """
     bw = next_power_of_2(w)
-    rows = 2 if ks <= 3 else 4
-    if c < 128:
-        return min(64, bw), min(32, next_power_of_2(c)), 4, rows
-    return min(32, bw), 64 if w <= 8 else 128, 4, rows
+    if ks > 3:
+        if c < 128:
+            return min(64, bw), min(32, next_power_of_2(c)), 4, 2
+        return min(32, bw), 64 if w <= 8 else 128, 4, 2
+    if w >= 16:
+        return min(32, bw), min(64, next_power_of_2(c)), 4, 4
+    return bw, 64 if w <= 8 else 128, 4, 2
 
 
 def _forward(launch, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

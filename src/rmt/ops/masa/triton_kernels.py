@@ -98,26 +98,6 @@ def _program(NH, DECAY):
 
 
 @triton.jit
-def _load_rotated(ptr, d_mask, pos, SIN, COS, scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Tokens at ``ptr`` (pointers to channel 0, any shape ``[..]``) times ``scale`` and rotated, as
-    float32 ``[.., BLOCK_D]``; ``pos`` ``[..]`` are their flat grid positions, ``d_mask`` ``[.., BLOCK_D]``.
-
-    Rotating pair ``(2i, 2i+1)`` needs each channel's partner, which is loaded a second time with
-    the channel index flipped in its lowest bit (an L1 hit) instead of being moved between
-    registers: ``x' = x * cos + partner * (-sin for even channels, +sin for odd ones)``.
-    """
-    offs_d = tl.arange(0, BLOCK_D)
-    ptr = tl.expand_dims(ptr, -1)
-    x = tl.load(ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-    partner = tl.load(ptr + (offs_d ^ 1), mask=d_mask, other=0.0).to(tl.float32)
-    table = tl.expand_dims(pos, -1) * HEAD_DIM + offs_d
-    s = tl.load(SIN + table, mask=d_mask, other=0.0)
-    c = tl.load(COS + table, mask=d_mask, other=0.0)
-    s = tl.where(offs_d % 2 == 0, -s, s)
-    return (x * c + partner * s) * scale
-
-
-@triton.jit
 def _rotated_tokens(base, offs, seq_id, SEQ, W, s_h, s_w, SIN, COS, scale, BLOCK: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr):
     """Tokens ``offs`` of one sequence of q or k, times ``scale``, rotated, in the input dtype.
@@ -126,9 +106,8 @@ def _rotated_tokens(base, offs, seq_id, SEQ, W, s_h, s_w, SIN, COS, scale, BLOCK
     """
     mask = offs < SEQ
     rows, cols = _coords(offs, seq_id, W, MODE)
-    d_mask = mask[:, None] & (tl.arange(0, BLOCK_D)[None, :] < HEAD_DIM)
-    x = _load_rotated(base + rows * s_h + cols * s_w, d_mask, rows * W + cols, SIN, COS, scale,
-                      HEAD_DIM, BLOCK_D)
+    x = _load_tokens(base, rows, cols, mask, s_h, s_w, HEAD_DIM, BLOCK_D)
+    x = _rotate(x.to(tl.float32) * scale, rows, cols, mask, W, SIN, COS, BLOCK, HEAD_DIM, BLOCK_D, False)
     return x.to(base.dtype.element_ty), rows, cols, mask
 
 
@@ -312,6 +291,20 @@ def masa_bwd_tile_kernel(
 
 
 @triton.jit
+def _rotate_seqs(x, pos, mask, SIN, COS, SEQS: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """:func:`_rotate` (forward) for ``x`` [SEQS, BLOCK, BLOCK_D] float32 at flat positions ``pos``."""
+    HALF: tl.constexpr = BLOCK_D // 2
+    xe, xo = tl.split(tl.reshape(x, (SEQS, BLOCK, HALF, 2)))
+    even = 2 * tl.arange(0, HALF)
+    table = pos[:, :, None] * HEAD_DIM + even[None, None, :]
+    tmask = mask[:, :, None] & (even[None, None, :] < HEAD_DIM)
+    s = tl.load(SIN + table, mask=tmask, other=0.0)
+    c = tl.load(COS + table, mask=tmask, other=0.0)
+    return tl.reshape(tl.join(xe * c - xo * s, xo * c + xe * s), (SEQS, BLOCK, BLOCK_D))
+
+
+@triton.jit
 def _load_seqs(base, rows, cols, mask, s_h, s_w, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """Load ``[SEQS, BLOCK, BLOCK_D]`` tokens at grid coordinates ``rows``/``cols`` [SEQS, BLOCK] (zero padded)."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -357,11 +350,10 @@ def masa_fwd_seqs_kernel(
     pos = rows * W + cols
     dtype = Q.dtype.element_ty
 
-    d_mask = mask[:, :, None] & (tl.arange(0, BLOCK_D)[None, None, :] < HEAD_DIM)
-    q = _load_rotated(Q + b * q_sb + head * q_sn + rows * q_sh + cols * q_sw, d_mask, pos, SIN, COS, 1.0,
-                      HEAD_DIM, BLOCK_D).to(dtype)
-    k = _load_rotated(K + b * k_sb + head * k_sn + rows * k_sh + cols * k_sw, d_mask, pos, SIN, COS, scale,
-                      HEAD_DIM, BLOCK_D).to(dtype)
+    q = _load_seqs(Q + b * q_sb + head * q_sn, rows, cols, mask, q_sh, q_sw, HEAD_DIM, BLOCK_D)
+    q = _rotate_seqs(q.to(tl.float32), pos, mask, SIN, COS, SEQS, BLOCK, HEAD_DIM, BLOCK_D).to(dtype)
+    k = _load_seqs(K + b * k_sb + head * k_sn, rows, cols, mask, k_sh, k_sw, HEAD_DIM, BLOCK_D)
+    k = _rotate_seqs(k.to(tl.float32) * scale, pos, mask, SIN, COS, SEQS, BLOCK, HEAD_DIM, BLOCK_D).to(dtype)
     v = _load_seqs(V + b * v_sb + head * v_sn, rows, cols, mask, v_sh, v_sw, HEAD_DIM, BLOCK_D)
 
     s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=DOT_PRECISION)
