@@ -17,7 +17,7 @@ import argparse
 import itertools
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Iterator, List
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,11 @@ WIDTHS = [64, 128, 256, 512]                          # RMT-S stage widths
 STAGES = [(56, 64), (28, 128), (14, 256), (7, 512)]   # RMT-S at 224x224: (grid side, width); --size rescales
 HEADS = [4, 4, 8, 16]
 SMOKE_STAGES = [(9, 32)]                              # --smoke: one small grid, quick under the interpreter
+SELECTED = {0, 1, 2, 3}                               # --stages (0-based here)
+
+
+def _stages():
+    return [st for i, st in enumerate(STAGES) if i in SELECTED]
 
 
 GRAPH_LAUNCHES = 10
@@ -57,14 +62,13 @@ def _seconds(fn: Callable[[], object], device: torch.device, iters: int) -> floa
     return time_step(graph.replay, device, warmup=2, iters=iters) / GRAPH_LAUNCHES
 
 
-def dwconv_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> List[Dict]:
+def dwconv_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> Iterator[Dict]:
     """Forward kernel of the CPE (3x3 + residual), LePE (5x5) and FFN (3x3 + residual, 3x width) convs."""
-    rows = []
     widths = [8, 16, 32, 64]
     channels = [32, 64, 128]
     rows_per_program = [1, 2, 4]
     for (side, c), (name, ks, mult, residual) in itertools.product(
-            SMOKE_STAGES if smoke else STAGES, [("cpe", 3, 1, True), ("lepe", 5, 1, False), ("ffn", 3, 3, True)]):
+            SMOKE_STAGES if smoke else _stages(), [("cpe", 3, 1, True), ("lepe", 5, 1, False), ("ffn", 3, 3, True)]):
         ch = c * mult
         x = torch.randn(batch, side, side, ch, device=device, dtype=torch.bfloat16)
         w = torch.randn(ch, 1, ks, ks, device=device)
@@ -87,18 +91,16 @@ def dwconv_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> Li
                                           groups=ch), device, iters)
         by_rows = {r: min((t, tile) for tile, t in timed.items() if tile[3] == r) for r in rows_per_program
                    if any(tile[3] == r for tile in timed)}
-        rows.append(dict(kernel=f"dwconv {name} {ks}x{ks}", shape=f"{batch}x{side}x{side}x{ch}",
+        yield (dict(kernel=f"dwconv {name} {ks}x{ks}", shape=f"{batch}x{side}x{side}x{ch}",
                          best_by_rows={r: (str(tile), t * 1e6) for r, (t, tile) in by_rows.items()},
                          default=str(default), default_us=timed[default] * 1e6,
                          best=str(best), best_us=timed[best] * 1e6, baseline_us=cudnn * 1e6,
                          default_gbs=moved / timed[default] / 1e9, best_gbs=moved / timed[best] / 1e9))
-    return rows
 
 
-def layernorm_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> List[Dict]:
+def layernorm_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> Iterator[Dict]:
     """Forward and backward LayerNorm kernels against PyTorch's, bf16 tokens, float32 parameters."""
-    rows = []
-    for side, c in (SMOKE_STAGES if smoke else STAGES):
+    for side, c in (SMOKE_STAGES if smoke else _stages()):
         x = torch.randn(batch * side * side, c, device=device, dtype=torch.bfloat16)
         w, b = torch.randn(c, device=device), torch.randn(c, device=device)
         dy = torch.randn_like(x)
@@ -125,20 +127,19 @@ def layernorm_rows(batch: int, device: torch.device, iters: int, smoke: bool) ->
                 def torch_ln():
                     return torch.autograd.grad(out, xt, dy, retain_graph=True)
             default = choices[0]
-            rows.append(dict(kernel=f"layernorm {phase}", shape=f"{x.shape[0]}x{c}",
+            yield (dict(kernel=f"layernorm {phase}", shape=f"{x.shape[0]}x{c}",
                              default=f"rows {default[0]}, warps {default[1]}", default_us=timed[default] * 1e6,
                              best=f"rows {best[0]}, warps {best[1]}", best_us=timed[best] * 1e6,
                              baseline_us=_seconds(torch_ln, device, iters) * 1e6,
                              default_gbs=moved / timed[default] / 1e9, best_gbs=moved / timed[best] / 1e9))
-    return rows
 
 
-def masa_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> List[Dict]:
+def masa_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> Iterator[Dict]:
     """MaSA forward kernels: the row and column passes of the decomposed form (stages 1-3; one
     sequence per program or several, ``seqs``) and the full form (stage 4; flash tiles)."""
-    rows = []
     R, C, FULL = triton_masa.MODE_ROW, triton_masa.MODE_COL, triton_masa.MODE_FULL
-    stages = [(st, n, m) for st, n in zip(STAGES[:3], HEADS[:3]) for m in (R, C)] + [(STAGES[3], HEADS[3], FULL)]
+    stages = [(st, n, m) for i, (st, n) in enumerate(zip(STAGES, HEADS)) if i in SELECTED
+              for m in ((R, C) if i < 3 else (FULL,))]
     if smoke:
         stages = [(SMOKE_STAGES[0], 2, R), (SMOKE_STAGES[0], 2, FULL)]
     for (side, c), n, mode in stages:
@@ -157,7 +158,7 @@ def masa_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> List
         config = triton_masa._launch_config(seq, d)
         default = (None, None)  # what the model runs: _attend's own choice
         if mode == FULL or seq > config[0]:
-            tiles = [(32, 32), (32, 64), (64, 32), (64, 64), (128, 64), (64, 128), (128, 128)]
+            tiles = [(32, 64), (64, 32), (64, 64), (128, 64), (64, 128), (128, 128)]
             others = [((bm, bn, nw), None) for (bm, bn) in tiles for nw in (2, 4, 8)
                       if max(bm, bn) <= 2 * next_power_of_2(seq)]
         else:
@@ -177,11 +178,10 @@ def masa_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> List
                 return "auto" + ("" if mode == FULL or seq > config[0]
                              else f" x{triton_masa._seqs_per_program(config[0], side)}")
             return str(choice[0]) + ("" if choice[1] is None else f" x{choice[1]}")
-        rows.append(dict(kernel=f"masa fwd {kind}", shape=f"{batch}x{side}x{side}x{n}x{d}",
+        yield (dict(kernel=f"masa fwd {kind}", shape=f"{batch}x{side}x{side}x{n}x{d}",
                          default=name(default), default_us=timed[default] * 1e6,
                          best=name(best), best_us=timed[best] * 1e6, baseline_us=float("nan"),
                          default_gbs=moved / timed[default] / 1e9, best_gbs=moved / timed[best] / 1e9))
-    return rows
 
 
 def main() -> int:
@@ -192,6 +192,7 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true", help="one small shape, the default tiles only (a quick check)")
     p.add_argument("--kernels", default="dwconv,layernorm,masa", help="which sweeps, comma separated")
     p.add_argument("--size", type=int, default=224, help="image side; the token grids are size/4 ... size/32")
+    p.add_argument("--stages", default="1,2,3,4", help="which stages' shapes, comma separated (1-4)")
     p.add_argument("--json", default="")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -201,18 +202,24 @@ def main() -> int:
         return 1
     torch.manual_seed(0)
     STAGES[:] = [(args.size // (4 * 2 ** i), c) for i, c in enumerate(WIDTHS)]
+    SELECTED.clear()
+    SELECTED.update(int(i) - 1 for i in args.stages.split(","))
     sweeps = {"dwconv": dwconv_rows, "layernorm": layernorm_rows, "masa": masa_rows}
     unknown = set(args.kernels.split(",")) - set(sweeps)
     if unknown:
         print(f"unknown --kernels {sorted(unknown)}: choose from {sorted(sweeps)}", file=sys.stderr)
         return 1
-    rows = [r for name, sweep in sweeps.items() if name in args.kernels.split(",")
-            for r in sweep(args.batch, device, args.iters, args.smoke)]
     print(f"{'kernel':<24} {'shape':<18} {'default tile':<18} {'us':>8} {'GB/s':>7}  "
-          f"{'best tile':<18} {'us':>8} {'GB/s':>7}  {'torch us':>8}")
-    for r in rows:
-        print(f"{r['kernel']:<24} {r['shape']:<18} {r['default']:<18} {r['default_us']:>8.1f} {r['default_gbs']:>7.0f}  "
-              f"{r['best']:<18} {r['best_us']:>8.1f} {r['best_gbs']:>7.0f}  {r['baseline_us']:>8.1f}")
+          f"{'best tile':<18} {'us':>8} {'GB/s':>7}  {'torch us':>8}", flush=True)
+    rows: List[Dict] = []
+    for name, sweep in sweeps.items():
+        if name not in args.kernels.split(","):
+            continue
+        for r in sweep(args.batch, device, args.iters, args.smoke):  # printed as they come
+            rows.append(r)
+            print(f"{r['kernel']:<24} {r['shape']:<18} {r['default']:<18} {r['default_us']:>8.1f} "
+                  f"{r['default_gbs']:>7.0f}  {r['best']:<18} {r['best_us']:>8.1f} {r['best_gbs']:>7.0f}  "
+                  f"{r['baseline_us']:>8.1f}", flush=True)
     for r in rows:
         if r.get("best_by_rows"):
             print(f"{r['kernel']:<24} {r['shape']:<18} best per rows/program: " + ", ".join(
