@@ -110,6 +110,20 @@ def test_triton_low_precision_against_fp32_reference(dtype, form):
 
 
 @needs_triton
+@pytest.mark.parametrize("shape,form,tiles", [((1, 2, 300, 1, 16), "decomposed", (128, 64, 4)),
+                                              ((1, 33, 32, 1, 32), "full", (128, 128, 4))])
+def test_triton_forward_long_sequence_tiles(shape, form, tiles):
+    """Sequences of 256 tokens and more take wide forward tiles, with masked tails."""
+    from rmt.ops.masa import triton_masa
+    seq = shape[1] * shape[2] if form == "full" else max(shape[1], shape[2])
+    assert triton_masa._forward_config(seq, shape[-1]) == tiles
+    _, args, extra = _inputs(shape)
+    with torch.no_grad():
+        ref = masa_reference(*args, form, add=extra)
+        assert rel_err(masa(*args, form=form, impl="triton", add=extra), ref) <= 1e-5
+
+
+@needs_triton
 def test_triton_full_form_many_blocks():
     """More tokens than one 64-wide tile in both directions, with a masked tail."""
     _check("triton", (1, 12, 11, 1, 16), "full")

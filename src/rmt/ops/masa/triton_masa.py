@@ -42,6 +42,18 @@ def _launch_config(seq: int, head_dim: int) -> Tuple[int, int, int]:
     return block, block, warps
 
 
+def _forward_config(seq: int, head_dim: int) -> Tuple[int, int, int]:
+    """Forward-pass tiles: :func:`_launch_config` for sequences that fit one tile; longer ones take
+    wider query tiles, as ``benchmarks/kernel_tiles.py --size 1024`` found best on an H200 (batch 16:
+    256-token rows 1,475 -> 1,223 us with 128 x 64 tiles, 128-token rows 971 -> 819 us with 2 warps,
+    the 1,024-token full form 1,286 -> 721 us with 128 x 128 tiles)."""
+    if seq <= 64:
+        return _launch_config(seq, head_dim)
+    if seq < 256:
+        return 64, 64, 2
+    return 128, 128 if seq >= 1024 and head_dim >= 32 else 64, 4
+
+
 def _seqs_per_program(block: int, nseq: int) -> int:
     """Rows or columns per program of the batched forward kernel: about 128 token slots per program
     (2 rows of 56 tokens, 4 of 28, 8 of 14), as ``benchmarks/kernel_tiles.py`` found best on an H200."""
@@ -79,7 +91,7 @@ def _attend(launch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torc
     out = torch.empty((b, h, w, n, d), dtype=v.dtype, device=q.device)
     lse = torch.empty((b, h, w, n) if need_lse else (1,), dtype=torch.float32, device=q.device)
     seq, nseq = _geometry(q.shape, mode)
-    block_m, block_n, warps = config or _launch_config(seq, d)
+    block_m, block_n, warps = config or _forward_config(seq, d)
     extra = add if add is not None else out
     if seqs is None:
         seqs = _seqs_per_program(block_m, nseq) if SEQUENCES_PER_PROGRAM_FORWARD else 0
