@@ -43,11 +43,12 @@ def _stages():
 GRAPH_LAUNCHES = 10
 
 
-def _seconds(fn: Callable[[], object], device: torch.device, iters: int) -> float:
+def _seconds(fn: Callable[[], object], device: torch.device, iters: int, graph: bool = True) -> float:
     """GPU seconds of one call of ``fn``. On CUDA the calls are captured in a CUDA graph
     (``GRAPH_LAUNCHES`` per replay) and the replays timed, so the CPU cost of a launch (which exceeds
-    the run time of the small kernels of stages 3-4) does not hide the kernel's own time."""
-    if device.type != "cuda":
+    the run time of the small kernels of stages 3-4) does not hide the kernel's own time. ``graph=False``
+    (autograd's backward, which cannot be captured from here) times plain launches."""
+    if device.type != "cuda" or not graph:
         return time_step(fn, device, warmup=2, iters=iters)
     fn()  # compile
     side = torch.cuda.Stream()
@@ -130,7 +131,7 @@ def layernorm_rows(batch: int, device: torch.device, iters: int, smoke: bool) ->
             yield (dict(kernel=f"layernorm {phase}", shape=f"{x.shape[0]}x{c}",
                              default=f"rows {default[0]}, warps {default[1]}", default_us=timed[default] * 1e6,
                              best=f"rows {best[0]}, warps {best[1]}", best_us=timed[best] * 1e6,
-                             baseline_us=_seconds(torch_ln, device, iters) * 1e6,
+                             baseline_us=_seconds(torch_ln, device, iters, graph=phase == "forward") * 1e6,
                              default_gbs=moved / timed[default] / 1e9, best_gbs=moved / timed[best] / 1e9))
 
 
@@ -162,7 +163,8 @@ def masa_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> Iter
             others = [((bm, bn, nw), None) for (bm, bn) in tiles for nw in (2, 4, 8)
                       if max(bm, bn) <= 2 * next_power_of_2(seq)]
         else:
-            others = [((config[0], config[0], nw), s) for nw in (2, 4) for s in (0, 1, 2, 4, 8)]
+            others = [((config[0], config[0], nw), s) for nw in (2, 4, 8) for s in (0, 1, 2, 4, 8, 16)
+                      if s * config[0] <= 256]
         choices = [default] + ([] if smoke else [o for o in others if o != default])
         timed = {}
         for choice in choices:

@@ -55,9 +55,18 @@ def _forward_config(seq: int, head_dim: int) -> Tuple[int, int, int]:
 
 
 def _seqs_per_program(block: int, nseq: int) -> int:
-    """Rows or columns per program of the batched forward kernel: about 128 token slots per program
-    (2 rows of 56 tokens, 4 of 28, 8 of 14), as ``benchmarks/kernel_tiles.py`` found best on an H200."""
+    """Rows or columns per program of the batched forward kernel, as ``benchmarks/kernel_tiles.py``
+    found best on an H200 (timed from CUDA-graph replays): about 128 token slots per program (2 rows
+    of 56 tokens, 4 of 28), but one per program for sequences of at most 16 tokens (14-token rows:
+    53 -> 39 us per pass at batch 128 against 8 per program)."""
+    if block <= 16:
+        return 1
     return max(1, min(next_power_of_2(nseq), 128 // block))
+
+
+def _seqs_warps(block: int) -> int:
+    """Warps of the batched forward kernel: 2 for one 64-token tile or one 16-token tile, else 4."""
+    return 2 if block >= 64 or block <= 16 else 4
 
 
 def _block_d(head_dim: int) -> int:
@@ -96,8 +105,8 @@ def _attend(launch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torc
     if seqs is None:
         seqs = _seqs_per_program(block_m, nseq) if SEQUENCES_PER_PROGRAM_FORWARD else 0
     if seqs and mode != MODE_FULL and seq <= block_m:
-        if config is None:  # 2 warps for one 64-token tile, 4 for batches of shorter sequences
-            warps = 2 if block_m >= 64 else 4
+        if config is None:
+            warps = _seqs_warps(block_m)
         launch(masa_fwd_seqs_kernel)[(cdiv(nseq, seqs) * n, b)](
             q, k, v, out, extra, lse, sin, cos, decay,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(extra),
