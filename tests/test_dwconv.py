@@ -53,6 +53,18 @@ def test_triton_dwconv_rows_per_program(rows, ks, monkeypatch):
     assert_same_gradients(got, want, (wide, weight, bias), ("input", "weight", "bias"), 1e-5)
 
 
+@pytest.mark.parametrize("gelu", [False, True])
+def test_cpu_folded_residual_matches_reference_with_gradients(gelu):
+    """The CPU path folds the residual into the kernel's centre tap: same values and gradients."""
+    from rmt.ops.dwconv import dwconv_nhwc_folded
+    wide, x, weight, bias = (t.cpu() if t is not None else None for t in _inputs((2, 7, 9, 16), 3))
+    want = dwconv_nhwc_reference(x, weight, bias, True, gelu)
+    got = dwconv_nhwc_folded(x, weight, bias, True, gelu)
+    assert rel_err(got, want) <= 1e-6
+    assert_same_gradients(got, want, (wide, weight, bias), ("input", "weight", "bias"), 1e-5)
+    assert rel_err(dwconv_nhwc(x, weight, bias, True, False, gelu, cpu_fast=True), want) <= 1e-6
+
+
 @needs_triton
 def test_triton_dwconv_without_bias_and_frozen_weight():
     wide, x, weight, _ = _inputs((1, 6, 5, 8), 3, bias=False)

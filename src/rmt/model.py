@@ -26,7 +26,7 @@ from .ops.dwconv import dwconv_nhwc
 from .ops.ffn import ffn_tail
 from .ops.masa import FORMS, IMPLS, masa
 from .ops.masa.positions import cached_stage_positions, stage_positions
-from .ops.triton_support import fused_allowed
+from .ops.triton_support import cpu_path_allowed, fused_allowed
 
 __all__ = ["RMT", "MaSA", "RMTBlock", "RMTStage", "MIN_INPUT_SIZE"]
 
@@ -136,7 +136,7 @@ class MaSA(nn.Module):
                 decay: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=-1)
-        lepe = dwconv_nhwc(v, self.lepe.weight, self.lepe.bias, False, fused_allowed(self.impl, v), False)
+        lepe = dwconv_nhwc(v, self.lepe.weight, self.lepe.bias, False, fused_allowed(self.impl, v), False, False)
         shape = (b, h, w, self.num_heads, self.head_dim)
         out = masa(q.view(shape), k.view(shape), v.view(shape), sin, cos, decay, self.scale,
                    self.form, self.impl, lepe.reshape(shape))
@@ -163,8 +163,9 @@ class Mlp(nn.Module):
         fused = fused_allowed(self.impl, u)
         if not torch.jit.is_scripting() and self._plain_fc2():
             # GELU, depthwise conv and fc2 in one op that keeps only fc1's output for backward
-            return ffn_tail(u, self.dwconv.weight, self.dwconv.bias, self.fc2.weight, self.fc2.bias, fused)
-        u = dwconv_nhwc(u, self.dwconv.weight, self.dwconv.bias, True, fused, True)
+            return ffn_tail(u, self.dwconv.weight, self.dwconv.bias, self.fc2.weight, self.fc2.bias, fused,
+                            cpu_path_allowed(self.impl, u))
+        u = dwconv_nhwc(u, self.dwconv.weight, self.dwconv.bias, True, fused, True, cpu_path_allowed(self.impl, u))
         return self.fc2(u)
 
     @torch.jit.ignore
@@ -194,7 +195,8 @@ class RMTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
                 decay: torch.Tensor) -> torch.Tensor:
-        x = dwconv_nhwc(x, self.cpe.weight, self.cpe.bias, True, fused_allowed(self.impl, x), False)
+        x = dwconv_nhwc(x, self.cpe.weight, self.cpe.bias, True, fused_allowed(self.impl, x), False,
+                        cpu_path_allowed(self.impl, x))
         x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), sin, cos, decay)))
         x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return x

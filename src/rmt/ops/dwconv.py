@@ -51,6 +51,19 @@ def dwconv_nhwc_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     return x + y if residual else y
 
 
+def dwconv_nhwc_folded(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       residual: bool, gelu: bool = False) -> torch.Tensor:
+    """:func:`dwconv_nhwc_reference` with the residual folded into the kernel: ``g + dwconv(g, W)``
+    is ``dwconv(g, W + e)`` with ``e`` one at the centre tap, which saves a full pass over the
+    activations (the CPU path; equal up to float rounding)."""
+    if residual:
+        k = weight.shape[-1]
+        centre = torch.zeros(k * k, dtype=weight.dtype, device=weight.device)
+        centre[k * k // 2] = 1.0
+        weight = weight + centre.view(1, 1, k, k)
+    return dwconv_nhwc_reference(x, weight, bias, False, gelu)
+
+
 if HAS_TRITON:
     @triton.jit
     def _gelu_grad(x):
@@ -304,12 +317,13 @@ def triton_dwconv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 @torch.jit.ignore
 def dwconv_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: bool,
-                fused: bool, gelu: bool = False) -> torch.Tensor:
+                fused: bool, gelu: bool = False, cpu_fast: bool = False) -> torch.Tensor:
     """``[g +] dwconv(g) + bias`` with ``g = gelu(x)`` (``gelu``) or ``x``, for a depthwise ``weight``
     ``(c, 1, k, k)`` on ``(b, h, w, c)`` tokens; returns ``(b, h, w, c)``.
 
     ``fused`` allows the Triton kernels (forward and backward; on CUDA, or on CPU under
-    ``TRITON_INTERPRET=1``); otherwise, or when they do not apply, :func:`dwconv_nhwc_reference` runs.
+    ``TRITON_INTERPRET=1``); otherwise, or when they do not apply, :func:`dwconv_nhwc_reference` runs,
+    or with ``cpu_fast`` on a CPU tensor :func:`dwconv_nhwc_folded`.
     """
     training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if (fused and FUSED_KERNELS and triton_dwconv_supported(x, weight)
@@ -317,4 +331,6 @@ def dwconv_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         return dwconv_nhwc_triton(x, weight, bias, residual, gelu)
+    if cpu_fast and residual and x.device.type == "cpu":
+        return dwconv_nhwc_folded(x, weight, bias, residual, gelu)
     return dwconv_nhwc_reference(x, weight, bias, residual, gelu)

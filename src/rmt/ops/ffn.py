@@ -47,7 +47,8 @@ class _DWConvLinear(torch.autograd.Function):
 
 @torch.jit.ignore
 def ffn_tail(a: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torch.Tensor],
-             weight: torch.Tensor, bias: Optional[torch.Tensor], fused: bool) -> torch.Tensor:
+             weight: torch.Tensor, bias: Optional[torch.Tensor], fused: bool,
+             cpu_fast: bool = False) -> torch.Tensor:
     """``linear(g + dwconv(g) + dw_bias, weight, bias)`` with ``g = gelu(a)``; ``a`` ``(b, h, w, hidden)``.
 
     With ``fused`` (see :func:`rmt.ops.dwconv.dwconv_nhwc`) and gradients needed, only ``a`` is
@@ -61,4 +62,4 @@ def ffn_tail(a: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torch.T
         if torch.is_autocast_enabled(a.device.type):
             a = a.to(torch.get_autocast_dtype(a.device.type))
         return _DWConvLinear.apply(a, dw_weight, dw_bias, weight, bias)
-    return F.linear(dwconv_nhwc(a, dw_weight, dw_bias, True, fused, True), weight, bias)
+    return F.linear(dwconv_nhwc(a, dw_weight, dw_bias, True, fused, True, cpu_fast), weight, bias)

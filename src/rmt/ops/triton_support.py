@@ -27,6 +27,12 @@ def fused_allowed(impl: str, x: torch.Tensor) -> bool:
     return impl == "triton" or (impl == "auto" and x.is_cuda)
 
 
+def cpu_path_allowed(impl: str, x: torch.Tensor) -> bool:
+    """Whether a module set to ``impl`` may take the CPU fast path for ``x`` (``"auto"`` or ``"cpu"``
+    on a CPU tensor; ``"reference"`` keeps the plain ops)."""
+    return (impl == "auto" or impl == "cpu") and x.device.type == "cpu"
+
+
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for launch grids (``triton.cdiv`` goes through Triton's constexpr-function
     wrapper: about 2 us a call, a few calls per op)."""

@@ -14,16 +14,19 @@ import torch
 from .naive import _distance_1d, full_form_row_blocks, masa_decomposed_reference, masa_full_reference
 
 
-def _rotate_complex(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``(b, h, w, n, d)`` (any strides with even channel pairs) -> contiguous ``(b, n, h, w, d)``.
+def _rotate_complex(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Rotate ``x * scale`` ``(b, h, w, n, d)`` (any strides with even channel pairs) -> contiguous ``(b, n, h, w, d)``.
 
-    One pass: a complex multiplication whose output is written directly in head-major order.
+    One pass: a complex multiplication (by the phase times ``scale``) whose output is written
+    directly in head-major order.
     """
     if x.stride(-1) != 1 or any(s % 2 for s in x.stride()[:-1]):
         x = x.contiguous()
     b, h, w, n, d = x.shape
     pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2))).permute(0, 3, 1, 2, 4)   # (b, n, h, w, d/2)
     phase = torch.complex(cos[..., 0::2], sin[..., 0::2]).to(pairs.dtype)            # (h, w, d/2)
+    if scale != 1.0:
+        phase = phase * scale
     if torch.is_grad_enabled() and x.requires_grad:   # out= is not differentiable
         out = (pairs * phase).contiguous()
     else:
@@ -43,7 +46,7 @@ def masa_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tenso
     b, h, w, n, d = q.shape
     dtype = v.dtype
     qr = _rotate_complex(q, sin, cos).to(dtype)
-    kr = _rotate_complex(k * scale, sin, cos).to(dtype)
+    kr = _rotate_complex(k, sin, cos, scale).to(dtype)
     vv = v.permute(0, 3, 1, 2, 4)                                       # (b, n, h, w, d)
     if form == "decomposed":
         logits = qr @ kr.transpose(-1, -2)                              # (b, n, h, w, w)
