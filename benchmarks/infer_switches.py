@@ -2,14 +2,19 @@
 
     python benchmarks/infer_switches.py --model rmt_small --switch masa_seqs --repeats 2
 
+    python benchmarks/infer_switches.py --device cpu --threads 2 --switch cpu_fold --batch 8 --repeats 6
+
 ``--switch`` names a module flag of the fast path (``masa_seqs``: the MaSA forward kernel with several
-rows or columns per program, :data:`rmt.ops.masa.triton_masa.SEQUENCES_PER_PROGRAM_FORWARD`).
-Each repeat times the flag on, then off (``rmt benchmark``'s harness: bf16, batch 256, median of
-10 steps), so slow drifts of the machine affect both alike.
+rows or columns per program, :data:`rmt.ops.masa.triton_masa.SEQUENCES_PER_PROGRAM_FORWARD`;
+``cpu_fold``: the CPU path's residual folded into the depthwise kernel,
+:data:`rmt.ops.dwconv.FOLD_RESIDUAL_ON_CPU`). Each repeat times the flag on, then off (``rmt
+benchmark``'s harness: bf16 on CUDA, float32 on CPU; median of 10 steps on CUDA, mean of ``--iters``
+on CPU), so slow drifts of the machine affect both alike; the medians over the repeats close the table.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -19,9 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import rmt  # noqa: E402,F401
 from rmt import benchmark as bm  # noqa: E402
+from rmt.ops import dwconv  # noqa: E402
 from rmt.ops.masa import triton_masa  # noqa: E402
 
-FLAGS = {"masa_seqs": (triton_masa, "SEQUENCES_PER_PROGRAM_FORWARD")}
+FLAGS = {"masa_seqs": (triton_masa, "SEQUENCES_PER_PROGRAM_FORWARD"),
+         "cpu_fold": (dwconv, "FOLD_RESIDUAL_ON_CPU")}
 
 
 def main() -> int:
@@ -31,19 +38,30 @@ def main() -> int:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
+    p.add_argument("--iters", type=int, default=10)
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        print("infer_switches.py times CUDA inference; no CUDA device here", file=sys.stderr)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device here; use --device cpu", file=sys.stderr)
         return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     module, name = FLAGS[args.switch]
-    device = torch.device("cuda")
     print(bm.HEADER + "  " + args.switch)
+    speeds = {True: [], False: []}
     for _ in range(args.repeats):
         for on in (True, False):
             setattr(module, name, on)
-            row = bm.measure(args.model, "fast", "infer", args.size, args.batch, device)
+            row = bm.measure(args.model, "fast", "infer", args.size, args.batch, device,
+                             warmup=2 if device.type == "cpu" else 3, iters=args.iters)
+            speeds[on].append(row.img_per_s)
             print(bm.format_row(row) + f"  {'on' if on else 'off'}", flush=True)
     setattr(module, name, True)
+    for on in (True, False):
+        print(f"{args.switch} {'on' if on else 'off'}: median {statistics.median(speeds[on]):.2f} img/s "
+              f"over {args.repeats} runs")
     return 0
 
 

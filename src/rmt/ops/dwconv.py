@@ -38,6 +38,8 @@ if HAS_TRITON:
 TRAINING_KERNELS = True
 # False: F.conv2d everywhere (benchmarks/inference_modes.py compares the two)
 FUSED_KERNELS = True
+# False: the CPU path adds the residual in its own pass (benchmarks/infer_switches.py compares the two)
+FOLD_RESIDUAL_ON_CPU = True
 
 
 def dwconv_nhwc_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -331,6 +333,6 @@ def dwconv_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         return dwconv_nhwc_triton(x, weight, bias, residual, gelu)
-    if cpu_fast and residual and x.device.type == "cpu":
+    if cpu_fast and residual and FOLD_RESIDUAL_ON_CPU and x.device.type == "cpu":
         return dwconv_nhwc_folded(x, weight, bias, residual, gelu)
     return dwconv_nhwc_reference(x, weight, bias, residual, gelu)
