@@ -7,8 +7,9 @@ RMT has three depthwise convolutions per block, each with element-wise work arou
 * FFN:  ``g + dwconv3x3(g) + b`` with ``g = gelu(fc1(x))``
 
 In eager PyTorch each is a GELU, a cuDNN convolution, a bias addition and a residual addition,
-and as many again in the backward pass. The Triton kernels here read the input once (neighbours
-come from cache) and write the result once:
+and as many again in the backward pass. The Triton kernels here read the input once from memory
+(neighbours come from cache; each program computes a few consecutive output rows, so every shifted
+input row it loads serves all of them) and write the result once:
 
 * forward: ``y = [g +] dwconv(g) + b`` where ``g = gelu(x)`` (one element-wise pass, not kept)
   or ``g = x``;
