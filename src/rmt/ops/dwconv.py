@@ -55,16 +55,14 @@ def dwconv_nhwc_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
 
 
 def dwconv_nhwc_folded(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                       residual: bool, gelu: bool = False) -> torch.Tensor:
-    """:func:`dwconv_nhwc_reference` with the residual folded into the kernel: ``g + dwconv(g, W)``
-    is ``dwconv(g, W + e)`` with ``e`` one at the centre tap, which saves a full pass over the
-    activations (the CPU path; equal up to float rounding)."""
-    if residual:
-        k = weight.shape[-1]
-        centre = torch.zeros(k * k, dtype=weight.dtype, device=weight.device)
-        centre[k * k // 2] = 1.0
-        weight = weight + centre.view(1, 1, k, k)
-    return dwconv_nhwc_reference(x, weight, bias, False, gelu)
+                       gelu: bool = False) -> torch.Tensor:
+    """``g + dwconv(g) + bias`` (:func:`dwconv_nhwc_reference` with ``residual``) as one convolution:
+    ``g + dwconv(g, W)`` is ``dwconv(g, W + e)`` with ``e`` one at the centre tap, which saves a full
+    pass over the activations (the CPU path; equal up to float rounding)."""
+    k = weight.shape[-1]
+    centre = torch.zeros(k * k, dtype=weight.dtype, device=weight.device)
+    centre[k * k // 2] = 1.0
+    return dwconv_nhwc_reference(x, weight + centre.view(1, 1, k, k), bias, False, gelu)
 
 
 if HAS_TRITON:
@@ -335,5 +333,5 @@ def dwconv_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
             x = x.to(torch.get_autocast_dtype(x.device.type))
         return dwconv_nhwc_triton(x, weight, bias, residual, gelu)
     if cpu_fast and residual and FOLD_RESIDUAL_ON_CPU and x.device.type == "cpu":
-        return dwconv_nhwc_folded(x, weight, bias, residual, gelu)
+        return dwconv_nhwc_folded(x, weight, bias, gelu)
     return dwconv_nhwc_reference(x, weight, bias, residual, gelu)
