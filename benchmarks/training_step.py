@@ -22,6 +22,9 @@ is an execution mode with optional switches, e.g. ``graphed-torchln`` or ``eager
 
 ``--profile MODEL`` prints the kernels with the most GPU time and the operators with the most CPU
 time in one eager step (an eager step waits on the CPU when kernels finish faster than they launch).
+``--cprofile MODEL`` runs eager steps under Python's cProfile, with autograd's backward on the
+calling thread so that its Python functions are seen too, and prints the functions with the most
+time of their own: where the CPU time of an eager step goes, function by function.
 """
 from __future__ import annotations
 
@@ -107,6 +110,47 @@ def measure(name: str, mode: str, batch: int, device: torch.device, warmup: int,
     return row
 
 
+def cprofile_steps(name: str, batch: int, device: torch.device, steps: int = 5, rows: int = 40) -> str:
+    """cProfile table (sorted by own time) of ``steps`` eager training steps, after 3 warm-up steps."""
+    import cProfile
+    import io
+    import pstats
+    model = _make(name, device)
+    x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    out = []
+    for threaded in (True, False):
+        with torch.autograd.set_multithreading_enabled(threaded):
+            sec = time_step(step, device, 3, 10)
+        out.append(f"eager step, backward on {'autograd threads' if threaded else 'the calling thread'}: "
+                   f"{sec * 1e3:.1f} ms ({batch / sec:.0f} img/s)")
+    prof = cProfile.Profile()
+    with torch.autograd.set_multithreading_enabled(False):
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        prof.enable()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize(device)
+        prof.disable()
+    out.append(f"under cProfile: {(time.perf_counter() - t0) / steps * 1e3:.1f} ms per step")
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf)
+    stats.sort_stats("tottime").print_stats(rows)
+    stats.sort_stats("cumulative").print_stats(rows)
+    return "\n".join(out) + "\n" + buf.getvalue()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="rmt_small,swin_tiny_patch4_window7_224")
@@ -115,6 +159,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--profile", default="", metavar="MODEL")
+    p.add_argument("--cprofile", default="", metavar="MODEL", help="cProfile eager steps of MODEL")
     p.add_argument("--json", default="")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -132,6 +177,8 @@ def main() -> int:
     if args.profile:
         print(profile_model(args.profile, device, train_batch=args.batch, phases=("training step",),
                             sort_by=("self_cuda_time_total", "self_cpu_time_total")))
+    if args.cprofile:
+        print(cprofile_steps(args.cprofile, args.batch, device), flush=True)
     if args.json:
         save_rows(args.json, environment(device), vars(args), rows)
     return 0

@@ -24,6 +24,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from .norm import LayerNorm
 from .ops.dwconv import dwconv_nhwc
 from .ops.ffn import ffn_tail
+from .ops.linear import linear
 from .ops.masa import FORMS, IMPLS, masa
 from .ops.masa.positions import cached_stage_positions, stage_positions
 from .ops.triton_support import cpu_path_allowed, fused_allowed
@@ -58,6 +59,7 @@ register_notrace_function(cached_stage_positions)
 register_notrace_function(masa)
 register_notrace_function(dwconv_nhwc)
 register_notrace_function(ffn_tail)
+register_notrace_function(linear)
 
 
 def _normalize_forms(forms: FormSpec, num_stages: int) -> Tuple[str, ...]:
@@ -110,7 +112,24 @@ class Downsample(nn.Module):
 # attention
 # ----------------------------------------------------------------------------------------------
 
-class MaSA(nn.Module):
+class _LinearOwner(nn.Module):
+    """A module whose ``nn.Linear`` children run through :func:`rmt.ops.linear.linear` in training
+    on the fast path (bias gradients as a GEMV, float32 gradients written directly)."""
+
+    @torch.jit.ignore
+    def _plain(self, name: str) -> bool:
+        """Child ``name`` is a hook-free ``nn.Linear``, so calling a function on its parameters
+        instead changes nothing (a replaced or hooked layer, e.g. LoRA, runs as it is)."""
+        layer = getattr(self, name)
+        return type(layer) is nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks)
+
+    @torch.jit.ignore
+    def _linear(self, name: str, x: torch.Tensor, fused: bool) -> torch.Tensor:
+        layer = getattr(self, name)
+        return linear(x, layer.weight, layer.bias, fused) if self._plain(name) else layer(x)
+
+
+class MaSA(_LinearOwner):
     """Manhattan Self-Attention with rotation, decay bias and LePE; ``(b, h, w, c) -> (b, h, w, c)``.
 
     ``form`` ("decomposed" or "full") and ``impl`` (see :data:`rmt.ops.masa.IMPLS`) are plain
@@ -135,19 +154,21 @@ class MaSA(nn.Module):
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
                 decay: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
-        q, k, v = self.qkv(x).split(c, dim=-1)
-        lepe = dwconv_nhwc(v, self.lepe.weight, self.lepe.bias, False, fused_allowed(self.impl, v), False, False)
+        fused = fused_allowed(self.impl, x)
+        qkv = self.qkv(x) if torch.jit.is_scripting() else self._linear("qkv", x, fused)
+        q, k, v = qkv.split(c, dim=-1)
+        lepe = dwconv_nhwc(v, self.lepe.weight, self.lepe.bias, False, fused, False, False)
         shape = (b, h, w, self.num_heads, self.head_dim)
         out = masa(q.view(shape), k.view(shape), v.view(shape), sin, cos, decay, self.scale,
-                   self.form, self.impl, lepe.reshape(shape))
-        return self.proj(out.view(b, h, w, c))
+                   self.form, self.impl, lepe.reshape(shape)).view(b, h, w, c)
+        return self.proj(out) if torch.jit.is_scripting() else self._linear("proj", out, fused)
 
 
 # ----------------------------------------------------------------------------------------------
 # block
 # ----------------------------------------------------------------------------------------------
 
-class Mlp(nn.Module):
+class Mlp(_LinearOwner):
     """fc1 -> GELU -> (+ depthwise 3x3) -> fc2 on ``(b, h, w, c)`` tokens."""
 
     def __init__(self, dim: int, hidden: int, impl: str = "auto", device=None, dtype=None):
@@ -159,20 +180,14 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = self.fc1(x)
-        fused = fused_allowed(self.impl, u)
-        if not torch.jit.is_scripting() and self._plain_fc2():
+        fused = fused_allowed(self.impl, x)
+        u = self.fc1(x) if torch.jit.is_scripting() else self._linear("fc1", x, fused)
+        if not torch.jit.is_scripting() and self._plain("fc2"):
             # GELU, depthwise conv and fc2 in one op that keeps only fc1's output for backward
             return ffn_tail(u, self.dwconv.weight, self.dwconv.bias, self.fc2.weight, self.fc2.bias, fused,
                             cpu_path_allowed(self.impl, u))
         u = dwconv_nhwc(u, self.dwconv.weight, self.dwconv.bias, True, fused, True, cpu_path_allowed(self.impl, u))
         return self.fc2(u)
-
-    @torch.jit.ignore
-    def _plain_fc2(self) -> bool:
-        """fc2 is a hook-free ``nn.Linear``, so calling its function directly changes nothing."""
-        fc2 = self.fc2
-        return type(fc2) is nn.Linear and not (fc2._forward_hooks or fc2._forward_pre_hooks)
 
 
 class RMTBlock(nn.Module):

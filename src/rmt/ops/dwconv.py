@@ -28,6 +28,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .linear import column_sum
 from .triton_support import HAS_TRITON, SUPPORTED_DTYPES, cdiv, eager_launch, next_power_of_2, triton_runs_on
 
 if HAS_TRITON:
@@ -213,10 +214,12 @@ def _forward(launch, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
 
 def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, residual: bool,
-              gelu: bool, need_input: bool, need_weight: bool, need_bias: bool = True
+              gelu: bool, need_input: bool, need_weight: bool, need_bias: bool = True,
+              activated: Optional[torch.Tensor] = None
               ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients of ``x`` (its dtype), of ``weight`` ``(c, 1, k, k)`` (dtype of ``x``) and of the bias
     ``(c,)`` (float32 when the input-gradient kernel summed it, else the dtype of ``x``).
+    ``activated``: ``gelu(x)`` when the caller has it, else it is recomputed for the weight gradient.
 
     The bias gradient is the sum of ``grad`` over batch and space: the input-gradient kernel, which
     reads ``grad`` anyway, writes one partial sum per program, so no separate pass over ``grad``.
@@ -237,11 +240,11 @@ def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
             KS=ks, FLIP=True, HAS_BIAS=False, RESIDUAL=residual, GELU_GRAD=gelu, COLUMN_SUMS=need_bias,
             ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
         if need_bias:
-            gb = parts.sum(0)
+            gb = column_sum(parts)
     if need_weight or (need_bias and gb is None):
         # cuDNN's weight-gradient kernel (a reduction over batch and space) on NCHW views of the
         # channels-last tensors; the input is recomputed when only the pre-activation was kept
-        g = F.gelu(x) if gelu else x
+        g = (activated if activated is not None else F.gelu(x)) if gelu else x
         _, gw, gb_conv = torch.ops.aten.convolution_backward(
             grad.permute(0, 3, 1, 2), g.permute(0, 3, 1, 2), weight.to(g.dtype), [c], [1, 1],
             [ks // 2, ks // 2], [1, 1], False, [0, 0], c, [False, need_weight, need_bias and gb is None])

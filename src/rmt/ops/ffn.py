@@ -3,9 +3,9 @@
 The FFN's hidden activations are the largest tensors a block keeps for the backward pass (three
 times the block width each). Plain autograd keeps two of them here: ``a`` (for GELU's derivative
 and the depthwise weight gradient) and the depthwise output ``u`` (for fc2's weight gradient).
-:class:`_DWConvLinear` keeps ``a`` alone and recomputes ``u`` in the backward pass with one fused
-depthwise-conv kernel, which costs one extra kernel per block and saves about a sixth of the
-activation memory of a training step.
+:class:`_DWConvLinear` keeps ``a`` alone and recomputes ``u`` in the backward pass (GELU and one fused
+depthwise-conv kernel; the GELU output also serves the depthwise weight gradient), which costs two
+extra kernels per block and saves about a sixth of the activation memory of a training step.
 
 Used on the fused (Triton) path when gradients are needed, outside ``torch.compile`` (which plans
 memory itself); everywhere else :func:`ffn_tail` is the plain composition, which is also the oracle.
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from . import dwconv
 from .dwconv import dwconv_nhwc, triton_dwconv_supported
+from .linear import column_sum, weight_grad
 from .triton_support import eager_launch
 
 
@@ -31,15 +32,16 @@ class _DWConvLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         a, dw_weight, dw_bias, weight = ctx.saved_tensors
-        u = dwconv._forward(eager_launch, a, dw_weight, dw_bias, True, True)  # recomputed
+        g = F.gelu(a)  # recomputed once, for u and for the depthwise weight gradient
+        u = dwconv._forward(eager_launch, g, dw_weight, dw_bias, True, False)
         grad = grad.contiguous()
         flat_grad = grad.reshape(-1, grad.shape[-1])
-        grad_w = flat_grad.t().mm(u.reshape(-1, u.shape[-1])).to(weight.dtype)
-        grad_b = flat_grad.sum(0).to(weight.dtype) if ctx.has_bias else None
+        grad_w = weight_grad(flat_grad, u.reshape(-1, u.shape[-1]), weight.dtype)
+        grad_b = column_sum(flat_grad).to(weight.dtype) if ctx.has_bias else None
         grad_u = grad.matmul(weight.to(grad.dtype))
         grad_a, grad_dw, grad_db = dwconv._backward(
             eager_launch, grad_u, a, dw_weight, True, True, ctx.needs_input_grad[0],
-            ctx.needs_input_grad[1], dw_bias is not None and ctx.needs_input_grad[2])
+            ctx.needs_input_grad[1], dw_bias is not None and ctx.needs_input_grad[2], g)
         grad_dw = grad_dw.to(dw_weight.dtype) if grad_dw is not None else None
         grad_db = grad_db.to(dw_bias.dtype) if grad_db is not None else None
         return grad_a, grad_dw, grad_db, grad_w, grad_b

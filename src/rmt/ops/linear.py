@@ -1,0 +1,97 @@
+"""The block's Linear layers in training, with the bias gradient as a GEMV and float32 gradients.
+
+Autograd's ``addmm`` backward sums the output gradient over its rows for the bias gradient with
+``grad.sum(0)``. On the tall, thin gradients of a vision block (hundreds of thousands of tokens by
+64-1536 channels) that reduction ran at 0.3-1.3 TB/s on an H200, where a GEMV with a row of ones
+(cuBLAS) reads the same tensor at about 3.7 TB/s: 155 against 41 us for stage 1's qkv gradient at
+batch 128, about 8% of an RMT-S training step in all. :class:`_Linear` computes the bias gradient
+that way and writes the weight and bias gradients in float32 directly (no cast of each gradient
+after the fact under autocast).
+
+:func:`column_sum` is that reduction for any 2-D tensor; the depthwise-conv and FFN-tail backward
+passes use it too. Everywhere else (CPU, inference, ``torch.compile``, hooked layers) the plain
+``F.linear`` runs, which is also the oracle.
+"""
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+_ONES: Dict[Tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _ones(n: int, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
+    """A cached ``(1, n)`` row of ones (grown on demand; ``None`` while a CUDA graph is captured and
+    the cache would have to grow, since memory allocated then belongs to the graph)."""
+    key = (device, dtype)
+    ones = _ONES.get(key)
+    if ones is None or ones.shape[1] < n:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        ones = torch.ones(1, max(n, 1024), dtype=dtype, device=device)
+        _ONES[key] = ones
+    return ones[:, :n]
+
+
+def column_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t.sum(0)`` of a 2-D tensor ``(m, n)`` in float32 ``(n,)``; on CUDA a GEMV with a row of ones.
+
+    Float32 inputs take the GEMV only while TF32 matmuls are off (a TF32 product would round them).
+    """
+    if (t.is_cuda and t.dim() == 2 and t.shape[0] > 0 and not torch.compiler.is_compiling()
+            and (t.dtype in _HALF or (t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32))):
+        ones = _ones(t.shape[0], t.dtype, t.device)
+        if ones is not None:
+            if t.dtype in _HALF:
+                return torch.mm(ones, t, out_dtype=torch.float32)[0]
+            return torch.mm(ones, t)[0]
+    return t.sum(0, dtype=torch.float32)
+
+
+def weight_grad(grad: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``grad.T @ x`` for ``grad`` ``(m, n)`` and ``x`` ``(m, k)``, returned in ``dtype``
+    (half-precision inputs accumulate into a float32 result directly on CUDA)."""
+    if grad.is_cuda and grad.dtype in _HALF and dtype == torch.float32 and not torch.compiler.is_compiling():
+        return torch.mm(grad.t(), x, out_dtype=torch.float32)
+    return grad.t().mm(x).to(dtype)
+
+
+class _Linear(torch.autograd.Function):
+    """``F.linear`` in the dtype of ``x`` (the autocast dtype), with the backward pass above."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        w = weight.to(x.dtype)
+        ctx.save_for_backward(x, w)
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        flat = grad.reshape(-1, grad.shape[-1])
+        gx = grad.matmul(w) if ctx.needs_input_grad[0] else None
+        gw = weight_grad(flat, x.reshape(-1, x.shape[-1]), ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        gb = column_sum(flat).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+@torch.jit.ignore
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], fused: bool) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; ``x`` ``(..., k)``, ``weight`` ``(n, k)`` -> ``(..., n)``.
+
+    With ``fused`` (the model's fast path: CUDA, or Triton's interpreter in the tests) and gradients
+    needed, through :class:`_Linear` (in the autocast dtype under autocast, as ``F.linear``);
+    otherwise ``F.linear`` itself.
+    """
+    if (fused and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            x = x.to(torch.get_autocast_dtype(device))
+        elif x.dtype != weight.dtype:
+            return F.linear(x, weight, bias)  # let F.linear report the mismatch
+        return _Linear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)

@@ -1,0 +1,98 @@
+"""The block's Linear layers in training (bias gradient as a GEMV, float32 gradients) against F.linear."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rmt.ops import linear as lin
+
+from conftest import rel_err
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _params(n=24, k=16, bias=True, device=DEVICE):
+    w = (torch.randn(n, k, device=device) * k ** -0.5).requires_grad_()
+    b = torch.randn(n, device=device, requires_grad=True) if bias else None
+    return w, b
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(2, 7, 9, 16), (5, 16), (0, 3, 16)])
+def test_linear_matches_f_linear_with_gradients_fp32(shape, bias):
+    w, b = _params(bias=bias)
+    x = torch.randn(*shape, device=DEVICE, requires_grad=True)
+    got = lin.linear(x, w, b, True)
+    assert got.grad_fn is not None and type(got.grad_fn).__name__ == "_LinearBackward"
+    want = F.linear(x, w, b)
+    assert got.shape == want.shape
+    assert (got - want).abs().sum() <= 1e-6 * want.abs().sum() + 1e-12
+    g = torch.randn_like(want)
+    params = [x, w] + ([b] if bias else [])
+    got_grads = torch.autograd.grad(got, params, g)
+    want_grads = torch.autograd.grad(want, params, g)
+    for name, a, e in zip(("input", "weight", "bias"), got_grads, want_grads):
+        assert a.dtype == e.dtype and a.shape == e.shape, name
+        assert (a - e).abs().sum() <= 1e-5 * e.abs().sum() + 1e-12, name
+
+
+def test_linear_under_autocast_keeps_float32_gradients():
+    dtype = torch.bfloat16
+    w, b = _params(n=40, k=32)
+    x = torch.randn(3, 11, 32, device=DEVICE, requires_grad=True)
+    with torch.autocast(DEVICE, dtype=dtype):
+        got = lin.linear(x, w, b, True)
+        want = F.linear(x, w, b)
+    assert got.dtype == want.dtype == dtype
+    assert rel_err(got, want) <= 1e-2
+    g = torch.randn_like(want)
+    got_grads = torch.autograd.grad(got, [x, w, b], g)
+    want_grads = torch.autograd.grad(want, [x, w, b], g)
+    for name, a, e in zip(("input", "weight", "bias"), got_grads, want_grads):
+        assert a.dtype == e.dtype, name           # float32 parameters get float32 gradients
+        assert rel_err(a, e) <= 1e-2, name
+
+
+def test_linear_dispatch():
+    w, b = _params()
+    x = torch.randn(4, 16, device=DEVICE)
+    assert type(lin.linear(x, w, b, False).grad_fn).__name__ == "AddmmBackward0"   # not allowed
+    with torch.no_grad():
+        assert lin.linear(x, w, b, True).grad_fn is None                         # inference
+        assert torch.equal(lin.linear(x, w, b, True), F.linear(x, w, b))
+    with pytest.raises(RuntimeError):
+        lin.linear(x.double(), w, b, True)   # dtype mismatch: F.linear's own error
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 777, 5000])
+def test_column_sum_float32_result(dtype, rows):
+    t = torch.randn(rows, 37, device=DEVICE).to(dtype)
+    got = lin.column_sum(t)
+    assert got.dtype == torch.float32 and got.shape == (37,)
+    want = t.double().sum(0)
+    assert (got.double() - want).abs().max() <= 1e-5 * rows ** 0.5 * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GEMV path runs on CUDA only")
+def test_column_sum_gemv_on_cuda_and_tf32_fallback():
+    t = torch.randn(4096, 64, device="cuda")
+    lin._ONES.clear()
+    got = lin.column_sum(t)
+    assert any(dtype == torch.float32 for _, dtype in lin._ONES)
+    assert rel_err(got, t.double().sum(0)) <= 1e-6
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert torch.equal(lin.column_sum(t), t.sum(0))     # TF32 would round the inputs: plain sum
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    half = t.bfloat16()
+    assert rel_err(lin.column_sum(half), half.double().sum(0)) <= 1e-5
+
+
+def test_weight_grad_dtype():
+    g = torch.randn(50, 8, device=DEVICE, dtype=torch.bfloat16)
+    x = torch.randn(50, 6, device=DEVICE, dtype=torch.bfloat16)
+    got = lin.weight_grad(g, x, torch.float32)
+    assert got.dtype == torch.float32 and got.shape == (8, 6)
+    assert rel_err(got, g.double().t() @ x.double()) <= 1e-2
