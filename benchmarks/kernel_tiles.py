@@ -14,6 +14,7 @@ timings, divided by ten), so the CPU cost of launching does not hide the GPU tim
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import sys
 from pathlib import Path
@@ -63,8 +64,10 @@ def _seconds(fn: Callable[[], object], device: torch.device, iters: int, graph: 
     return time_step(graph.replay, device, warmup=2, iters=iters) / GRAPH_LAUNCHES
 
 
-def dwconv_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> Iterator[Dict]:
-    """Forward kernel of the CPE (3x3 + residual), LePE (5x5) and FFN (3x3 + residual, 3x width) convs."""
+def dwconv_rows(batch: int, device: torch.device, iters: int, smoke: bool,
+                backward: bool = False) -> Iterator[Dict]:
+    """Forward kernel of the CPE (3x3 + residual), LePE (5x5) and FFN (3x3 + residual, 3x width) convs;
+    with ``backward`` their input-gradient kernel (the FFN's with GELU's derivative) and bias sums."""
     widths = [8, 16, 32, 64]
     channels = [32, 64, 128]
     rows_per_program = [1, 2, 4]
@@ -74,9 +77,14 @@ def dwconv_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> It
         x = torch.randn(batch, side, side, ch, device=device, dtype=torch.bfloat16)
         w = torch.randn(ch, 1, ks, ks, device=device)
         b = torch.randn(ch, device=device)
-        moved = x.numel() * 2 * (3 if residual else 2)  # read x (+ again for the residual), write y
+        gelu = backward and name == "ffn"
+        # read x, write y; the input gradient also reads the pre-activation for GELU's derivative
+        moved = x.numel() * 2 * (3 if gelu else 2)
+        dy = torch.randn_like(x)
 
         def run(tile=None):
+            if backward:
+                return dwconv._backward(eager_launch, dy, x, w, residual, gelu, True, False, True, tile=tile)
             return dwconv._forward(eager_launch, x, w, b, residual, False, tile)
         default = dwconv._blocks(side, ch, ks)
         timed = {default: _seconds(lambda: run(default), device, iters)}
@@ -92,7 +100,7 @@ def dwconv_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> It
                                           groups=ch), device, iters)
         by_rows = {r: min((t, tile) for tile, t in timed.items() if tile[3] == r) for r in rows_per_program
                    if any(tile[3] == r for tile in timed)}
-        yield (dict(kernel=f"dwconv {name} {ks}x{ks}", shape=f"{batch}x{side}x{side}x{ch}",
+        yield (dict(kernel=f"dwconv {'bwd ' if backward else ''}{name} {ks}x{ks}", shape=f"{batch}x{side}x{side}x{ch}",
                          best_by_rows={r: (str(tile), t * 1e6) for r, (t, tile) in by_rows.items()},
                          default=str(default), default_us=timed[default] * 1e6,
                          best=str(best), best_us=timed[best] * 1e6, baseline_us=cudnn * 1e6,
@@ -206,7 +214,8 @@ def main() -> int:
     STAGES[:] = [(args.size // (4 * 2 ** i), c) for i, c in enumerate(WIDTHS)]
     SELECTED.clear()
     SELECTED.update(int(i) - 1 for i in args.stages.split(","))
-    sweeps = {"dwconv": dwconv_rows, "layernorm": layernorm_rows, "masa": masa_rows}
+    sweeps = {"dwconv": dwconv_rows, "dwconv_bwd": functools.partial(dwconv_rows, backward=True),
+              "layernorm": layernorm_rows, "masa": masa_rows}
     unknown = set(args.kernels.split(",")) - set(sweeps)
     if unknown:
         print(f"unknown --kernels {sorted(unknown)}: choose from {sorted(sweeps)}", file=sys.stderr)

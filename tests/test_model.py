@@ -255,3 +255,29 @@ def test_empty_batch_runs_forward_and_backward(impl):
     assert out.shape == (0, 3)
     out.sum().backward()
     assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("layerscales", [(False,) * 4, (False, False, True, True)])
+def test_residual_branches_as_one_addcmul_match_plain_composition(layerscales, monkeypatch):
+    """Training with drop path (and layer scale): the block's fused ``x + drop_path(ls(branch))``
+    draws the same masks and gives the same outputs and gradients as the three separate ops."""
+    from rmt.model import RMTBlock
+    model = _small(num_classes=5, layerscales=layerscales, drop_path_rate=0.5).train()
+    for name, p in model.named_parameters():
+        if name.endswith("gamma"):
+            torch.nn.init.normal_(p)   # layer scale far from its 1e-6 start, so it matters
+    x = torch.randn(3, 3, 40, 36)
+
+    def run():
+        torch.manual_seed(1)
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    fused, fused_grads = run()
+    monkeypatch.setattr(RMTBlock, "_add_branch", lambda self, x, b, ls: x + self.drop_path(getattr(self, ls)(b)))
+    plain, plain_grads = run()
+    assert torch.allclose(fused, plain, rtol=1e-5, atol=1e-6)
+    assert fused_grads.keys() == plain_grads.keys()
+    for n in plain_grads:
+        assert torch.allclose(fused_grads[n], plain_grads[n], rtol=1e-4, atol=1e-6), n

@@ -215,11 +215,12 @@ def _forward(launch, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
 def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, residual: bool,
               gelu: bool, need_input: bool, need_weight: bool, need_bias: bool = True,
-              activated: Optional[torch.Tensor] = None
+              activated: Optional[torch.Tensor] = None, tile: Optional[Tuple[int, int, int, int]] = None
               ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients of ``x`` (its dtype), of ``weight`` ``(c, 1, k, k)`` (dtype of ``x``) and of the bias
     ``(c,)`` (float32 when the input-gradient kernel summed it, else the dtype of ``x``).
     ``activated``: ``gelu(x)`` when the caller has it, else it is recomputed for the weight gradient.
+    ``tile``: the input-gradient kernel's ``(BLOCK_W, BLOCK_C, num_warps, ROWS)`` instead of :func:`_blocks`.
 
     The bias gradient is the sum of ``grad`` over batch and space: the input-gradient kernel, which
     reads ``grad`` anyway, writes one partial sum per program, so no separate pass over ``grad``.
@@ -227,7 +228,7 @@ def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     b, h, w, c = x.shape
     ks = weight.shape[-1]
     grad = grad.contiguous()
-    block_w, block_c, warps, rows = _blocks(w, c, ks)
+    block_w, block_c, warps, rows = tile or _blocks(w, c, ks)
     grid = (b * cdiv(h, rows), cdiv(w, block_w), cdiv(c, block_c))
     gx = gw = gb = None
     if need_input:
