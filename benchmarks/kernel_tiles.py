@@ -86,7 +86,7 @@ def dwconv_rows(batch: int, device: torch.device, iters: int, smoke: bool,
             if backward:
                 return dwconv._backward(eager_launch, dy, x, w, residual, gelu, True, False, True, tile=tile)
             return dwconv._forward(eager_launch, x, w, b, residual, False, tile)
-        default = dwconv._blocks(side, ch, ks)
+        default = dwconv._backward_blocks(side, ch, ks, gelu) if backward else dwconv._blocks(side, ch, ks)
         timed = {default: _seconds(lambda: run(default), device, iters)}
         for bw, bc, r in itertools.product(widths, channels, rows_per_program):
             if bw > next_power_of_2(side) or bc > next_power_of_2(ch) or smoke:
@@ -96,8 +96,9 @@ def dwconv_rows(batch: int, device: torch.device, iters: int, smoke: bool,
                 if tile not in timed:
                     timed[tile] = _seconds(lambda: run(tile), device, iters)
         best = min(timed, key=timed.get)
-        cudnn = _seconds(lambda: F.conv2d(x.permute(0, 3, 1, 2), w.to(x.dtype), b.to(x.dtype), padding=ks // 2,
-                                          groups=ch), device, iters)
+        cudnn = float("nan") if backward else _seconds(  # cuDNN's forward: the forward rows' baseline
+            lambda: F.conv2d(x.permute(0, 3, 1, 2), w.to(x.dtype), b.to(x.dtype), padding=ks // 2, groups=ch),
+            device, iters)
         by_rows = {r: min((t, tile) for tile, t in timed.items() if tile[3] == r) for r in rows_per_program
                    if any(tile[3] == r for tile in timed)}
         yield (dict(kernel=f"dwconv {'bwd ' if backward else ''}{name} {ks}x{ks}", shape=f"{batch}x{side}x{side}x{ch}",

@@ -46,6 +46,7 @@ def test_triton_dwconv_rows_per_program(rows, ks, monkeypatch):
     the forward kernel and the input-gradient kernel (with the GELU derivative and bias sums)."""
     from rmt.ops import dwconv
     monkeypatch.setattr(dwconv, "_blocks", lambda w, c, k: (8, 16, 4, rows))
+    monkeypatch.setattr(dwconv, "_backward_blocks", lambda w, c, k, gelu: (8, 16, 4, rows))
     wide, x, weight, bias = _inputs((2, 7, 11, 20), ks)
     want = dwconv_nhwc_reference(x, weight, bias, True, True)
     got = dwconv_nhwc_triton(x, weight, bias, True, True)

@@ -193,6 +193,24 @@ def _blocks(w: int, c: int, ks: int) -> Tuple[int, int, int, int]:
     return bw, 128, 4, 2
 
 
+def _backward_blocks(w: int, c: int, ks: int, gelu: bool) -> Tuple[int, int, int, int]:
+    """``(BLOCK_W, BLOCK_C, num_warps, ROWS)`` of the input-gradient kernel, which also reads the
+    pre-activation for GELU's derivative (``gelu``) and sums the bias gradient, so it prefers other
+    tiles than the forward pass. ``benchmarks/kernel_tiles.py --kernels dwconv_bwd`` at the RMT-S
+    shapes (batch 128, H200, graph-timed), against the forward tiles: stage 1 CPE 95 -> 77 us, LePE
+    168 -> 147 us, FFN 578 -> 466 us; stage 2 FFN 299 -> 237 us; stage 3 FFN 161 -> 135 us; stage 4
+    FFN 113 -> 76 us: 4 rows of 32-channel tiles on small grids, 2 rows of wider tiles on large ones
+    (4 for the 5x5 kernel).
+    """
+    bw = next_power_of_2(w)
+    bc = next_power_of_2(c)
+    if bw >= 32:
+        if ks > 3:
+            return min(64, bw), min(32 if c < 128 else 64, bc), 4, 4
+        return (32, min(64, bc), 4, 2) if gelu else (min(64, bw), min(64, bc), 4, 2)
+    return bw, min(32, bc), 4, 2 if gelu and bw >= 16 else 4
+
+
 def _forward(launch, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
              residual: bool, gelu: bool, tile: Optional[Tuple[int, int, int, int]] = None) -> torch.Tensor:
     """``[g +] dwconv(g) + bias`` (``g = gelu(x)`` or ``x``); ``x`` ``(b, h, w, c)`` with unit channel stride.
@@ -220,7 +238,8 @@ def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     """Gradients of ``x`` (its dtype), of ``weight`` ``(c, 1, k, k)`` (dtype of ``x``) and of the bias
     ``(c,)`` (float32 when the input-gradient kernel summed it, else the dtype of ``x``).
     ``activated``: ``gelu(x)`` when the caller has it, else it is recomputed for the weight gradient.
-    ``tile``: the input-gradient kernel's ``(BLOCK_W, BLOCK_C, num_warps, ROWS)`` instead of :func:`_blocks`.
+    ``tile``: the input-gradient kernel's ``(BLOCK_W, BLOCK_C, num_warps, ROWS)`` instead of
+    :func:`_backward_blocks`.
 
     The bias gradient is the sum of ``grad`` over batch and space: the input-gradient kernel, which
     reads ``grad`` anyway, writes one partial sum per program, so no separate pass over ``grad``.
@@ -228,7 +247,7 @@ def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     b, h, w, c = x.shape
     ks = weight.shape[-1]
     grad = grad.contiguous()
-    block_w, block_c, warps, rows = tile or _blocks(w, c, ks)
+    block_w, block_c, warps, rows = tile or _backward_blocks(w, c, ks, gelu)
     grid = (b * cdiv(h, rows), cdiv(w, block_w), cdiv(c, block_c))
     gx = gw = gb = None
     if need_input:
