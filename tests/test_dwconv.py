@@ -14,12 +14,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 
 
-def _inputs(shape, ks, bias=True, dtype=torch.float32):
+def _inputs(shape, ks, bias=True, dtype=torch.float32, device=DEVICE):
     b, h, w, c = shape
-    wide = torch.randn(b, h, w, 3 * c, device=DEVICE, dtype=dtype, requires_grad=True)
+    wide = torch.randn(b, h, w, 3 * c, device=device, dtype=dtype, requires_grad=True)
     x = wide[..., c:2 * c]                     # a strided slice, like v inside the fused qkv output
-    weight = torch.randn(c, 1, ks, ks, device=DEVICE, requires_grad=True)
-    b_ = torch.randn(c, device=DEVICE, requires_grad=True) if bias else None
+    weight = torch.randn(c, 1, ks, ks, device=device, requires_grad=True)
+    b_ = torch.randn(c, device=device, requires_grad=True) if bias else None
     return wide, x, weight, b_
 
 
@@ -58,7 +58,7 @@ def test_triton_dwconv_rows_per_program(rows, ks, monkeypatch):
 def test_cpu_folded_residual_matches_reference_with_gradients(gelu):
     """The CPU path folds the residual into the kernel's centre tap: same values and gradients."""
     from rmt.ops.dwconv import dwconv_nhwc_folded
-    wide, x, weight, bias = (t.cpu() if t is not None else None for t in _inputs((2, 7, 9, 16), 3))
+    wide, x, weight, bias = _inputs((2, 7, 9, 16), 3, device="cpu")
     want = dwconv_nhwc_reference(x, weight, bias, True, gelu)
     got = dwconv_nhwc_folded(x, weight, bias, gelu)
     assert rel_err(got, want) <= 1e-6
