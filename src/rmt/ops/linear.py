@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 _ONES: Dict[Tuple[torch.device, torch.dtype], torch.Tensor] = {}
 _HALF = (torch.bfloat16, torch.float16)
+# torch.mm(..., out_dtype=torch.float32) for half-precision inputs (newer PyTorch releases)
+_MM_TO_FLOAT32 = "dtype" in torch.ops.aten.mm.overloads()
 
 
 def _ones(n: int, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
@@ -44,7 +46,9 @@ def column_sum(t: torch.Tensor) -> torch.Tensor:
         ones = _ones(t.shape[0], t.dtype, t.device)
         if ones is not None:
             if t.dtype in _HALF:
-                return torch.mm(ones, t, out_dtype=torch.float32)[0]
+                if _MM_TO_FLOAT32:
+                    return torch.mm(ones, t, out_dtype=torch.float32)[0]
+                return torch.mm(ones, t)[0].float()
             return torch.mm(ones, t)[0]
     return t.sum(0, dtype=torch.float32)
 
@@ -52,7 +56,8 @@ def column_sum(t: torch.Tensor) -> torch.Tensor:
 def weight_grad(grad: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``grad.T @ x`` for ``grad`` ``(m, n)`` and ``x`` ``(m, k)``, returned in ``dtype``
     (half-precision inputs accumulate into a float32 result directly on CUDA)."""
-    if grad.is_cuda and grad.dtype in _HALF and dtype == torch.float32 and not torch.compiler.is_compiling():
+    if (_MM_TO_FLOAT32 and grad.is_cuda and grad.dtype in _HALF and dtype == torch.float32
+            and not torch.compiler.is_compiling()):
         return torch.mm(grad.t(), x, out_dtype=torch.float32)
     return grad.t().mm(x).to(dtype)
 
