@@ -27,6 +27,7 @@ from .ops.ffn import ffn_tail
 from .ops.linear import linear
 from .ops.masa import FORMS, IMPLS, masa
 from .ops.masa.positions import cached_stage_positions, stage_positions
+from .ops.residual import add_branch
 from .ops.triton_support import cpu_path_allowed, fused_allowed
 
 __all__ = ["RMT", "MaSA", "RMTBlock", "RMTStage", "MIN_INPUT_SIZE"]
@@ -186,7 +187,8 @@ class Mlp(_LinearOwner):
             # GELU, depthwise conv and fc2 in one op that keeps only fc1's output for backward
             return ffn_tail(u, self.dwconv.weight, self.dwconv.bias, self.fc2.weight, self.fc2.bias, fused,
                             cpu_path_allowed(self.impl, u))
-        u = dwconv_nhwc(u, self.dwconv.weight, self.dwconv.bias, True, fused, True, cpu_path_allowed(self.impl, u))
+        u = dwconv_nhwc(u, self.dwconv.weight, self.dwconv.bias, True, fused, True,
+                        cpu_path_allowed(self.impl, u))
         return self.fc2(u)
 
 
@@ -213,30 +215,19 @@ class RMTBlock(nn.Module):
         x = dwconv_nhwc(x, self.cpe.weight, self.cpe.bias, True, fused_allowed(self.impl, x), False,
                         cpu_path_allowed(self.impl, x))
         branch = self.attn(self.norm1(x), sin, cos, decay)
-        x = x + self.drop_path(self.ls1(branch)) if torch.jit.is_scripting() else self._add_branch(x, branch, "ls1")
+        if torch.jit.is_scripting():
+            x = x + self.drop_path(self.ls1(branch))
+        else:
+            x = self._add_branch(x, branch, "ls1")
         branch = self.mlp(self.norm2(x))
-        x = x + self.drop_path(self.ls2(branch)) if torch.jit.is_scripting() else self._add_branch(x, branch, "ls2")
-        return x
+        if torch.jit.is_scripting():
+            return x + self.drop_path(self.ls2(branch))
+        return self._add_branch(x, branch, "ls2")
 
     @torch.jit.ignore
     def _add_branch(self, x: torch.Tensor, branch: torch.Tensor, ls: str) -> torch.Tensor:
-        """``x + drop_path(ls(branch))`` with the per-sample drop-path factor and the layer-scale
-        ``gamma`` as one ``(b, 1, 1, c)`` factor of a single ``addcmul``: one pass over the activations
-        instead of up to three. The drop-path mask is drawn exactly as timm's ``DropPath`` draws it."""
-        layer_scale, drop = getattr(self, ls), self.drop_path
-        hook_free = not any(m._forward_hooks or m._forward_pre_hooks for m in (layer_scale, drop))
-        if not (hook_free and (type(layer_scale) is nn.Identity
-                               or (type(layer_scale) is LayerScale and not layer_scale.inplace))
-                and (type(drop) is nn.Identity or (type(drop) is DropPath and drop.scale_by_keep))):
-            return x + drop(layer_scale(branch))
-        scale = layer_scale.gamma if type(layer_scale) is LayerScale else None
-        if type(drop) is DropPath and drop.training and drop.drop_prob > 0.0:
-            keep = 1.0 - drop.drop_prob
-            mask = branch.new_empty((branch.shape[0],) + (1,) * (branch.ndim - 1)).bernoulli_(keep)
-            if keep > 0.0:
-                mask.div_(keep)
-            scale = mask if scale is None else mask * scale
-        return x + branch if scale is None else torch.addcmul(x, branch, scale)
+        """``x + drop_path(ls(branch))`` in one pass (:func:`rmt.ops.residual.add_branch`)."""
+        return add_branch(x, branch, getattr(self, ls), self.drop_path)
 
 
 # ----------------------------------------------------------------------------------------------

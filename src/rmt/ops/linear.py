@@ -42,7 +42,8 @@ def column_sum(t: torch.Tensor) -> torch.Tensor:
     Float32 inputs take the GEMV only while TF32 matmuls are off (a TF32 product would round them).
     """
     if (t.is_cuda and t.dim() == 2 and t.shape[0] > 0 and not torch.compiler.is_compiling()
-            and (t.dtype in _HALF or (t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32))):
+            and (t.dtype in _HALF
+                 or (t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32))):
         ones = _ones(t.shape[0], t.dtype, t.device)
         if ones is not None:
             if t.dtype in _HALF:
@@ -77,9 +78,13 @@ class _Linear(torch.autograd.Function):
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
         flat = grad.reshape(-1, grad.shape[-1])
-        gx = grad.matmul(w) if ctx.needs_input_grad[0] else None
-        gw = weight_grad(flat, x.reshape(-1, x.shape[-1]), ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        gb = column_sum(flat).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = grad.matmul(w)
+        if ctx.needs_input_grad[1]:
+            gw = weight_grad(flat, x.reshape(-1, x.shape[-1]), ctx.weight_dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            gb = column_sum(flat).to(ctx.bias_dtype)
         return gx, gw, gb
 
 
