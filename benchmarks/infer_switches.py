@@ -7,7 +7,8 @@
 ``--switch`` names a module flag of the fast path (``masa_seqs``: the MaSA forward kernel with several
 rows or columns per program, :data:`rmt.ops.masa.triton_masa.SEQUENCES_PER_PROGRAM_FORWARD`;
 ``cpu_fold``: the CPU path's residual folded into the depthwise kernel,
-:data:`rmt.ops.dwconv.FOLD_RESIDUAL_ON_CPU`). Each repeat times the flag on, then off (``rmt
+:data:`rmt.ops.dwconv.FOLD_RESIDUAL_ON_CPU`; ``cpu_pad``: the CPU path's rows of 8-15 keys padded to 16
+for the softmax, :data:`rmt.ops.masa.cpu.PAD_KEYS`). Each repeat times the flag on, then off (``rmt
 benchmark``'s harness: bf16 on CUDA, float32 on CPU; median of 10 steps on CUDA, mean of ``--iters``
 on CPU), so slow drifts of the machine affect both alike; the medians over the repeats close the table.
 """
@@ -25,10 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import rmt  # noqa: E402,F401
 from rmt import benchmark as bm  # noqa: E402
 from rmt.ops import dwconv  # noqa: E402
+from rmt.ops.masa import cpu as masa_cpu  # noqa: E402
 from rmt.ops.masa import triton_masa  # noqa: E402
 
 FLAGS = {"masa_seqs": (triton_masa, "SEQUENCES_PER_PROGRAM_FORWARD"),
-         "cpu_fold": (dwconv, "FOLD_RESIDUAL_ON_CPU")}
+         "cpu_fold": (dwconv, "FOLD_RESIDUAL_ON_CPU"),
+         "cpu_pad": (masa_cpu, "PAD_KEYS")}
 
 
 def main() -> int:

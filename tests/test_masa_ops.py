@@ -243,3 +243,18 @@ def test_torch_compile_fullgraph_training_step(impl, monkeypatch):
     assert rel_err(out_c, out_e) <= 1e-6
     for gc, ge in zip(grads_c, grads_e):
         assert rel_err(gc, ge) <= 1e-5
+
+
+@pytest.mark.parametrize("shape,form", [((2, 9, 14, 2, 16), "decomposed"), ((1, 8, 15, 1, 8), "decomposed"),
+                                        ((2, 3, 4, 2, 16), "full"), ((1, 5, 20, 2, 8), "decomposed")])
+def test_cpu_path_pads_short_key_rows_without_changing_results(shape, form, monkeypatch):
+    """Rows of 8-15 keys run padded to 16 (zero keys, -inf bias) on the CPU path: same values and
+    gradients as the reference, and as the unpadded CPU path."""
+    from rmt.ops.masa import cpu as masa_cpu
+    assert masa_cpu._key_padding(14) == 2 and masa_cpu._key_padding(16) == 0 and masa_cpu._key_padding(4) == 0
+    _check("cpu", shape, form)
+    _, args, extra = _inputs(shape, device="cpu")
+    padded = masa(*args, form=form, impl="cpu", add=extra)
+    monkeypatch.setattr(masa_cpu, "PAD_KEYS", False)
+    assert masa_cpu._key_padding(14) == 0
+    assert rel_err(padded, masa(*args, form=form, impl="cpu", add=extra)) <= 1e-6

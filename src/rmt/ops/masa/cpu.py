@@ -5,13 +5,23 @@ Differences from :mod:`.naive` (same results up to float rounding):
 * the rotation is one complex multiplication on the strided projection views (no stack, negate,
   concatenate or extra copies);
 * the decay bias is added in place to the logits, and the rotated q/k are permuted as views;
-* the full form uses the same blocked rows as the reference, so memory stays bounded.
+* the full form uses the same blocked rows as the reference, so memory stays bounded;
+* rows of 8-15 keys are padded to 16 (zero keys and values, ``-inf`` bias): PyTorch's CPU softmax
+  does not vectorise rows shorter than its vectors, and took 1.4 ms for the 14-key rows of RMT-S's
+  stage 3 at batch 8 against 0.12 ms padded (two cores); the whole decomposed pass went from 4.5 to
+  2.3 ms (8 keys: 4.9 -> 3.0 ms, and 22.8 -> 19.2 ms with its backward at batch 128). Other rows
+  are left alone: padding 56 or 28 keys to 64 or 32 made the softmax 15-20% faster but the pass
+  slower (22 -> 31 ms, 4.3 -> 5.3 ms), and padding 4 keys to 16 slowed the pass by 15-35%.
 """
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .naive import _distance_1d, full_form_row_blocks, masa_decomposed_reference, masa_full_reference
+
+# False: no padding of short key rows (benchmarks/infer_switches.py compares the two)
+PAD_KEYS = True
 
 
 def _rotate_complex(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -35,6 +45,23 @@ def _rotate_complex(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, scale
     return torch.view_as_real(out).flatten(-2)
 
 
+def _key_padding(n: int) -> int:
+    """How many keys to append to a row of ``n`` keys: up to 16 for rows of 8-15 keys (see the module
+    notes; none with :data:`PAD_KEYS` off)."""
+    return 16 - n if PAD_KEYS and 8 <= n < 16 else 0
+
+
+def _pad_keys(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Append ``pad`` zero rows on the key axis (-2) of ``x`` ``(..., keys, d)``."""
+    return F.pad(x, (0, 0, 0, pad)) if pad else x
+
+
+def _axis_bias(decay: torch.Tensor, n: int, pad: int, device: torch.device) -> torch.Tensor:
+    """Decay bias ``(heads, 1, n, n + pad)`` of one axis; the padded keys get ``-inf``."""
+    bias = (decay[:, None, None] * _distance_1d(n, device))[:, None]
+    return F.pad(bias, (0, pad), value=float("-inf")) if pad else bias
+
+
 def masa_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
              decay: torch.Tensor, scale: float, form: str, add: Optional[torch.Tensor] = None,
              max_logits: int = 1 << 24) -> torch.Tensor:
@@ -49,21 +76,27 @@ def masa_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tenso
     kr = _rotate_complex(k, sin, cos, scale).to(dtype)
     vv = v.permute(0, 3, 1, 2, 4)                                       # (b, n, h, w, d)
     if form == "decomposed":
-        logits = qr @ kr.transpose(-1, -2)                              # (b, n, h, w, w)
-        logits.add_((decay[:, None, None] * _distance_1d(w, q.device))[None, :, None])
-        rows = torch.softmax(logits, dim=-1).to(dtype) @ vv             # (b, n, h, w, d)
-        qh, kh = qr.transpose(2, 3), kr.transpose(2, 3)                 # (b, n, w, h, d)
-        logits = qh @ kh.transpose(-1, -2)                              # (b, n, w, h, h)
-        logits.add_((decay[:, None, None] * _distance_1d(h, q.device))[None, :, None])
-        out = torch.softmax(logits, dim=-1).to(dtype) @ rows.transpose(2, 3)  # (b, n, w, h, d)
-        out = out.permute(0, 3, 2, 1, 4)
+        pad = _key_padding(w)
+        logits = qr @ _pad_keys(kr, pad).transpose(-1, -2)              # (b, n, h, w, w + pad)
+        logits.add_(_axis_bias(decay, w, pad, q.device)[None])
+        rows = torch.softmax(logits, dim=-1).to(dtype) @ _pad_keys(vv, pad)   # (b, n, h, w, d)
+        pad = _key_padding(h)
+        qh, kh = qr.transpose(2, 3), _pad_keys(kr.transpose(2, 3), pad)  # (b, n, w, h [+ pad], d)
+        logits = qh @ kh.transpose(-1, -2)                              # (b, n, w, h, h + pad)
+        logits.add_(_axis_bias(decay, h, pad, q.device)[None])
+        out = torch.softmax(logits, dim=-1).to(dtype) @ _pad_keys(rows.transpose(2, 3), pad)
+        out = out.permute(0, 3, 2, 1, 4)                                # (b, h, w, n, d)
     else:
         L = h * w
-        qf, kf, vf = qr.reshape(b, n, L, d), kr.reshape(b, n, L, d), vv.reshape(b, n, L, vv.shape[-1])
+        pad = _key_padding(L)
+        qf = qr.reshape(b, n, L, d)
+        kf = _pad_keys(kr.reshape(b, n, L, d), pad)
+        vf = _pad_keys(vv.reshape(b, n, L, vv.shape[-1]), pad)
         outs = []
         for start, stop, dist in full_form_row_blocks(b, h, w, n, max_logits, q.device):
-            logits = qf[:, :, start:stop] @ kf.transpose(-1, -2)       # (b, n, rows, L)
-            logits.add_(decay[:, None, None] * dist)
+            logits = qf[:, :, start:stop] @ kf.transpose(-1, -2)       # (b, n, rows, L + pad)
+            bias = decay[:, None, None] * dist
+            logits.add_(F.pad(bias, (0, pad), value=float("-inf")) if pad else bias)
             outs.append(torch.softmax(logits, dim=-1).to(dtype) @ vf)
         out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)).view(b, n, h, w, vv.shape[-1])
         out = out.permute(0, 2, 3, 1, 4)
