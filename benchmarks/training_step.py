@@ -53,6 +53,23 @@ def _make(name: str, device: torch.device) -> torch.nn.Module:
     return timm.create_model(name).to(device=device, memory_format=torch.channels_last).train()
 
 
+def _batch(batch: int, device: torch.device):
+    """A fixed channels-last batch of 224x224 images and ImageNet labels."""
+    x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+    return x, torch.randint(0, 1000, (batch,), device=device)
+
+
+def _eager_step(run, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer):
+    """One eager training step: bf16 autocast forward, cross-entropy, backward, optimizer step."""
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(run(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 SWITCHES = ("cudnn", "torchln", "twokernel", "oneseq")
 
 
@@ -77,8 +94,7 @@ def measure(name: str, mode: str, batch: int, device: torch.device, warmup: int,
     _set_switches(switches)
     try:
         model = _make(name, device)
-        x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
-        y = torch.randint(0, 1000, (batch,), device=device)
+        x, y = _batch(batch, device)
         graphed = base == "graphed"
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=graphed)
         run = torch.compile(model) if base == "compiled" else model
@@ -90,12 +106,7 @@ def measure(name: str, mode: str, batch: int, device: torch.device, warmup: int,
             for _ in range(4):
                 step()
         else:
-            def step():
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = F.cross_entropy(run(x), y)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            step = _eager_step(run, x, y, opt)
             step()  # compile / autotune / allocate optimizer state
         torch.cuda.synchronize()
         row["setup_s"] = round(time.perf_counter() - t0, 1)
@@ -116,16 +127,8 @@ def cprofile_steps(name: str, batch: int, device: torch.device, steps: int = 5, 
     import io
     import pstats
     model = _make(name, device)
-    x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (batch,), device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    x, y = _batch(batch, device)
+    step = _eager_step(model, x, y, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True))
     out = []
     for threaded in (True, False):
         with torch.autograd.set_multithreading_enabled(threaded):
