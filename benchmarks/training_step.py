@@ -18,7 +18,9 @@ is an execution mode with optional switches, e.g. ``graphed-torchln`` or ``eager
 * switch ``twokernel``: the MaSA backward pass through the dq and dk/dv kernels also for sequences
   that fit one tile (``rmt.ops.masa.triton_masa.SINGLE_TILE_BACKWARD = False``);
 * switch ``oneseq``: the MaSA forward pass with one row or column per program
-  (``rmt.ops.masa.triton_masa.SEQUENCES_PER_PROGRAM_FORWARD = False``).
+  (``rmt.ops.masa.triton_masa.SEQUENCES_PER_PROGRAM_FORWARD = False``);
+* switch ``unfused``: blocks train module by module instead of as one autograd node each
+  (``rmt.ops.block.FUSED_BLOCK = False``).
 
 ``--profile MODEL`` prints the kernels with the most GPU time and the operators with the most CPU
 time in one eager step (an eager step waits on the CPU when kernels finish faster than they launch).
@@ -42,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import timm  # noqa: E402
 
 import rmt  # noqa: E402,F401
-from rmt.ops import dwconv, layernorm  # noqa: E402
+from rmt.ops import block, dwconv, layernorm  # noqa: E402
 from rmt.ops.masa import triton_masa  # noqa: E402
 from rmt.benchmark import environment, save_rows, time_step  # noqa: E402
 from rmt.engine.cuda_graph import GraphedTrainStep  # noqa: E402
@@ -70,7 +72,7 @@ def _eager_step(run, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimize
     return step
 
 
-SWITCHES = ("cudnn", "torchln", "twokernel", "oneseq")
+SWITCHES = ("cudnn", "torchln", "twokernel", "oneseq", "unfused")
 
 
 def _set_switches(switches: List[str]) -> None:
@@ -79,6 +81,7 @@ def _set_switches(switches: List[str]) -> None:
     layernorm.TRAINING_KERNELS = "torchln" not in switches
     triton_masa.SINGLE_TILE_BACKWARD = "twokernel" not in switches
     triton_masa.SEQUENCES_PER_PROGRAM_FORWARD = "oneseq" not in switches
+    block.FUSED_BLOCK = "unfused" not in switches
 
 
 def measure(name: str, mode: str, batch: int, device: torch.device, warmup: int, iters: int) -> Dict:

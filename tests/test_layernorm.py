@@ -105,3 +105,20 @@ def test_autocast_keeps_the_same_activation_memory_as_the_reference():
         _, want = saved_bytes(lambda: layer_norm_autocast(x, [48], weight, bias, 1e-6))
     assert got <= want + 8 * x.shape[0]  # + float32 row statistics (PyTorch's CPU kernel keeps them in bf16)
     assert got < x.numel() * 4            # not the float32 input
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if torch.cuda.is_available() else [torch.float32])
+def test_backward_adds_a_residual_gradient_in_the_kernel(dtype):
+    """``_backward(..., residual=r)`` is the input gradient plus ``r`` (one pass instead of two)."""
+    from rmt.ops import layernorm
+    torch.manual_seed(2)
+    x = torch.randn(70, 48, device=DEVICE).to(dtype)
+    weight, bias = _params(48)
+    _, mean, rstd = layernorm._forward(x, weight.detach(), bias.detach(), 1e-6, dtype)
+    dy, r = torch.randn(70, 48, device=DEVICE).to(dtype), torch.randn(70, 48, device=DEVICE).to(dtype)
+    dx, dw, db = layernorm._backward(dy, x, weight.detach(), mean, rstd)
+    dx_r, dw_r, db_r = layernorm._backward(dy, x, weight.detach(), mean, rstd, residual=r)
+    assert dx_r.dtype == dtype and torch.equal(dw_r, dw) and torch.equal(db_r, db)
+    assert rel_err(dx_r, dx.float() + r.float()) <= (1e-6 if dtype == torch.float32 else 1e-2)
+    assert rel_err(dx_r, dx) > 0.1  # the residual did arrive

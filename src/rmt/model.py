@@ -27,8 +27,13 @@ from .ops.ffn import ffn_tail
 from .ops.linear import linear
 from .ops.masa import FORMS, IMPLS, masa
 from .ops.masa.positions import cached_stage_positions, stage_positions
-from .ops.residual import add_branch
-from .ops.triton_support import cpu_path_allowed, fused_allowed
+from .ops import dwconv as dwconv_ops
+from .ops import layernorm as layernorm_ops
+from .ops.residual import add_branch, branch_scale, hook_free, plain_residual
+from .ops.triton_support import HAS_TRITON, SUPPORTED_DTYPES, cpu_path_allowed, fused_allowed, triton_runs_on
+
+if HAS_TRITON:
+    from .ops import block as block_ops
 
 __all__ = ["RMT", "MaSA", "RMTBlock", "RMTStage", "MIN_INPUT_SIZE"]
 
@@ -122,7 +127,7 @@ class _LinearOwner(nn.Module):
         """Child ``name`` is a hook-free ``nn.Linear``, so calling a function on its parameters
         instead changes nothing (a replaced or hooked layer, e.g. LoRA, runs as it is)."""
         layer = getattr(self, name)
-        return type(layer) is nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks)
+        return type(layer) is nn.Linear and hook_free(layer)
 
     @torch.jit.ignore
     def _linear(self, name: str, x: torch.Tensor, fused: bool) -> torch.Tensor:
@@ -212,6 +217,8 @@ class RMTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
                 decay: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self._trains_fused(x):
+            return self._forward_fused(x, sin, cos, decay)
         x = dwconv_nhwc(x, self.cpe.weight, self.cpe.bias, True, fused_allowed(self.impl, x), False,
                         cpu_path_allowed(self.impl, x))
         branch = self.attn(self.norm1(x), sin, cos, decay)
@@ -223,6 +230,54 @@ class RMTBlock(nn.Module):
         if torch.jit.is_scripting():
             return x + self.drop_path(self.ls2(branch))
         return self._add_branch(x, branch, "ls2")
+
+    @torch.jit.ignore
+    def _trains_fused(self, x: torch.Tensor) -> bool:
+        """Whether this call trains through :func:`rmt.ops.block.block_train` (one autograd node for
+        the block): eager training on the fast path, with every submodule the plain, hook-free module
+        the block was built with (a replaced or hooked layer, e.g. LoRA, keeps the module path)."""
+        if not (HAS_TRITON and block_ops.FUSED_BLOCK and torch.is_grad_enabled() and fused_allowed(self.impl, x)
+                and dwconv_ops.FUSED_KERNELS and dwconv_ops.TRAINING_KERNELS and layernorm_ops.FUSED_KERNELS
+                and layernorm_ops.TRAINING_KERNELS and triton_runs_on(x)) or torch.compiler.is_compiling():
+            return False
+        attn, mlp = self.attn, self.mlp
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        if not (x.dim() == 4 and x.stride(-1) == 1 and dtype in SUPPORTED_DTYPES
+                and (dtype == x.dtype or torch.is_autocast_enabled(device))
+                and attn.head_dim <= block_ops.MAX_HEAD_DIM and x.shape[-1] <= layernorm_ops.MAX_CHANNELS
+                and attn.form in FORMS and attn.impl == mlp.impl == self.norm1.impl == self.norm2.impl == self.impl):
+            return False
+        typed = ((self.cpe, nn.Conv2d), (self.norm1, LayerNorm), (attn, MaSA), (attn.qkv, nn.Linear),
+                 (attn.lepe, nn.Conv2d), (attn.proj, nn.Linear), (self.norm2, LayerNorm), (mlp, Mlp),
+                 (mlp.fc1, nn.Linear), (mlp.dwconv, nn.Conv2d), (mlp.fc2, nn.Linear))
+        if not all(type(m) is t and hook_free(m) and m.bias is not None for m, t in typed[3:6] + typed[8:]):
+            return False
+        if not (all(type(m) is t and hook_free(m) for m, t in typed)
+                and plain_residual(self.ls1, self.drop_path) and plain_residual(self.ls2, self.drop_path)
+                and self.cpe.bias is not None and self.norm1.weight is not None and self.norm2.weight is not None):
+            return False
+        return x.requires_grad or any(p.requires_grad for p in self.parameters())
+
+    @torch.jit.ignore
+    def _forward_fused(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
+                       decay: torch.Tensor) -> torch.Tensor:
+        """The block as one autograd node (see :meth:`_trains_fused`); the same numbers as the modules,
+        drop-path masks included (drawn in the same order)."""
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            x = x.to(torch.get_autocast_dtype(device))
+        scale1 = branch_scale(x, self.ls1, self.drop_path)
+        scale2 = branch_scale(x, self.ls2, self.drop_path)
+        attn, mlp = self.attn, self.mlp
+        spec = block_ops.BlockSpec(sin.float().contiguous(), cos.float().contiguous(),
+                                   decay.float().contiguous(), attn.num_heads, attn.scale, attn.form,
+                                   self.norm1.eps, self.norm2.eps)
+        params = (self.cpe.weight, self.cpe.bias, self.norm1.weight, self.norm1.bias, attn.qkv.weight,
+                  attn.qkv.bias, attn.lepe.weight, attn.lepe.bias, attn.proj.weight, attn.proj.bias,
+                  self.norm2.weight, self.norm2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.dwconv.weight,
+                  mlp.dwconv.bias, mlp.fc2.weight, mlp.fc2.bias)
+        return block_ops.block_train(x, scale1, scale2, spec, params)
 
     @torch.jit.ignore
     def _add_branch(self, x: torch.Tensor, branch: torch.Tensor, ls: str) -> torch.Tensor:

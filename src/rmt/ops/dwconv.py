@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .linear import column_sum
-from .triton_support import HAS_TRITON, SUPPORTED_DTYPES, cdiv, eager_launch, next_power_of_2, triton_runs_on
+from .triton_support import HAS_TRITON, SUPPORTED_DTYPES, as_dtype, cdiv, eager_launch, next_power_of_2, triton_runs_on
 
 if HAS_TRITON:
     import triton
@@ -315,9 +315,7 @@ class _DWConv(torch.autograd.Function):
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
         gx, gw, gb = _backward(eager_launch, grad, x, weight, ctx.residual, ctx.gelu,
                                ctx.needs_input_grad[0], ctx.needs_input_grad[1], need_b)
-        gw = gw.to(weight.dtype) if gw is not None else None
-        gb = gb.to(weight.dtype) if gb is not None else None
-        return gx, gw, gb, None, None
+        return gx, as_dtype(gw, weight.dtype), as_dtype(gb, weight.dtype), None, None
 
 
 def dwconv_nhwc_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

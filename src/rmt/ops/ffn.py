@@ -17,34 +17,51 @@ import torch.nn.functional as F
 
 from . import dwconv
 from .dwconv import dwconv_nhwc, triton_dwconv_supported
-from .linear import column_sum, weight_grad
-from .triton_support import eager_launch
+from .linear import linear_backward
+from .triton_support import as_dtype, eager_launch
+
+
+def ffn_tail_forward(a: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torch.Tensor],
+                     w: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``linear(g + dwconv(g) + dw_bias, w, bias)``, ``g = gelu(a)``, without autograd; ``w`` in the
+    dtype of ``a`` (``(b, h, w, hidden)``, unit channel stride)."""
+    u = dwconv._forward(eager_launch, a, dw_weight, dw_bias, True, True)
+    return F.linear(u, w, bias.to(u.dtype) if bias is not None else None)
+
+
+def ffn_tail_backward(grad: torch.Tensor, a: torch.Tensor, dw_weight: torch.Tensor,
+                      dw_bias: Optional[torch.Tensor], w: torch.Tensor, weight_dtype: torch.dtype,
+                      bias_dtype: Optional[torch.dtype], need_input: bool = True, need_dw_weight: bool = True,
+                      need_dw_bias: bool = True, need_weight: bool = True, need_bias: bool = True):
+    """Gradients of :func:`ffn_tail_forward` for its five inputs (``None`` where not needed), the
+    depthwise output recomputed from ``a``; the parameters' in their own dtypes."""
+    grad = grad.contiguous()
+    g = F.gelu(a)  # recomputed once, for u and for the depthwise weight gradient
+    u = dwconv._forward(eager_launch, g, dw_weight, dw_bias, True, False)
+    _, grad_w, grad_b = linear_backward(grad, u, w, weight_dtype, bias_dtype, False,
+                                        need_weight, need_bias)
+    grad_u = grad.matmul(w)
+    grad_a, grad_dw, grad_db = dwconv._backward(
+        eager_launch, grad_u, a, dw_weight, True, True, need_input, need_dw_weight,
+        dw_bias is not None and need_dw_bias, g)
+    grad_db = as_dtype(grad_db, dw_bias.dtype) if dw_bias is not None else None
+    return grad_a, as_dtype(grad_dw, dw_weight.dtype), grad_db, grad_w, grad_b
 
 
 class _DWConvLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, dw_weight, dw_bias, weight, bias):
-        u = dwconv._forward(eager_launch, a, dw_weight, dw_bias, True, True)
-        ctx.save_for_backward(a, dw_weight, dw_bias, weight)
-        ctx.has_bias = bias is not None
-        return F.linear(u, weight.to(u.dtype), bias.to(u.dtype) if bias is not None else None)
+        w = weight.to(a.dtype)
+        ctx.save_for_backward(a, dw_weight, dw_bias, w)
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return ffn_tail_forward(a, dw_weight, dw_bias, w, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        a, dw_weight, dw_bias, weight = ctx.saved_tensors
-        g = F.gelu(a)  # recomputed once, for u and for the depthwise weight gradient
-        u = dwconv._forward(eager_launch, g, dw_weight, dw_bias, True, False)
-        grad = grad.contiguous()
-        flat_grad = grad.reshape(-1, grad.shape[-1])
-        grad_w = weight_grad(flat_grad, u.reshape(-1, u.shape[-1]), weight.dtype)
-        grad_b = column_sum(flat_grad).to(weight.dtype) if ctx.has_bias else None
-        grad_u = grad.matmul(weight.to(grad.dtype))
-        grad_a, grad_dw, grad_db = dwconv._backward(
-            eager_launch, grad_u, a, dw_weight, True, True, ctx.needs_input_grad[0],
-            ctx.needs_input_grad[1], dw_bias is not None and ctx.needs_input_grad[2], g)
-        grad_dw = grad_dw.to(dw_weight.dtype) if grad_dw is not None else None
-        grad_db = grad_db.to(dw_bias.dtype) if grad_db is not None else None
-        return grad_a, grad_dw, grad_db, grad_w, grad_b
+        a, dw_weight, dw_bias, w = ctx.saved_tensors
+        return ffn_tail_backward(grad, a, dw_weight, dw_bias, w, ctx.weight_dtype, ctx.bias_dtype,
+                                 *ctx.needs_input_grad)
 
 
 @torch.jit.ignore

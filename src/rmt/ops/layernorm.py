@@ -56,10 +56,11 @@ if HAS_TRITON:
         tl.store(RSTD + rows, rstd, mask=mask_r)
 
     @triton.jit
-    def _ln_bwd_kernel(DY, X, W, MEAN, RSTD, DX, PARTS, M, C, rows_per_program,
-                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _ln_bwd_kernel(DY, X, W, MEAN, RSTD, DX, PARTS, RES, M, C, rows_per_program,
+                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, HAS_RES: tl.constexpr):
         """Grid ``(programs,)``: ``rows_per_program`` rows (a multiple of ``BLOCK_M``) per program;
-        ``PARTS`` ``(programs, 2, C)`` float32 gets the program's column sums of ``dy * xhat`` and ``dy``."""
+        ``PARTS`` ``(programs, 2, C)`` float32 gets the program's column sums of ``dy * xhat`` and ``dy``.
+        ``HAS_RES``: ``DX`` also gets ``RES`` added (the gradient of a residual path around the norm)."""
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_C)
         mask_c = cols < C
@@ -81,6 +82,8 @@ if HAS_TRITON:
             c1 = tl.sum(xhat * wdy, axis=1) / C
             c2 = tl.sum(wdy, axis=1) / C
             dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+            if HAS_RES:
+                dx += tl.load(RES + offs, mask=mask, other=0.0).to(tl.float32)
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
             dw += tl.sum(dy * xhat, axis=0)
             db += tl.sum(dy, axis=0)
@@ -125,9 +128,10 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: flo
 
 
 def _backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-              rstd: torch.Tensor, block_m: Optional[int] = None, num_warps: Optional[int] = None
-              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dx, dweight, dbias)``: ``dx`` in the dtype of ``x``, the others float32 ``(c,)``."""
+              rstd: torch.Tensor, block_m: Optional[int] = None, num_warps: Optional[int] = None,
+              residual: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dweight, dbias)``: ``dx`` in the dtype of ``x``, the others float32 ``(c,)``.
+    ``residual`` (``(m, c)`` contiguous): added to ``dx`` in the kernel (one pass fewer than adding it after)."""
     m, c = x.shape
     grad = grad.contiguous()
     block_m0, block_c, warps0 = _tile(c, backward=True)
@@ -139,8 +143,8 @@ def _backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: t
     dx = torch.empty_like(x)
     parts = torch.empty((programs, 2, c), dtype=torch.float32, device=x.device)
     eager_launch(_ln_bwd_kernel)[(programs,)](
-        grad, x, weight, mean, rstd, dx, parts, m, c, rows_per_program,
-        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+        grad, x, weight, mean, rstd, dx, parts, residual if residual is not None else dx, m, c,
+        rows_per_program, BLOCK_M=block_m, BLOCK_C=block_c, HAS_RES=residual is not None, num_warps=warps)
     dw, db = parts.sum(0)  # one reduction for both
     return dx, dw, db
 

@@ -17,6 +17,8 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .triton_support import as_dtype
+
 _ONES: Dict[Tuple[torch.device, torch.dtype], torch.Tensor] = {}
 _HALF = (torch.bfloat16, torch.float16)
 # torch.mm(..., out_dtype=torch.float32) for half-precision inputs (newer PyTorch releases)
@@ -60,7 +62,21 @@ def weight_grad(grad: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torc
     if (_MM_TO_FLOAT32 and grad.is_cuda and grad.dtype in _HALF and dtype == torch.float32
             and not torch.compiler.is_compiling()):
         return torch.mm(grad.t(), x, out_dtype=torch.float32)
-    return grad.t().mm(x).to(dtype)
+    return as_dtype(grad.t().mm(x), dtype)
+
+
+def linear_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, weight_dtype: torch.dtype,
+                    bias_dtype: Optional[torch.dtype], need_input: bool = True, need_weight: bool = True,
+                    need_bias: bool = True
+                    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients of ``F.linear(x, w, bias)`` for ``grad`` ``(..., n)``, ``x`` ``(..., k)``, ``w`` ``(n, k)``
+    (``w`` in the dtype of ``x``): the input's in that dtype, the weight's in ``weight_dtype`` and the
+    bias's (when ``bias_dtype`` is not ``None``) in ``bias_dtype``; ``None`` where not needed."""
+    flat = grad.reshape(-1, grad.shape[-1])
+    gx = grad.matmul(w) if need_input else None
+    gw = weight_grad(flat, x.reshape(-1, x.shape[-1]), weight_dtype) if need_weight else None
+    gb = as_dtype(column_sum(flat), bias_dtype) if bias_dtype is not None and need_bias else None
+    return gx, gw, gb
 
 
 class _Linear(torch.autograd.Function):
@@ -77,15 +93,7 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
-        flat = grad.reshape(-1, grad.shape[-1])
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = grad.matmul(w)
-        if ctx.needs_input_grad[1]:
-            gw = weight_grad(flat, x.reshape(-1, x.shape[-1]), ctx.weight_dtype)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            gb = column_sum(flat).to(ctx.bias_dtype)
-        return gx, gw, gb
+        return linear_backward(grad, x, w, ctx.weight_dtype, ctx.bias_dtype, *ctx.needs_input_grad)
 
 
 @torch.jit.ignore

@@ -1,6 +1,7 @@
 """What the fused kernels of :mod:`rmt.ops` share: whether Triton is installed, where its kernels can
 run, and which model setting allows them."""
 import os
+from typing import Optional
 
 import torch
 
@@ -52,3 +53,9 @@ def eager_launch(kernel):
     Triton's own dispatch (Triton 3.6, ``benchmarks/launch_overhead.py``), so there is no cache here.
     """
     return kernel
+
+
+def as_dtype(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """``t.to(dtype)``, without the call when ``t`` already has that dtype (or is ``None``): a training
+    step passes hundreds of gradients through such casts, most of them no-ops that still cost a call."""
+    return t.to(dtype) if t is not None and t.dtype != dtype else t

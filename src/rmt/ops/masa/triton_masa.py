@@ -157,6 +157,37 @@ def _attend_backward(launch, grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
     return dq, dk, dv
 
 
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor,
+                      cos: torch.Tensor, decay: torch.Tensor, scale: float, form: str
+                      ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+    """MaSA of ``form`` on ``(b, h, w, n, d)`` inputs without autograd, for a caller that writes its
+    own backward pass: ``(out, state)`` with ``out`` ``(b, h, w, n, d)`` and ``state`` what
+    :func:`attention_backward` needs besides q, k and v. ``sin``/``cos``/``decay`` float32, contiguous."""
+    if form == "full":
+        out, lse = _attend(eager_launch, q, k, v, sin, cos, decay, None, scale, MODE_FULL, True)
+        return out, (out, lse)
+    rows, lse_rows = _attend(eager_launch, q, k, v, sin, cos, decay, None, scale, MODE_ROW, True)
+    out, lse = _attend(eager_launch, q, k, rows, sin, cos, decay, None, scale, MODE_COL, True)
+    return out, (out, lse, rows, lse_rows)
+
+
+def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       state: Tuple[torch.Tensor, ...], sin: torch.Tensor, cos: torch.Tensor,
+                       decay: torch.Tensor, scale: float, form: str
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv)`` of :func:`attention_forward` (the decomposed form's dq and dk are the
+    sums of the row and column passes' parts)."""
+    if form == "full":
+        out, lse = state
+        return _attend_backward(eager_launch, grad_out, q, k, v, out, lse, sin, cos, decay, scale, MODE_FULL)
+    out, lse, rows, lse_rows = state
+    dq, dk, drows = _attend_backward(eager_launch, grad_out, q, k, rows, out, lse, sin, cos, decay,
+                                     scale, MODE_COL)
+    dq_rows, dk_rows, dv = _attend_backward(eager_launch, drows, q, k, v, rows, lse_rows, sin, cos, decay,
+                                            scale, MODE_ROW)
+    return dq.add_(dq_rows), dk.add_(dk_rows), dv
+
+
 # --- torch.compile: custom ops that Inductor sees through -----------------------------------------
 
 @triton_op("rmt::masa_attend", mutates_args={})

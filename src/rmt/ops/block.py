@@ -1,0 +1,153 @@
+"""One RMT block in training as a single autograd node, forward and backward written out.
+
+An eager training step of RMT-S waits on the CPU, not the GPU: each of its 29 blocks went through
+about ten Python ``autograd.Function`` applications, a dozen module calls and as many dispatch
+checks, so the launches of a step cost about twice the GPU time of its kernels. :class:`_Block` runs
+the same kernels (the Triton depthwise convolutions, LayerNorms and MaSA passes of :mod:`rmt.ops`,
+cuBLAS GEMMs) in the same order with the same saved tensors, from one ``forward`` and one
+``backward``: the block's arithmetic is unchanged and so is its memory, only the Python around the
+launches goes. The block is::
+
+    x1  = x + cpe(x)                              (depthwise 3x3 with its bias)
+    q, k, v = split(qkv(norm1(x1)))
+    x2  = x1 + scale1 * proj(masa(q, k, v) + lepe(v))
+    out = x2 + scale2 * fc2(g + dwconv(g)),  g = gelu(fc1(norm2(x2)))
+
+where ``scale1``/``scale2`` are the drop-path masks times the layer scales (or ``None``), made by the
+caller with autograd so that their own gradients flow. :func:`block_train` is used only on the fast
+path in eager training (see ``RMTBlock.forward``); the module-by-module composition is the oracle
+(``tests/test_block.py`` compares outputs and every gradient).
+"""
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import dwconv, layernorm
+from .ffn import ffn_tail_backward, ffn_tail_forward
+from .linear import linear_backward
+from .masa.triton_masa import MAX_HEAD_DIM, attention_backward, attention_forward
+from .triton_support import as_dtype, eager_launch
+
+# False: blocks train module by module (benchmarks/training_step.py's switch "unfused" compares)
+FUSED_BLOCK = True
+
+
+class BlockSpec(NamedTuple):
+    """What a block's computation needs besides tensors with gradients."""
+    sin: torch.Tensor
+    cos: torch.Tensor
+    decay: torch.Tensor
+    num_heads: int
+    scale: float
+    form: str
+    eps1: float
+    eps2: float
+
+
+def _residual_backward(grad: torch.Tensor, branch: Optional[torch.Tensor], scale: Optional[torch.Tensor],
+                       branch_dtype: torch.dtype, need_scale: bool):
+    """Gradients of ``x + scale * branch`` for the branch (in ``branch_dtype``) and for ``scale``
+    (summed to its shape), as autograd computes them for ``torch.addcmul``."""
+    if scale is None:
+        return as_dtype(grad, branch_dtype), None
+    grad_scale = as_dtype((grad * branch).sum_to_size(scale.shape), scale.dtype) if need_scale else None
+    return as_dtype(grad * scale, branch_dtype), grad_scale
+
+
+class _Block(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale1, scale2, spec: BlockSpec, cpe_w, cpe_b, n1_w, n1_b, qkv_w, qkv_b, lepe_w,
+                lepe_b, proj_w, proj_b, n2_w, n2_b, fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b):
+        b, h, w, c = x.shape
+        dt = x.dtype
+        n = spec.num_heads
+        x1 = dwconv._forward(eager_launch, x, cpe_w, cpe_b, True, False)
+        y1, mean1, rstd1 = layernorm._forward(x1.view(-1, c), n1_w, n1_b, spec.eps1, dt)
+        wq, wp, w1, w2 = qkv_w.to(dt), proj_w.to(dt), fc1_w.to(dt), fc2_w.to(dt)
+        qkv = F.linear(y1.view(b, h, w, c), wq, qkv_b.to(dt))
+        q, k, v = qkv.split(c, dim=-1)
+        lepe = dwconv._forward(eager_launch, v, lepe_w, lepe_b, False, False)
+        shape = (b, h, w, n, c // n)
+        attn, state = attention_forward(q.view(shape), k.view(shape), v.view(shape), spec.sin, spec.cos,
+                                        spec.decay, spec.scale, spec.form)
+        o = attn.view(b, h, w, c) + lepe
+        a1 = F.linear(o, wp, proj_b.to(dt))
+        x2 = x1 + a1 if scale1 is None else torch.addcmul(x1, a1, scale1)
+        x2n = as_dtype(x2, dt)  # what the LayerNorm normalises (x2 is float32 when a layer scale promoted it)
+        y2, mean2, rstd2 = layernorm._forward(x2n.view(-1, c), n2_w, n2_b, spec.eps2, dt)
+        a = F.linear(y2.view(b, h, w, c), w1, fc1_b.to(dt))
+        f = ffn_tail_forward(a, dw_w, dw_b, w2, fc2_b)
+        out = x2 + f if scale2 is None else torch.addcmul(x2, f, scale2)
+
+        need1 = scale1 is not None and ctx.needs_input_grad[1]
+        need2 = scale2 is not None and ctx.needs_input_grad[2]
+        ctx.save_for_backward(x, x1, y1, mean1, rstd1, qkv, o, a1 if need1 else None, x2n, y2, mean2,
+                              rstd2, a, f if need2 else None, scale1, scale2, wq, wp, w1, w2,
+                              cpe_w, n1_w, lepe_w, n2_w, dw_w, dw_b, *state)
+        ctx.spec = spec
+        ctx.dtypes = (x1.dtype, a1.dtype, x2.dtype, f.dtype, qkv_w.dtype)
+        ctx.need_scales = need1, need2
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x, x1, y1, mean1, rstd1, qkv, o, a1, x2n, y2, mean2, rstd2, a, f, scale1, scale2,
+         wq, wp, w1, w2, cpe_w, n1_w, lepe_w, n2_w, dw_w, dw_b, *state) = ctx.saved_tensors
+        spec = ctx.spec
+        x1_dtype, a1_dtype, x2_dtype, f_dtype, pdt = ctx.dtypes
+        need = ctx.needs_input_grad
+        b, h, w, c = x.shape
+        n = spec.num_heads
+
+        # FFN branch: out = x2 + scale2 * fc2(g + dwconv(g) + b), g = gelu(fc1(norm2(x2)))
+        grad = grad.contiguous()
+        g_f, g_scale2 = _residual_backward(grad, f, scale2, f_dtype, ctx.need_scales[1])
+        g_a, g_dw_w, g_dw_b, g_fc2_w, g_fc2_b = ffn_tail_backward(
+            g_f, a, dw_w, dw_b, w2, pdt, pdt, True, need[18], need[19], need[20], need[21])
+        g_y2, g_fc1_w, g_fc1_b = linear_backward(g_a, y2, w1, pdt, pdt, True, need[16], need[17])
+        if x2_dtype == x2n.dtype == grad.dtype:  # the residual's gradient added in the norm's kernel
+            g_x2, g_n2_w, g_n2_b = layernorm._backward(g_y2.view(-1, c), x2n.view(-1, c), n2_w, mean2, rstd2,
+                                                       residual=grad.view(-1, c))
+        else:
+            g_x2, g_n2_w, g_n2_b = layernorm._backward(g_y2.view(-1, c), x2n.view(-1, c), n2_w, mean2, rstd2)
+            g_x2 = g_x2.to(x2_dtype) + grad.to(x2_dtype)
+        g_x2 = g_x2.view(b, h, w, c)
+
+        # attention branch: x2 = x1 + scale1 * proj(masa(q, k, v) + lepe(v))
+        g_a1, g_scale1 = _residual_backward(g_x2, a1, scale1, a1_dtype, ctx.need_scales[0])
+        g_o, g_proj_w, g_proj_b = linear_backward(g_a1, o, wp, pdt, pdt, True, need[12], need[13])
+        g_o = g_o.contiguous()
+        q, k, v = qkv.split(c, dim=-1)
+        shape = (b, h, w, n, c // n)
+        dq, dk, dv = attention_backward(g_o.view(shape), q.view(shape), k.view(shape), v.view(shape),
+                                        tuple(state), spec.sin, spec.cos, spec.decay, spec.scale, spec.form)
+        g_v, g_lepe_w, g_lepe_b = dwconv._backward(eager_launch, g_o, v, lepe_w, False, False, True,
+                                                   need[10], need[11])
+        g_qkv = torch.cat((dq.view(b, h, w, c), dk.view(b, h, w, c), dv.view(b, h, w, c).add_(g_v)), dim=-1)
+        g_y1, g_qkv_w, g_qkv_b = linear_backward(g_qkv, y1.view(b, h, w, c), wq, pdt, pdt, True,
+                                                 need[8], need[9])
+        g_y1 = g_y1.view(-1, c)
+        if g_x2.dtype == x1_dtype:
+            g_x1, g_n1_w, g_n1_b = layernorm._backward(g_y1, x1.view(-1, c), n1_w, mean1, rstd1,
+                                                       residual=g_x2.view(-1, c))
+        else:
+            g_x1, g_n1_w, g_n1_b = layernorm._backward(g_y1, x1.view(-1, c), n1_w, mean1, rstd1)
+            g_x1 += g_x2.view(-1, c).to(x1_dtype)
+        g_x1 = g_x1.view(b, h, w, c)
+
+        # x1 = x + cpe(x)
+        g_x, g_cpe_w, g_cpe_b = dwconv._backward(eager_launch, g_x1, x, cpe_w, True, False, need[0],
+                                                 need[4], need[5])
+        return (g_x, g_scale1, g_scale2, None, as_dtype(g_cpe_w, pdt), as_dtype(g_cpe_b, pdt), as_dtype(g_n1_w, pdt),
+                as_dtype(g_n1_b, pdt), g_qkv_w, g_qkv_b, as_dtype(g_lepe_w, pdt), as_dtype(g_lepe_b, pdt), g_proj_w,
+                g_proj_b, as_dtype(g_n2_w, pdt), as_dtype(g_n2_b, pdt), g_fc1_w, g_fc1_b, g_dw_w, g_dw_b, g_fc2_w,
+                g_fc2_b)
+
+
+def block_train(x: torch.Tensor, scale1: Optional[torch.Tensor], scale2: Optional[torch.Tensor],
+                spec: BlockSpec, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The block above on ``x`` ``(b, h, w, c)`` (in the compute dtype, unit channel stride) with one
+    autograd node; ``params`` are the 18 weights and biases in the order of ``_Block.forward``
+    (cpe, norm1, qkv, lepe, proj, norm2, fc1, dwconv, fc2). Returns ``(b, h, w, c)``."""
+    return _Block.apply(x, scale1, scale2, spec, *params)

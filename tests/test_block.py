@@ -1,0 +1,107 @@
+"""A block trained as one autograd node (rmt.ops.block) against the same block module by module."""
+import pytest
+import timm
+import torch
+
+from rmt.ops.masa import HAS_TRITON
+
+from conftest import SMALL_ARGS, rel_err, saved_bytes
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="the fused block runs the Triton kernels")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _model(**kw):
+    args = dict(SMALL_ARGS, num_classes=5, masa_impl="triton", drop_path_rate=0.5)
+    model = timm.create_model("rmt_tiny", **dict(args, **kw)).to(DEVICE).train()
+    for name, p in model.named_parameters():
+        if name.endswith("gamma"):
+            torch.nn.init.normal_(p)  # layer scale far from its 1e-6 start, so it matters
+    return model
+
+
+def _fused_nodes(out: torch.Tensor) -> int:
+    """How many ``_Block`` nodes the autograd graph of ``out`` has."""
+    seen, todo, count = set(), [out.grad_fn], 0
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        count += type(fn).__name__ == "_BlockBackward"
+        todo.extend(f for f, _ in fn.next_functions)
+    return count
+
+
+def _run(model, x, fused: bool, monkeypatch, autocast: bool = False):
+    from rmt.ops import block
+    monkeypatch.setattr(block, "FUSED_BLOCK", fused)
+    torch.manual_seed(1)  # the same drop-path masks on both paths
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+        out = model(x)
+    (out.float() * torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), x.grad, grads, _fused_nodes(out)
+
+
+def test_fused_block_matches_modules_fp32(monkeypatch):
+    """Outputs, input gradient and every parameter gradient (layer scales and drop path included)
+    agree with the module-by-module block; every block ran as one node."""
+    model = _model()
+    x = torch.randn(2, 3, 33, 40, device=DEVICE)  # grids 9x10, 5x5, 3x3, 2x2
+    out, gx, grads, nodes = _run(model, x, True, monkeypatch)
+    want, want_gx, want_grads, plain_nodes = _run(model, x, False, monkeypatch)
+    assert nodes == sum(SMALL_ARGS["depths"]) and plain_nodes == 0
+    assert rel_err(out, want) <= 1e-5 and rel_err(gx, want_gx) <= 1e-5
+    assert grads.keys() == want_grads.keys()
+    for name in want_grads:
+        assert grads[name].dtype == want_grads[name].dtype, name
+        assert rel_err(grads[name], want_grads[name]) <= 1e-5, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 Triton kernels are checked on CUDA only")
+def test_fused_block_matches_modules_under_bf16_autocast(monkeypatch):
+    model = _model()
+    x = torch.randn(4, 3, 64, 64, device=DEVICE)
+    out, gx, grads, nodes = _run(model, x, True, monkeypatch, autocast=True)
+    want, want_gx, want_grads, _ = _run(model, x, False, monkeypatch, autocast=True)
+    assert nodes == sum(SMALL_ARGS["depths"]) and out.dtype == want.dtype
+    assert rel_err(out, want) <= 1e-3 and rel_err(gx, want_gx) <= 1e-2
+    for name in want_grads:
+        assert grads[name].dtype == torch.float32 and rel_err(grads[name], want_grads[name]) <= 1e-2, name
+
+
+def test_fused_block_keeps_no_more_for_backward(monkeypatch):
+    """The single node saves what the module-by-module block saves (and nothing more)."""
+    from rmt.ops import block
+    model = _model(drop_path_rate=0.0)
+    blk, stage = model.stages[1].blocks[0], model.stages[1]
+    from rmt.ops.masa.positions import stage_positions
+    sin, cos, decay = stage_positions(6, 5, stage.head_dim, stage.num_heads, stage.init_value,
+                                      stage.heads_range, torch.device(DEVICE))
+    x = torch.randn(2, 6, 5, 32, device=DEVICE, requires_grad=True)
+    sizes = []
+    for fused in (True, False):
+        monkeypatch.setattr(block, "FUSED_BLOCK", fused)
+        sizes.append(saved_bytes(lambda: blk(x, sin, cos, decay))[1])
+    assert 0 < sizes[0] <= sizes[1]
+
+
+def test_hooked_or_frozen_blocks_keep_the_module_path(monkeypatch):
+    from rmt.ops import block
+    monkeypatch.setattr(block, "FUSED_BLOCK", True)
+    model = _model(drop_path_rate=0.0)
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    calls = []
+    handle = model.stages[0].blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: calls.append(1))
+    out = model(x)
+    assert calls == [1] and _fused_nodes(out) == sum(SMALL_ARGS["depths"]) - 1
+    handle.remove()
+    model.requires_grad_(False)
+    out = model(x)
+    assert out.grad_fn is None  # nothing to train: the inference kernels ran
+    model.requires_grad_(True)
+    with torch.no_grad():
+        assert model(x).grad_fn is None
