@@ -18,7 +18,7 @@ caller with autograd so that their own gradients flow. :func:`block_train` is us
 path in eager training (see ``RMTBlock.forward``); the module-by-module composition is the oracle
 (``tests/test_block.py`` compares outputs and every gradient).
 """
-from typing import NamedTuple, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,20 +64,21 @@ class _Block(torch.autograd.Function):
         n = spec.num_heads
         x1 = dwconv._forward(eager_launch, x, cpe_w, cpe_b, True, False)
         y1, mean1, rstd1 = layernorm._forward(x1.view(-1, c), n1_w, n1_b, spec.eps1, dt)
-        wq, wp, w1, w2 = qkv_w.to(dt), proj_w.to(dt), fc1_w.to(dt), fc2_w.to(dt)
-        qkv = F.linear(y1.view(b, h, w, c), wq, qkv_b.to(dt))
+        wq, bq, wp, bp, w1, b1, w2, b2 = _cast_together(
+            (qkv_w, qkv_b, proj_w, proj_b, fc1_w, fc1_b, fc2_w, fc2_b), dt)
+        qkv = F.linear(y1.view(b, h, w, c), wq, bq)
         q, k, v = qkv.split(c, dim=-1)
         lepe = dwconv._forward(eager_launch, v, lepe_w, lepe_b, False, False)
         shape = (b, h, w, n, c // n)
         attn, state = attention_forward(q.view(shape), k.view(shape), v.view(shape), spec.sin, spec.cos,
                                         spec.decay, spec.scale, spec.form)
         o = attn.view(b, h, w, c) + lepe
-        a1 = F.linear(o, wp, proj_b.to(dt))
+        a1 = F.linear(o, wp, bp)
         x2 = x1 + a1 if scale1 is None else torch.addcmul(x1, a1, scale1)
         x2n = as_dtype(x2, dt)  # what the LayerNorm normalises (x2 is float32 when a layer scale promoted it)
         y2, mean2, rstd2 = layernorm._forward(x2n.view(-1, c), n2_w, n2_b, spec.eps2, dt)
-        a = F.linear(y2.view(b, h, w, c), w1, fc1_b.to(dt))
-        f = ffn_tail_forward(a, dw_w, dw_b, w2, fc2_b)
+        a = F.linear(y2.view(b, h, w, c), w1, b1)
+        f = ffn_tail_forward(a, dw_w, dw_b, w2, b2)
         out = x2 + f if scale2 is None else torch.addcmul(x2, f, scale2)
 
         need1 = scale1 is not None and ctx.needs_input_grad[1]
@@ -143,6 +144,15 @@ class _Block(torch.autograd.Function):
                 as_dtype(g_n1_b, pdt), g_qkv_w, g_qkv_b, as_dtype(g_lepe_w, pdt), as_dtype(g_lepe_b, pdt), g_proj_w,
                 g_proj_b, as_dtype(g_n2_w, pdt), as_dtype(g_n2_b, pdt), g_fc1_w, g_fc1_b, g_dw_w, g_dw_b, g_fc2_w,
                 g_fc2_b)
+
+
+def _cast_together(params: Sequence[torch.Tensor], dtype: torch.dtype) -> List[torch.Tensor]:
+    """``[p.to(dtype) for p in params]`` in two launches (one concatenation, one cast) instead of one
+    per tensor; the results are views of one buffer."""
+    if all(p.dtype == dtype for p in params):
+        return list(params)
+    flat = torch.cat([p.reshape(-1) for p in params]).to(dtype)
+    return [t.view(p.shape) for t, p in zip(flat.split([p.numel() for p in params]), params)]
 
 
 def block_train(x: torch.Tensor, scale1: Optional[torch.Tensor], scale2: Optional[torch.Tensor],

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from .linear import column_sum
-from .triton_support import HAS_TRITON, SUPPORTED_DTYPES, as_dtype, cdiv, eager_launch, next_power_of_2, triton_runs_on
+from .triton_support import (HAS_TRITON, SUPPORTED_DTYPES, as_dtype, cdiv, eager_launch, next_power_of_2,
+                             triton_runs_on)
 
 if HAS_TRITON:
     import triton
@@ -265,8 +266,11 @@ def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
         # cuDNN's weight-gradient kernel (a reduction over batch and space) on NCHW views of the
         # channels-last tensors; the input is recomputed when only the pre-activation was kept
         g = (activated if activated is not None else F.gelu(x)) if gelu else x
+        # the weight's values are not read for these two gradients, only its shape and dtype: an
+        # uninitialised tensor of g's dtype saves casting it (a launch per call)
+        shaped = weight if weight.dtype == g.dtype else weight.new_empty(weight.shape, dtype=g.dtype)
         _, gw, gb_conv = torch.ops.aten.convolution_backward(
-            grad.permute(0, 3, 1, 2), g.permute(0, 3, 1, 2), weight.to(g.dtype), [c], [1, 1],
+            grad.permute(0, 3, 1, 2), g.permute(0, 3, 1, 2), shaped, [c], [1, 1],
             [ks // 2, ks // 2], [1, 1], False, [0, 0], c, [False, need_weight, need_bias and gb is None])
         gb = gb if gb is not None else gb_conv
     return gx, gw, gb

@@ -26,7 +26,7 @@ def ffn_tail_forward(a: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional
     """``linear(g + dwconv(g) + dw_bias, w, bias)``, ``g = gelu(a)``, without autograd; ``w`` in the
     dtype of ``a`` (``(b, h, w, hidden)``, unit channel stride)."""
     u = dwconv._forward(eager_launch, a, dw_weight, dw_bias, True, True)
-    return F.linear(u, w, bias.to(u.dtype) if bias is not None else None)
+    return F.linear(u, w, as_dtype(bias, u.dtype))
 
 
 def ffn_tail_backward(grad: torch.Tensor, a: torch.Tensor, dw_weight: torch.Tensor,
