@@ -57,8 +57,10 @@ def test_fused_block_matches_modules_fp32(monkeypatch):
     assert rel_err(out, want) <= 1e-5 and rel_err(gx, want_gx) <= 1e-5
     assert grads.keys() == want_grads.keys()
     for name in want_grads:
-        assert grads[name].dtype == want_grads[name].dtype, name
-        assert rel_err(grads[name], want_grads[name]) <= 1e-5, name
+        got, expected = grads[name], want_grads[name]
+        assert got.dtype == expected.dtype, name
+        # the stem's conv biases feed BatchNorms: their true gradients are 0, computed as ~1e-8 noise
+        assert rel_err(got, expected) <= 1e-5 or (got - expected).abs().max() <= 1e-7, name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 Triton kernels are checked on CUDA only")
