@@ -112,7 +112,7 @@ class _Block(torch.autograd.Function):
                                                        residual=grad.view(-1, c))
         else:
             g_x2, g_n2_w, g_n2_b = layernorm._backward(g_y2.view(-1, c), x2n.view(-1, c), n2_w, mean2, rstd2)
-            g_x2 = g_x2.to(x2_dtype) + grad.to(x2_dtype)
+            g_x2 = g_x2.to(x2_dtype) + grad.view(-1, c).to(x2_dtype)
         g_x2 = g_x2.view(b, h, w, c)
 
         # attention branch: x2 = x1 + scale1 * proj(masa(q, k, v) + lepe(v))
