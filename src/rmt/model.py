@@ -1,7 +1,8 @@
 """RMT: Retentive Networks Meet Vision Transformers (Fan et al., CVPR 2024) as timm models.
 
 Top to bottom: helpers, attention (MaSA), block, stage, model, checkpoint hooks, configs and the
-``rmt_tiny/small/base/large`` registrations. Token tensors inside the model are channels-last
+``rmt_tiny/small/base/large`` registrations (the classifier head is :mod:`rmt.head`; training on the
+fast path runs each block through :mod:`rmt.ops.block`). Token tensors inside the model are channels-last
 ``(b, h, w, c)``; images and returned feature maps are NCHW.
 
 Layer names are this package's own (a fused ``qkv`` projection, timm-style ``stages`` with the
@@ -21,16 +22,15 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from .head import ClassifierHead
 from .norm import LayerNorm
 from .ops.dwconv import dwconv_nhwc
 from .ops.ffn import ffn_tail
 from .ops.linear import linear
 from .ops.masa import FORMS, IMPLS, masa
 from .ops.masa.positions import cached_stage_positions, stage_positions
-from .ops import dwconv as dwconv_ops
-from .ops import layernorm as layernorm_ops
 from .ops.residual import add_branch, branch_scale, hook_free, plain_residual
-from .ops.triton_support import HAS_TRITON, SUPPORTED_DTYPES, cpu_path_allowed, fused_allowed, triton_runs_on
+from .ops.triton_support import HAS_TRITON, cpu_path_allowed, fused_allowed
 
 if HAS_TRITON:
     from .ops import block as block_ops
@@ -236,26 +236,19 @@ class RMTBlock(nn.Module):
         """Whether this call trains through :func:`rmt.ops.block.block_train` (one autograd node for
         the block): eager training on the fast path, with every submodule the plain, hook-free module
         the block was built with (a replaced or hooked layer, e.g. LoRA, keeps the module path)."""
-        if not (HAS_TRITON and block_ops.FUSED_BLOCK and torch.is_grad_enabled() and fused_allowed(self.impl, x)
-                and dwconv_ops.FUSED_KERNELS and dwconv_ops.TRAINING_KERNELS and layernorm_ops.FUSED_KERNELS
-                and layernorm_ops.TRAINING_KERNELS and triton_runs_on(x)) or torch.compiler.is_compiling():
-            return False
         attn, mlp = self.attn, self.mlp
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        if not (x.dim() == 4 and x.stride(-1) == 1 and dtype in SUPPORTED_DTYPES
-                and (dtype == x.dtype or torch.is_autocast_enabled(device))
-                and attn.head_dim <= block_ops.MAX_HEAD_DIM and x.shape[-1] <= layernorm_ops.MAX_CHANNELS
-                and attn.form in FORMS and attn.impl == mlp.impl == self.norm1.impl == self.norm2.impl == self.impl):
+        if not (HAS_TRITON and attn.impl == mlp.impl == self.norm1.impl == self.norm2.impl == self.impl
+                and block_ops.kernels_apply(x, self.impl, attn.head_dim, attn.form)):
             return False
-        typed = ((self.cpe, nn.Conv2d), (self.norm1, LayerNorm), (attn, MaSA), (attn.qkv, nn.Linear),
-                 (attn.lepe, nn.Conv2d), (attn.proj, nn.Linear), (self.norm2, LayerNorm), (mlp, Mlp),
-                 (mlp.fc1, nn.Linear), (mlp.dwconv, nn.Conv2d), (mlp.fc2, nn.Linear))
-        if not all(type(m) is t and hook_free(m) and m.bias is not None for m, t in typed[3:6] + typed[8:]):
-            return False
-        if not (all(type(m) is t and hook_free(m) for m, t in typed)
-                and plain_residual(self.ls1, self.drop_path) and plain_residual(self.ls2, self.drop_path)
-                and self.cpe.bias is not None and self.norm1.weight is not None and self.norm2.weight is not None):
+        linears = (attn.qkv, attn.proj, mlp.fc1, mlp.fc2)
+        convs = (self.cpe, attn.lepe, mlp.dwconv)
+        norms = (self.norm1, self.norm2)
+        if not (all(type(m) is nn.Linear for m in linears) and all(type(m) is nn.Conv2d for m in convs)
+                and all(type(m) is LayerNorm and m.weight is not None for m in norms)
+                and type(attn) is MaSA and type(mlp) is Mlp
+                and all(hook_free(m) and m.bias is not None for m in linears + convs + norms)
+                and hook_free(attn) and hook_free(mlp)
+                and plain_residual(self.ls1, self.drop_path) and plain_residual(self.ls2, self.drop_path)):
             return False
         return x.requires_grad or any(p.requires_grad for p in self.parameters())
 
@@ -339,42 +332,6 @@ class RMTStage(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # model
 # ----------------------------------------------------------------------------------------------
-
-class ClassifierHead(nn.Module):
-    """Per-token Linear(c -> hidden) + BatchNorm + Swish, global average pool, Linear(hidden -> classes).
-
-    ``global_pool=''`` returns the unpooled ``(b, h, w, hidden)`` map.
-    """
-
-    def __init__(self, in_dim: int, hidden: int, num_classes: int, global_pool: str = "avg",
-                 drop_rate: float = 0.0, device=None, dtype=None):
-        super().__init__()
-        dd = dict(device=device, dtype=dtype)
-        self.proj = nn.Linear(in_dim, hidden, **dd)
-        self.norm = nn.BatchNorm1d(hidden, **dd)
-        self.global_pool = global_pool
-        self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(hidden, num_classes, **dd) if num_classes > 0 else nn.Identity()
-
-    def reset(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        ref = self.proj.weight
-        self.fc = (nn.Linear(self.proj.out_features, num_classes, device=ref.device, dtype=ref.dtype)
-                   if num_classes > 0 else nn.Identity()).train(self.training)
-
-    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        b, h, w, _ = x.shape
-        x = self.proj(x)
-        x = self.norm(x.reshape(b * h * w, x.shape[-1])).view(b, h, w, x.shape[-1])
-        x = x * torch.sigmoid(x)
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
-        x = self.drop(x)
-        return x if pre_logits else self.fc(x)
-
 
 class RMT(nn.Module):
     """The RMT backbone and classifier.

@@ -27,7 +27,7 @@ from . import dwconv, layernorm
 from .ffn import ffn_tail_backward, ffn_tail_forward
 from .linear import linear_backward
 from .masa.triton_masa import MAX_HEAD_DIM, attention_backward, attention_forward
-from .triton_support import as_dtype, eager_launch
+from .triton_support import SUPPORTED_DTYPES, as_dtype, eager_launch, fused_allowed, triton_runs_on
 
 # False: blocks train module by module (benchmarks/training_step.py's switch "unfused" compares)
 FUSED_BLOCK = True
@@ -144,6 +144,22 @@ class _Block(torch.autograd.Function):
                 as_dtype(g_n1_b, pdt), g_qkv_w, g_qkv_b, as_dtype(g_lepe_w, pdt), as_dtype(g_lepe_b, pdt), g_proj_w,
                 g_proj_b, as_dtype(g_n2_w, pdt), as_dtype(g_n2_b, pdt), g_fc1_w, g_fc1_b, g_dw_w, g_dw_b, g_fc2_w,
                 g_fc2_b)
+
+
+def kernels_apply(x: torch.Tensor, impl: str, head_dim: int, form: str) -> bool:
+    """Whether a block set to ``impl`` trains ``x`` ``(b, h, w, c)`` through :func:`block_train`: eager
+    mode with gradients, the fused kernels allowed and switched on for training, a tensor they take
+    (CUDA, or CPU under Triton's interpreter; unit channel stride; a supported compute dtype)."""
+    if (not (FUSED_BLOCK and torch.is_grad_enabled() and fused_allowed(impl, x) and triton_runs_on(x))
+            or torch.compiler.is_compiling()):
+        return False
+    if not (dwconv.FUSED_KERNELS and dwconv.TRAINING_KERNELS and layernorm.FUSED_KERNELS
+            and layernorm.TRAINING_KERNELS):
+        return False
+    autocast = torch.is_autocast_enabled(x.device.type)
+    dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+    return (x.dim() == 4 and x.stride(-1) == 1 and dtype in SUPPORTED_DTYPES and (autocast or dtype == x.dtype)
+            and head_dim <= MAX_HEAD_DIM and x.shape[-1] <= layernorm.MAX_CHANNELS and form in ("decomposed", "full"))
 
 
 def _cast_together(params: Sequence[torch.Tensor], dtype: torch.dtype) -> List[torch.Tensor]:
