@@ -124,3 +124,21 @@ def test_hooked_or_frozen_blocks_keep_the_module_path(monkeypatch):
     model.requires_grad_(True)
     with torch.no_grad():
         assert model(x).grad_fn is None
+
+
+def test_norm_backward_adds_the_residual_in_the_kernel_or_after_it():
+    """The fused block's LayerNorm backward plus residual gradient: inside the kernel when dtypes
+    agree, after it in the wider dtype when a layer scale promoted the residual stream."""
+    from rmt.ops import layernorm
+    from rmt.ops.block import _norm_backward
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 5, 16, device=DEVICE)
+    weight, bias = torch.randn(16, device=DEVICE), torch.randn(16, device=DEVICE)
+    _, mean, rstd = layernorm._forward(x.view(-1, 16), weight, bias, 1e-6, x.dtype)
+    grad_y = torch.randn_like(x)
+    dx, dw, db = layernorm._backward(grad_y.view(-1, 16), x.view(-1, 16), weight, mean, rstd)
+    for residual in (torch.randn_like(x), torch.randn_like(x, dtype=torch.float64)):
+        got, got_w, got_b = _norm_backward(grad_y, x, weight, mean, rstd, residual, residual.dtype)
+        assert got.shape == x.shape and got.dtype == residual.dtype
+        assert torch.equal(got_w, dw) and torch.equal(got_b, db)
+        assert rel_err(got, dx.view_as(x).to(residual.dtype) + residual) <= 1e-6

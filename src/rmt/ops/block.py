@@ -57,6 +57,21 @@ def _residual_backward(grad: torch.Tensor, branch: Optional[torch.Tensor], scale
     return as_dtype(grad * scale, branch_dtype), grad_scale
 
 
+def _norm_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                   rstd: torch.Tensor, residual: torch.Tensor, dtype: torch.dtype):
+    """``(dx + residual, dweight, dbias)`` of the LayerNorm of ``x`` ``(b, h, w, c)``, the sum in ``dtype``:
+    added inside the norm's kernel when all three dtypes agree (a layer scale can promote the residual
+    stream to float32; then the sum is taken in float32 after the kernel, as autograd would)."""
+    shape, c = x.shape, x.shape[-1]
+    if residual.dtype == x.dtype == dtype:
+        dx, dw, db = layernorm._backward(grad_y.reshape(-1, c), x.view(-1, c), weight, mean, rstd,
+                                         residual=residual.contiguous().view(-1, c))
+    else:
+        dx, dw, db = layernorm._backward(grad_y.reshape(-1, c), x.view(-1, c), weight, mean, rstd)
+        dx = dx.to(dtype) + residual.reshape(-1, c).to(dtype)
+    return dx.view(shape), dw, db
+
+
 class _Block(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale1, scale2, spec: BlockSpec, cpe_w, cpe_b, n1_w, n1_b, qkv_w, qkv_b, lepe_w,
@@ -109,13 +124,7 @@ class _Block(torch.autograd.Function):
         g_a, g_dw_w, g_dw_b, g_fc2_w, g_fc2_b = ffn_tail_backward(
             g_f, a, dw_w, dw_b, w2, pdt, pdt, True, need[18], need[19], need[20], need[21])
         g_y2, g_fc1_w, g_fc1_b = linear_backward(g_a, y2, w1, pdt, pdt, True, need[16], need[17])
-        if x2_dtype == x2n.dtype == grad.dtype:  # the residual's gradient added in the norm's kernel
-            g_x2, g_n2_w, g_n2_b = layernorm._backward(g_y2.view(-1, c), x2n.view(-1, c), n2_w, mean2, rstd2,
-                                                       residual=grad.view(-1, c))
-        else:
-            g_x2, g_n2_w, g_n2_b = layernorm._backward(g_y2.view(-1, c), x2n.view(-1, c), n2_w, mean2, rstd2)
-            g_x2 = g_x2.to(x2_dtype) + grad.view(-1, c).to(x2_dtype)
-        g_x2 = g_x2.view(b, h, w, c)
+        g_x2, g_n2_w, g_n2_b = _norm_backward(g_y2, x2n, n2_w, mean2, rstd2, grad, x2_dtype)
 
         # attention branch: x2 = x1 + scale1 * proj(masa(q, k, v) + lepe(v))
         g_a1, g_scale1 = _residual_backward(g_x2, a1, scale1, a1_dtype, ctx.need_scales[0])
@@ -130,14 +139,7 @@ class _Block(torch.autograd.Function):
         g_qkv = torch.cat((dq.view(b, h, w, c), dk.view(b, h, w, c), dv.view(b, h, w, c).add_(g_v)), dim=-1)
         g_y1, g_qkv_w, g_qkv_b = linear_backward(g_qkv, y1.view(b, h, w, c), wq, pdt, pdt, True,
                                                  need[8], need[9])
-        g_y1 = g_y1.view(-1, c)
-        if g_x2.dtype == x1_dtype:
-            g_x1, g_n1_w, g_n1_b = layernorm._backward(g_y1, x1.view(-1, c), n1_w, mean1, rstd1,
-                                                       residual=g_x2.view(-1, c))
-        else:
-            g_x1, g_n1_w, g_n1_b = layernorm._backward(g_y1, x1.view(-1, c), n1_w, mean1, rstd1)
-            g_x1 += g_x2.view(-1, c).to(x1_dtype)
-        g_x1 = g_x1.view(b, h, w, c)
+        g_x1, g_n1_w, g_n1_b = _norm_backward(g_y1, x1, n1_w, mean1, rstd1, g_x2, x1_dtype)
 
         # x1 = x + cpe(x)
         g_x, g_cpe_w, g_cpe_b = dwconv._backward(eager_launch, g_x1, x, cpe_w, True, False, need[0],
