@@ -20,7 +20,15 @@ is an execution mode with optional switches, e.g. ``graphed-torchln`` or ``eager
 * switch ``oneseq``: the MaSA forward pass with one row or column per program
   (``rmt.ops.masa.triton_masa.SEQUENCES_PER_PROGRAM_FORWARD = False``);
 * switch ``unfused``: blocks train module by module instead of as one autograd node each
-  (``rmt.ops.block.FUSED_BLOCK = False``).
+  (``rmt.ops.block.FUSED_BLOCK = False``);
+* switch ``calling``: autograd runs the backward on the calling thread instead of its device thread
+  (``torch.autograd.set_multithreading_enabled(False)``);
+* switch ``jitlaunch``: every Triton launch through Triton's own dispatch instead of straight to the
+  compiled kernel (``rmt.ops.triton_support.DIRECT_LAUNCH = False``).
+
+``--interleave ROUNDS`` measures eager modes of one model built once, alternating them round by round
+(paired ratios that a drifting host pace does not bias), e.g.
+``--models rmt_small --modes eager,eager-jitlaunch,eager-calling --batch 16 --interleave 8``.
 
 ``--profile MODEL`` prints the kernels with the most GPU time and the operators with the most CPU
 time in one eager step (an eager step waits on the CPU when kernels finish faster than they launch).
@@ -44,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import timm  # noqa: E402
 
 import rmt  # noqa: E402,F401
-from rmt.ops import block, dwconv, layernorm  # noqa: E402
+from rmt.ops import block, dwconv, layernorm, triton_support  # noqa: E402
 from rmt.ops.masa import triton_masa  # noqa: E402
 from rmt.benchmark import environment, save_rows, time_step  # noqa: E402
 from rmt.engine.cuda_graph import GraphedTrainStep  # noqa: E402
@@ -72,7 +80,15 @@ def _eager_step(run, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimize
     return step
 
 
-SWITCHES = ("cudnn", "torchln", "twokernel", "oneseq", "unfused")
+def _on_calling_thread(step):
+    """``step`` with autograd's backward on the calling thread (no hand-over to its device thread)."""
+    def wrapped():
+        with torch.autograd.set_multithreading_enabled(False):
+            step()
+    return wrapped
+
+
+SWITCHES = ("cudnn", "torchln", "twokernel", "oneseq", "unfused", "jitlaunch", "calling")
 
 
 def _set_switches(switches: List[str]) -> None:
@@ -82,6 +98,7 @@ def _set_switches(switches: List[str]) -> None:
     triton_masa.SINGLE_TILE_BACKWARD = "twokernel" not in switches
     triton_masa.SEQUENCES_PER_PROGRAM_FORWARD = "oneseq" not in switches
     block.FUSED_BLOCK = "unfused" not in switches
+    triton_support.DIRECT_LAUNCH = "jitlaunch" not in switches
 
 
 def measure(name: str, mode: str, batch: int, device: torch.device, warmup: int, iters: int) -> Dict:
@@ -110,6 +127,8 @@ def measure(name: str, mode: str, batch: int, device: torch.device, warmup: int,
                 step()
         else:
             step = _eager_step(run, x, y, opt)
+            if "calling" in switches:
+                step = _on_calling_thread(step)
             step()  # compile / autotune / allocate optimizer state
         torch.cuda.synchronize()
         row["setup_s"] = round(time.perf_counter() - t0, 1)
@@ -157,6 +176,39 @@ def cprofile_steps(name: str, batch: int, device: torch.device, steps: int = 5, 
     return "\n".join(out) + "\n" + buf.getvalue()
 
 
+def interleave(name: str, modes: List[str], batch: int, device: torch.device, rounds: int, iters: int) -> str:
+    """Eager ``modes`` (switches only) of one model, built once, measured in alternating rounds.
+
+    The host's pace drifts by tens of percent over minutes on shared machines; modes measured one
+    after the other then differ by the drift. Here every round measures each mode (in a rotated
+    order) for ``iters`` steps, and each mode is reported as the median over rounds together with its
+    paired ratio to the first mode (the median of the per-round ratios)."""
+    for mode in modes:
+        base, *switches = mode.split("-")
+        if base != "eager" or set(switches) - set(SWITCHES):
+            raise SystemExit(f"--interleave takes eager modes with switches from {SWITCHES}, not {mode!r}")
+    model = _make(name, device)
+    x, y = _batch(batch, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    plain = _eager_step(model, x, y, opt)
+    steps = {m: _on_calling_thread(plain) if "calling" in m.split("-") else plain for m in modes}
+    rates: Dict[str, List[float]] = {m: [] for m in modes}
+    try:
+        for r in range(rounds):
+            for m in modes[r % len(modes):] + modes[:r % len(modes)]:
+                _set_switches(m.split("-")[1:])
+                rates[m].append(batch / time_step(steps[m], device, 2, iters))
+    finally:
+        _set_switches([])
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    out = [f"{name}, batch {batch}, {rounds} rounds of {iters} steps per mode (img/s)",
+           f"{'mode':<28} {'median':>8} {'min':>8} {'max':>8} {'paired ratio':>13}"]
+    for m in modes:
+        ratio = med([a / b for a, b in zip(rates[m], rates[modes[0]])])
+        out.append(f"{m:<28} {med(rates[m]):>8.1f} {min(rates[m]):>8.1f} {max(rates[m]):>8.1f} {ratio:>13.3f}")
+    return "\n".join(out)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="rmt_small,swin_tiny_patch4_window7_224")
@@ -166,12 +218,19 @@ def main() -> int:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--profile", default="", metavar="MODEL")
     p.add_argument("--cprofile", default="", metavar="MODEL", help="cProfile eager steps of MODEL")
+    p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                   help="measure the eager --modes of each model in ROUNDS alternating rounds instead")
     p.add_argument("--json", default="")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("training_step.py measures CUDA execution modes; no CUDA device here", file=sys.stderr)
         return 2
     device = torch.device("cuda")
+    if args.interleave:
+        for name in filter(None, args.models.split(",")):
+            print(interleave(name, list(filter(None, args.modes.split(","))), args.batch, device, args.interleave,
+                             args.iters), flush=True)
+        return 0
     rows: List[Dict] = []
     print(f"{'model':<30} {'mode':<9} {'batch':>5} {'img/s':>8} {'peak GiB':>8} {'setup s':>7}  note")
     for name in filter(None, args.models.split(",")):

@@ -96,3 +96,19 @@ def test_weight_grad_dtype():
     got = lin.weight_grad(g, x, torch.float32)
     assert got.dtype == torch.float32 and got.shape == (8, 6)
     assert rel_err(got, g.double().t() @ x.double()) <= 1e-2
+
+
+def test_ones_rows_are_cached_views_and_regrown(monkeypatch):
+    """The GEMV's row of ones: one cached view per length, views of the new row once it grows."""
+    monkeypatch.setattr(lin, "_ONES", {})
+    monkeypatch.setattr(lin, "_ONES_VIEWS", {})
+    dev = torch.device("cpu")
+    a = lin._ones(300, torch.float32, dev)
+    assert a.shape == (1, 300) and bool((a == 1).all())
+    assert lin._ones(300, torch.float32, dev) is a                     # looked up, not sliced again
+    b = lin._ones(5000, torch.float32, dev)                            # grows past the first 1024
+    assert b.shape == (1, 5000) and bool((b == 1).all())
+    c = lin._ones(300, torch.float32, dev)
+    assert c is not a and c.shape == (1, 300)
+    assert c.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()   # a view of the new row
+    assert lin._ones(300, torch.bfloat16, dev).dtype == torch.bfloat16

@@ -353,7 +353,9 @@ class Trainer:
             if self.graphed is not None:  # forward, backward and optimizer in one replay
                 loss = self.graphed(images, labels)
             else:
-                with self._sync_context(last_micro):
+                # the backward on this thread, not handed to autograd's device thread: an eager RMT step
+                # is bound by the host's launch rate, and the hand-over cost it 13-18% (BENCHMARKS.md, run L)
+                with self._sync_context(last_micro), torch.autograd.set_multithreading_enabled(False):
                     with autocast_context(dev, self.amp_dtype):
                         loss = self.loss_fn(self.forward_model(images), labels)
                     scaled = loss / accum

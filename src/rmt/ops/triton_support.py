@@ -1,12 +1,14 @@
 """What the fused kernels of :mod:`rmt.ops` share: whether Triton is installed, where its kernels can
 run, and which model setting allows them."""
+import functools
+import inspect
 import os
 from typing import Optional
 
 import torch
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs may lack it
-    import triton  # noqa: F401
+    import triton
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - depends on the install
     HAS_TRITON = False
@@ -45,14 +47,111 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-def eager_launch(kernel):
-    """The launcher of ``kernel`` in eager mode: the ``@triton.jit`` function itself, launched as
-    ``kernel[grid](...)`` (under ``torch.compile`` the ops pass ``wrap_triton`` instead).
+# True: eager launches of a kernel's already-compiled specialisations go straight to the compiled
+# kernel (:class:`DirectLauncher`); False: every launch through Triton's own dispatch
+# (``benchmarks/training_step.py`` switch ``jitlaunch`` compares the two).
+DIRECT_LAUNCH = True
 
-    Caching the compiled kernel per specialisation and calling it directly measured slower than
-    Triton's own dispatch (Triton 3.6, ``benchmarks/launch_overhead.py``), so there is no cache here.
+
+class _NotKeyed(Exception):
+    """An argument type the direct launcher does not key on: that launch goes through Triton."""
+
+
+def _specialisation(a) -> tuple:
+    """What Triton specialises a kernel argument on, or more (equal keys imply equal compiled
+    kernels): a tensor's dtype and 16-byte alignment; an integer's being 1, its divisibility by 16
+    and its integer width."""
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() & 15 == 0
+    t = type(a)
+    if t is int:
+        return a == 1, a & 15 == 0, -2 ** 31 <= a < 2 ** 31, a >= 2 ** 63
+    if t is float or t is bool or a is None:
+        return t, a if t is bool else None
+    raise _NotKeyed(t.__name__)
+
+
+class DirectLauncher:
+    """``launcher[grid](*args, **meta)`` for one ``@triton.jit`` kernel, as ``kernel[grid]`` would.
+
+    ``kernel[grid](...)`` binds and specialises every argument, builds a cache key and looks the
+    compiled kernel up on each call, then calls the compiled kernel with launch hooks. The first
+    launch of each specialisation here goes through it (compiling if needed); later ones call the
+    compiled kernel directly. ``args`` are the kernel's leading parameters, ``meta`` the remaining
+    ones by name plus launch options (``num_warps``...); both key the cache, so meta values must be
+    hashable. Launch hooks (Triton's profiler) and unkeyed argument types fall back to Triton.
     """
-    return kernel
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+        self.names = tuple(kernel.arg_names)
+        self.defaults = {p.name: p.default for p in kernel.params
+                         if p.default is not inspect.Parameter.empty}
+        # constexpr parameters passed by position: keyed by value
+        self.constexpr_positions = tuple(i for i, p in enumerate(kernel.params) if p.is_constexpr)
+        self.compiled: dict = {}
+
+    def __getitem__(self, grid):
+        return functools.partial(self.launch, grid)
+
+    def launch(self, grid, *args, **meta):
+        if not DIRECT_LAUNCH or type(grid) is not tuple:  # a grid function: Triton evaluates it
+            return self.kernel[grid](*args, **meta)
+        try:
+            constexprs = tuple(args[i] for i in self.constexpr_positions if i < len(args))
+            key = (torch.cuda.current_device(), tuple(meta.items()), constexprs, *map(_specialisation, args))
+            entry = self.compiled.get(key)
+        except (_NotKeyed, TypeError):  # TypeError: an unhashable meta value
+            return self.kernel[grid](*args, **meta)
+        if entry is None or _launch_hooks():
+            compiled = self.kernel[grid](*args, **meta)
+            if entry is None:
+                self._remember(key, compiled, len(args), meta)
+            return compiled
+        compiled, tail = entry
+        g0, g1, g2 = (*grid, 1, 1)[:3]
+        compiled.run(g0, g1, g2, _raw_stream(key[0]), compiled.function, compiled.packed_metadata, None, None,
+                     None, *args, *tail)
+        return compiled
+
+    def _remember(self, key: tuple, compiled, num_args: int, meta: dict) -> None:
+        """Cache ``compiled`` for ``key`` when its remaining parameters are all fixed by ``meta`` (or
+        defaults) and none of them is a tensor (whose address the key does not hold)."""
+        tail = self.names[num_args:]
+        if (compiled is None or hasattr(compiled, "result")  # asynchronous compilation: not cached
+                or not all(n in meta or n in self.defaults for n in tail)
+                or any(isinstance(v, torch.Tensor) for v in meta.values())):
+            return
+        compiled._init_handles()  # loads the module, so that ``function`` is set from here on
+        self.compiled[key] = (compiled, tuple(meta[n] if n in meta else self.defaults[n] for n in tail))
+
+
+def _launch_hooks() -> bool:
+    """Whether Triton has launch hooks installed (its profiler); those launches go through Triton."""
+    runtime = triton.knobs.runtime
+    return bool(getattr(runtime.launch_enter_hook, "calls", runtime.launch_enter_hook)
+                or getattr(runtime.launch_exit_hook, "calls", runtime.launch_exit_hook))
+
+
+def _raw_stream(device: int) -> int:
+    return torch._C._cuda_getCurrentRawStream(device)
+
+
+_LAUNCHERS: dict = {}
+# the Triton versions whose launch interface DirectLauncher was checked against
+_DIRECT_VERSIONS = ("3.4", "3.5", "3.6", "3.7", "3.8")
+
+
+def eager_launch(kernel):
+    """The launcher of ``kernel`` in eager mode: a :class:`DirectLauncher` (one per kernel) on CUDA
+    with a Triton release it was checked against, else the ``@triton.jit`` function itself; both are
+    launched as ``launcher[grid](...)`` (under ``torch.compile`` the ops pass ``wrap_triton``)."""
+    if INTERPRET or not HAS_TRITON or not triton.__version__.startswith(_DIRECT_VERSIONS):
+        return kernel
+    launcher = _LAUNCHERS.get(kernel)
+    if launcher is None:
+        launcher = _LAUNCHERS[kernel] = DirectLauncher(kernel)
+    return launcher
 
 
 def as_dtype(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
