@@ -21,6 +21,8 @@ is an execution mode with optional switches, e.g. ``graphed-torchln`` or ``eager
   (``rmt.ops.masa.triton_masa.SEQUENCES_PER_PROGRAM_FORWARD = False``);
 * switch ``unfused``: blocks train module by module instead of as one autograd node each
   (``rmt.ops.block.FUSED_BLOCK = False``);
+* switch ``tritonwgrad``: the depthwise weight gradients through the Triton kernel instead of cuDNN
+  (``rmt.ops.dwconv.TRITON_WEIGHT_GRAD = True``);
 * switch ``calling``: autograd runs the backward on the calling thread instead of its device thread
   (``torch.autograd.set_multithreading_enabled(False)``);
 * switch ``jitlaunch``: every Triton launch through Triton's own dispatch instead of straight to the
@@ -88,7 +90,7 @@ def _on_calling_thread(step):
     return wrapped
 
 
-SWITCHES = ("cudnn", "torchln", "twokernel", "oneseq", "unfused", "jitlaunch", "calling")
+SWITCHES = ("cudnn", "torchln", "twokernel", "oneseq", "unfused", "jitlaunch", "calling", "tritonwgrad")
 
 
 def _set_switches(switches: List[str]) -> None:
@@ -99,6 +101,7 @@ def _set_switches(switches: List[str]) -> None:
     triton_masa.SEQUENCES_PER_PROGRAM_FORWARD = "oneseq" not in switches
     block.FUSED_BLOCK = "unfused" not in switches
     triton_support.DIRECT_LAUNCH = "jitlaunch" not in switches
+    dwconv.TRITON_WEIGHT_GRAD = "tritonwgrad" in switches
 
 
 def measure(name: str, mode: str, batch: int, device: torch.device, warmup: int, iters: int) -> Dict:

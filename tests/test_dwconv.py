@@ -95,6 +95,44 @@ def test_triton_dwconv_bias_gradient_with_frozen_input_or_weight(frozen):
         assert rel_err(a, e) <= 1e-5
 
 
+@needs_triton
+@pytest.mark.parametrize("ks", [3, 5])
+@pytest.mark.parametrize("rows,block_w", [(1, 4), (3, 8), (8, 16)])
+def test_weight_gradient_kernel_tiles_match_autograd(ks, rows, block_w, monkeypatch):
+    """The weight-gradient kernel's partial sums over programs of 1, 3 and 8 rows (a partly-empty
+    last group: 7 rows) and token tiles narrower and wider than the 11-token rows, on a strided
+    input, with the bias sums; float32 results."""
+    from rmt.ops import dwconv
+    from rmt.ops.triton_support import eager_launch
+    monkeypatch.setattr(dwconv, "_wgrad_blocks", lambda h, w, c, k: (block_w, 16, 4, rows))
+    wide, x, weight, bias = _inputs((2, 7, 11, 20), ks)
+    want = dwconv_nhwc_reference(x, weight, bias, False)
+    grad = torch.randn_like(want)
+    want_w, want_b = torch.autograd.grad(want, (weight, bias), grad)
+    got_w, got_b = dwconv._weight_grad(eager_launch, grad.contiguous(), x.detach(), ks, True)
+    assert got_w.shape == weight.shape and got_w.dtype == torch.float32
+    assert rel_err(got_w, want_w) <= 1e-5 and rel_err(got_b, want_b) <= 1e-5
+    only_w, none = dwconv._weight_grad(eager_launch, grad.contiguous(), x.detach(), ks, False)
+    assert none is None and rel_err(only_w, want_w) <= 1e-5
+
+
+@needs_triton
+@pytest.mark.parametrize("frozen_input", [False, True])
+def test_triton_weight_gradient_switch(frozen_input, monkeypatch):
+    """``TRITON_WEIGHT_GRAD = True`` takes the weight-gradient kernel in the backward pass (with the
+    bias sums too when no input gradient is computed): the reference's gradients, float32 ones."""
+    from rmt.ops import dwconv
+    monkeypatch.setattr(dwconv, "TRITON_WEIGHT_GRAD", True)
+    wide, x, weight, bias = _inputs((2, 6, 9, 12), 3)
+    if frozen_input:
+        x = x.detach()
+    want = dwconv_nhwc_reference(x, weight, bias, True, True)
+    got = dwconv_nhwc_triton(x, weight, bias, True, True)
+    wrt = (weight, bias) if frozen_input else (wide, weight, bias)
+    assert_same_gradients(got, want, wrt, ("weight", "bias") if frozen_input else ("input", "weight", "bias"),
+                          1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="autocast dtypes are checked on CUDA only")
 def test_dispatch_under_autocast_keeps_float32_weight_gradients():
     _, x, weight, bias = _inputs((2, 14, 14, 96), 3)

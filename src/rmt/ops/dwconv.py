@@ -16,7 +16,9 @@ input row it loads serves all of them) and write the result once:
 * input gradient: the same kernel on ``dy`` with the kernel flipped, plus ``dy`` for the residual,
   times ``gelu'(x)``;
 * bias gradient: per-program partial sums of ``dy`` written by the input-gradient kernel;
-* weight gradient: cuDNN's reduction kernel on ``g`` (recomputed from ``x``).
+* weight gradient: cuDNN's reduction kernel on ``g`` (recomputed from ``x``), or with
+  ``TRITON_WEIGHT_GRAD`` per-program partial sums of ``dy * g[shifted]`` for every tap, then one GEMV
+  over the programs (cheaper to launch than cuDNN's call, slower on the GPU so far).
 
 Only ``x`` is kept for the backward pass, so the FFN stores its hidden activation once instead of
 three times. :func:`dwconv_nhwc_reference` (``F.gelu`` + ``F.conv2d``) is the oracle and the path
@@ -41,6 +43,11 @@ if HAS_TRITON:
 TRAINING_KERNELS = True
 # False: F.conv2d everywhere (benchmarks/inference_modes.py compares the two)
 FUSED_KERNELS = True
+# True: the depthwise weight gradients through _dwconv_wgrad_kernel instead of cuDNN. Off by default:
+# on an H200 the kernel takes 3.2x cuDNN's GPU time (14.0 against 4.4 ms per RMT-S step at batch 128),
+# which costs a CUDA-graph step 14%, while an eager step bound by the host's launch rate gains 6% from
+# the cheaper launches (BENCHMARKS.md, run L; benchmarks/training_step.py's switch "tritonwgrad")
+TRITON_WEIGHT_GRAD = False
 # False: the CPU path adds the residual in its own pass (benchmarks/infer_switches.py compares the two)
 FOLD_RESIDUAL_ON_CPU = True
 
@@ -172,6 +179,71 @@ if HAS_TRITON:
                         HAS_BIAS, GELU_GRAD)
 
 
+    @triton.jit
+    def _dwconv_wgrad_kernel(G, X, PART, H, W, C, ROWS_PER_PROGRAM, g_sb, g_sh, g_sw, x_sb, x_sh, x_sw,
+                             KS: tl.constexpr, DY_PAD: tl.constexpr, BIAS: tl.constexpr,
+                             BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Grid ``(b * cdiv(h, ROWS_PER_PROGRAM), cdiv(c, BLOCK_C))``: one program's partial sums of the
+        weight gradient, ``sum G[r, w, c] * X[r + dy - KS // 2, w + dx - KS // 2, c]`` over its token
+        rows ``r`` of one image and all ``w``, stored to ``PART[pid(0), c, dy * KS + dx]`` (float32).
+
+        The ``KS`` vertical taps are one dimension of a ``(DY_PAD, BLOCK_W, BLOCK_C)`` accumulator per
+        horizontal tap, summed over ``w`` once at the end. ``BIAS`` also sums ``G`` into
+        ``PART[pid(0), c, KS * KS]`` (the bias gradient, when no input gradient was computed).
+        """
+        pid = tl.program_id(0)
+        row_blocks = (H + ROWS_PER_PROGRAM - 1) // ROWS_PER_PROGRAM
+        b = (pid // row_blocks).to(tl.int64)
+        r_start = (pid % row_blocks) * ROWS_PER_PROGRAM
+        r_end = tl.minimum(r_start + ROWS_PER_PROGRAM, H)
+        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        dys = tl.arange(0, DY_PAD)
+        acc0 = tl.zeros([DY_PAD, BLOCK_W, BLOCK_C], tl.float32)
+        acc1 = tl.zeros([DY_PAD, BLOCK_W, BLOCK_C], tl.float32)
+        acc2 = tl.zeros([DY_PAD, BLOCK_W, BLOCK_C], tl.float32)
+        acc3 = tl.zeros([DY_PAD, BLOCK_W, BLOCK_C], tl.float32)
+        acc4 = tl.zeros([DY_PAD, BLOCK_W, BLOCK_C], tl.float32)
+        acc_b = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
+        for r in range(r_start, r_end):
+            rows = r + dys - KS // 2
+            row_ok = (dys < KS) & (rows >= 0) & (rows < H)
+            for w0 in range(0, W, BLOCK_W):
+                offs_w = w0 + tl.arange(0, BLOCK_W)
+                gm = (offs_w < W)[:, None] & mask_c[None, :]
+                g = tl.load(G + b * g_sb + r * g_sh + offs_w[:, None] * g_sw + offs_c[None, :],
+                            mask=gm, other=0.0).to(tl.float32)
+                if BIAS:
+                    acc_b += g
+                for dx in tl.static_range(KS):
+                    cols = offs_w + dx - KS // 2
+                    m = (row_ok[:, None, None] & ((cols >= 0) & (cols < W))[None, :, None]
+                         & mask_c[None, None, :])
+                    xv = tl.load(X + b * x_sb + rows[:, None, None] * x_sh + cols[None, :, None] * x_sw
+                                 + offs_c[None, None, :], mask=m, other=0.0).to(tl.float32)
+                    if dx == 0:
+                        acc0 += g[None, :, :] * xv
+                    elif dx == 1:
+                        acc1 += g[None, :, :] * xv
+                    elif dx == 2:
+                        acc2 += g[None, :, :] * xv
+                    elif dx == 3:
+                        acc3 += g[None, :, :] * xv
+                    else:
+                        acc4 += g[None, :, :] * xv
+        part = PART + pid.to(tl.int64) * C * (KS * KS + BIAS) + offs_c[None, :] * (KS * KS + BIAS)
+        store_mask = (dys < KS)[:, None] & mask_c[None, :]
+        tl.store(part + dys[:, None] * KS, tl.sum(acc0, axis=1), mask=store_mask)
+        tl.store(part + dys[:, None] * KS + 1, tl.sum(acc1, axis=1), mask=store_mask)
+        tl.store(part + dys[:, None] * KS + 2, tl.sum(acc2, axis=1), mask=store_mask)
+        if KS > 3:
+            tl.store(part + dys[:, None] * KS + 3, tl.sum(acc3, axis=1), mask=store_mask)
+            tl.store(part + dys[:, None] * KS + 4, tl.sum(acc4, axis=1), mask=store_mask)
+        if BIAS:
+            tl.store(PART + pid.to(tl.int64) * C * (KS * KS + 1) + offs_c * (KS * KS + 1) + KS * KS,
+                     tl.sum(acc_b, axis=0), mask=mask_c)
+
+
 def _blocks(w: int, c: int, ks: int) -> Tuple[int, int, int, int]:
     """``(BLOCK_W, BLOCK_C, num_warps, ROWS)`` for token rows of width ``w``, ``c`` channels and a
     ``ks x ks`` kernel, as ``benchmarks/kernel_tiles.py`` (which times the alternatives through the
@@ -212,6 +284,33 @@ def _backward_blocks(w: int, c: int, ks: int, gelu: bool) -> Tuple[int, int, int
     return bw, min(32, bc), 4, 2 if gelu and bw >= 16 else 4
 
 
+def _wgrad_blocks(h: int, w: int, c: int, ks: int) -> Tuple[int, int, int, int]:
+    """``(BLOCK_W, BLOCK_C, num_warps, ROWS_PER_PROGRAM)`` of the weight-gradient kernel: 16-token
+    (8 for 5x5, whose five accumulators are twice as tall) by 32-channel tiles, up to 8 rows of one
+    image per program."""
+    return min(16 if ks <= 3 else 8, next_power_of_2(w)), min(32, next_power_of_2(c)), 4, min(h, 8)
+
+
+def _weight_grad(launch, grad: torch.Tensor, g: torch.Tensor, ks: int, with_bias: bool
+                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Float32 gradients of a ``ks x ks`` depthwise weight ``(c, 1, ks, ks)`` and, with ``with_bias``,
+    of its bias ``(c,)``, for output gradient ``grad`` and input ``g`` (both ``(b, h, w, c)``, unit
+    channel stride): the kernel's per-program partial sums, then one GEMV over the programs."""
+    b, h, w, c = g.shape
+    block_w, block_c, warps, rows = _wgrad_blocks(h, w, c, ks)
+    programs = b * cdiv(h, rows)
+    taps = ks * ks + int(with_bias)
+    parts = torch.empty((programs, c * taps), dtype=torch.float32, device=g.device)
+    launch(_dwconv_wgrad_kernel)[(programs, cdiv(c, block_c))](
+        grad, g, parts, h, w, c, rows, grad.stride(0), grad.stride(1), grad.stride(2),
+        g.stride(0), g.stride(1), g.stride(2), KS=ks, DY_PAD=next_power_of_2(ks), BIAS=with_bias,
+        BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
+    sums = column_sum(parts).view(c, taps)
+    if not with_bias:
+        return sums.view(c, 1, ks, ks), None
+    return sums[:, :ks * ks].reshape(c, 1, ks, ks), sums[:, ks * ks]
+
+
 def _forward(launch, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
              residual: bool, gelu: bool, tile: Optional[Tuple[int, int, int, int]] = None) -> torch.Tensor:
     """``[g +] dwconv(g) + bias`` (``g = gelu(x)`` or ``x``); ``x`` ``(b, h, w, c)`` with unit channel stride.
@@ -236,8 +335,9 @@ def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
               gelu: bool, need_input: bool, need_weight: bool, need_bias: bool = True,
               activated: Optional[torch.Tensor] = None, tile: Optional[Tuple[int, int, int, int]] = None
               ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Gradients of ``x`` (its dtype), of ``weight`` ``(c, 1, k, k)`` (dtype of ``x``) and of the bias
-    ``(c,)`` (float32 when the input-gradient kernel summed it, else the dtype of ``x``).
+    """Gradients of ``x`` (its dtype), of ``weight`` ``(c, 1, k, k)`` (float32 from the weight-gradient
+    kernel, the dtype of ``x`` from cuDNN) and of the bias ``(c,)`` (float32 when a kernel summed it,
+    else the dtype of ``x``).
     ``activated``: ``gelu(x)`` when the caller has it, else it is recomputed for the weight gradient.
     ``tile``: the input-gradient kernel's ``(BLOCK_W, BLOCK_C, num_warps, ROWS)`` instead of
     :func:`_backward_blocks`.
@@ -263,10 +363,12 @@ def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
         if need_bias:
             gb = column_sum(parts)
     if need_weight or (need_bias and gb is None):
-        # cuDNN's weight-gradient kernel (a reduction over batch and space) on NCHW views of the
-        # channels-last tensors; the input is recomputed when only the pre-activation was kept
         g = (activated if activated is not None else F.gelu(x)) if gelu else x
-        # the weight's values are not read for these two gradients, only its shape and dtype: an
+        if TRITON_WEIGHT_GRAD and ks <= 5:
+            gw, gb_parts = _weight_grad(launch, grad, g, ks, need_bias and gb is None)
+            return gx, gw if need_weight else None, gb if gb is not None else gb_parts
+        # cuDNN's weight-gradient kernel (a reduction over batch and space) on NCHW views of the
+        # channels-last tensors; the weight's values are not read for these two gradients, only its shape and dtype: an
         # uninitialised tensor of g's dtype saves casting it (a launch per call)
         shaped = weight if weight.dtype == g.dtype else weight.new_empty(weight.shape, dtype=g.dtype)
         _, gw, gb_conv = torch.ops.aten.convolution_backward(
