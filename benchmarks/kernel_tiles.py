@@ -8,6 +8,8 @@ For every stage of RMT-S (token grids 56/28/14/7, widths 64/128/256/512, FFN hid
 (kernel, shape): the time of the tile the code picks today, the fastest tile found, and the
 effective bandwidth of each (bytes the kernel must move at least, divided by its time). Rows for
 PyTorch's LayerNorm and cuDNN's depthwise convolution give the baselines (none for MaSA).
+``--kernels`` also takes ``dwconv_bwd`` (the input-gradient kernel) and ``dwconv_wgrad`` (the
+weight-gradient kernel, against cuDNN's weight gradient).
 Timing: on CUDA, ten calls captured in a CUDA graph and the replays timed (median of CUDA-event
 timings, divided by ten), so the CPU cost of launching does not hide the GPU time of small kernels.
 """
@@ -106,6 +108,37 @@ def dwconv_rows(batch: int, device: torch.device, iters: int, smoke: bool,
                          default=str(default), default_us=timed[default] * 1e6,
                          best=str(best), best_us=timed[best] * 1e6, baseline_us=cudnn * 1e6,
                          default_gbs=moved / timed[default] / 1e9, best_gbs=moved / timed[best] / 1e9))
+
+
+def dwconv_wgrad_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> Iterator[Dict]:
+    """The depthwise weight-gradient kernel (``rmt.ops.dwconv._weight_grad``, off by default) of the
+    CPE, LePE and FFN convs, against cuDNN's weight gradient (the "torch us" column)."""
+    for (side, c), (name, ks, mult) in itertools.product(
+            SMOKE_STAGES if smoke else _stages(), [("cpe", 3, 1), ("lepe", 5, 1), ("ffn", 3, 3)]):
+        ch = c * mult
+        x = torch.randn(batch, side, side, ch, device=device, dtype=torch.bfloat16)
+        dy = torch.randn_like(x)
+        w = torch.empty(ch, 1, ks, ks, device=device, dtype=x.dtype)
+        moved = x.numel() * 2 * 2  # read dy and x
+
+        def run(tile=None):
+            return dwconv._weight_grad(eager_launch, dy, x, ks, False, tile)
+        default = dwconv._wgrad_blocks(side, side, ch, ks)
+        timed = {default: _seconds(lambda: run(default), device, iters)}
+        for bw, bc, nw, r in itertools.product([4, 8, 16, 32], [16, 32, 64], [4, 8], [2, 4, 8, 16]):
+            if bw > next_power_of_2(side) or bc > next_power_of_2(ch) or r > side or smoke:
+                continue
+            tile = (bw, bc, nw, r)
+            if tile not in timed:
+                timed[tile] = _seconds(lambda: run(tile), device, iters)
+        best = min(timed, key=timed.get)
+        cudnn = _seconds(lambda: torch.ops.aten.convolution_backward(
+            dy.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), w, [ch], [1, 1], [ks // 2] * 2, [1, 1], False,
+            [0, 0], ch, [False, True, False]), device, iters)
+        yield dict(kernel=f"dwconv wgrad {name} {ks}x{ks}", shape=f"{batch}x{side}x{side}x{ch}",
+                   default=str(default), default_us=timed[default] * 1e6, best=str(best),
+                   best_us=timed[best] * 1e6, baseline_us=cudnn * 1e6,
+                   default_gbs=moved / timed[default] / 1e9, best_gbs=moved / timed[best] / 1e9)
 
 
 def layernorm_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> Iterator[Dict]:
@@ -216,7 +249,7 @@ def main() -> int:
     SELECTED.clear()
     SELECTED.update(int(i) - 1 for i in args.stages.split(","))
     sweeps = {"dwconv": dwconv_rows, "dwconv_bwd": functools.partial(dwconv_rows, backward=True),
-              "layernorm": layernorm_rows, "masa": masa_rows}
+              "dwconv_wgrad": dwconv_wgrad_rows, "layernorm": layernorm_rows, "masa": masa_rows}
     unknown = set(args.kernels.split(",")) - set(sweeps)
     if unknown:
         print(f"unknown --kernels {sorted(unknown)}: choose from {sorted(sweeps)}", file=sys.stderr)

@@ -178,7 +178,6 @@ if HAS_TRITON:
             _finish_row(acc3, r0 + 3, b, offs_w, offs_c, mask_c, B, Z, Y, H, W, C, z_sb, z_sh, z_sw,
                         HAS_BIAS, GELU_GRAD)
 
-
     @triton.jit
     def _dwconv_wgrad_kernel(G, X, PART, H, W, C, ROWS_PER_PROGRAM, g_sb, g_sh, g_sw, x_sb, x_sh, x_sw,
                              KS: tl.constexpr, DY_PAD: tl.constexpr, BIAS: tl.constexpr,
@@ -187,8 +186,8 @@ if HAS_TRITON:
         weight gradient, ``sum G[r, w, c] * X[r + dy - KS // 2, w + dx - KS // 2, c]`` over its token
         rows ``r`` of one image and all ``w``, stored to ``PART[pid(0), c, dy * KS + dx]`` (float32).
 
-        The ``KS`` vertical taps are one dimension of a ``(DY_PAD, BLOCK_W, BLOCK_C)`` accumulator per
-        horizontal tap, summed over ``w`` once at the end. ``BIAS`` also sums ``G`` into
+        The ``KS`` (at most 5) vertical taps are one dimension of a ``(DY_PAD, BLOCK_W, BLOCK_C)``
+        accumulator per horizontal tap, summed over ``w`` once at the end. ``BIAS`` also sums ``G`` into
         ``PART[pid(0), c, KS * KS]`` (the bias gradient, when no input gradient was computed).
         """
         pid = tl.program_id(0)
@@ -291,13 +290,14 @@ def _wgrad_blocks(h: int, w: int, c: int, ks: int) -> Tuple[int, int, int, int]:
     return min(16 if ks <= 3 else 8, next_power_of_2(w)), min(32, next_power_of_2(c)), 4, min(h, 8)
 
 
-def _weight_grad(launch, grad: torch.Tensor, g: torch.Tensor, ks: int, with_bias: bool
-                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _weight_grad(launch, grad: torch.Tensor, g: torch.Tensor, ks: int, with_bias: bool,
+                 tile: Optional[Tuple[int, int, int, int]] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Float32 gradients of a ``ks x ks`` depthwise weight ``(c, 1, ks, ks)`` and, with ``with_bias``,
     of its bias ``(c,)``, for output gradient ``grad`` and input ``g`` (both ``(b, h, w, c)``, unit
-    channel stride): the kernel's per-program partial sums, then one GEMV over the programs."""
+    channel stride): the kernel's per-program partial sums, then one GEMV over the programs.
+    ``tile``: ``(BLOCK_W, BLOCK_C, num_warps, ROWS_PER_PROGRAM)`` instead of :func:`_wgrad_blocks`."""
     b, h, w, c = g.shape
-    block_w, block_c, warps, rows = _wgrad_blocks(h, w, c, ks)
+    block_w, block_c, warps, rows = tile or _wgrad_blocks(h, w, c, ks)
     programs = b * cdiv(h, rows)
     taps = ks * ks + int(with_bias)
     parts = torch.empty((programs, c * taps), dtype=torch.float32, device=g.device)
