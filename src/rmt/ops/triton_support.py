@@ -87,8 +87,10 @@ class DirectLauncher:
         self.names = tuple(kernel.arg_names)
         self.defaults = {p.name: p.default for p in kernel.params
                          if p.default is not inspect.Parameter.empty}
-        # constexpr parameters passed by position: keyed by value
+        # constexpr parameters passed by position are keyed by value (the call sites pass them by
+        # name, so the hot path checks only whether any position reaches the first of them)
         self.constexpr_positions = tuple(i for i, p in enumerate(kernel.params) if p.is_constexpr)
+        self.first_constexpr = self.constexpr_positions[0] if self.constexpr_positions else len(self.names)
         self.compiled: dict = {}
 
     def __getitem__(self, grid):
@@ -98,7 +100,8 @@ class DirectLauncher:
         if not DIRECT_LAUNCH or type(grid) is not tuple:  # a grid function: Triton evaluates it
             return self.kernel[grid](*args, **meta)
         try:
-            constexprs = tuple(args[i] for i in self.constexpr_positions if i < len(args))
+            constexprs = (tuple(args[i] for i in self.constexpr_positions if i < len(args))
+                          if len(args) > self.first_constexpr else ())
             key = (torch.cuda.current_device(), tuple(meta.items()), constexprs, *map(_specialisation, args))
             entry = self.compiled.get(key)
         except (_NotKeyed, TypeError):  # TypeError: an unhashable meta value
@@ -141,13 +144,14 @@ _LAUNCHERS: dict = {}
 # the Triton releases whose launch interface DirectLauncher follows (3.6 and 3.8 read and tested, 3.7
 # between them); others launch through Triton's dispatch
 _DIRECT_VERSIONS = ("3.6", "3.7", "3.8")
+_DIRECT_USABLE = HAS_TRITON and not INTERPRET and triton.__version__.startswith(_DIRECT_VERSIONS)
 
 
 def eager_launch(kernel):
     """The launcher of ``kernel`` in eager mode: a :class:`DirectLauncher` (one per kernel) on CUDA
     with a Triton release it was checked against, else the ``@triton.jit`` function itself; both are
     launched as ``launcher[grid](...)`` (under ``torch.compile`` the ops pass ``wrap_triton``)."""
-    if INTERPRET or not HAS_TRITON or not triton.__version__.startswith(_DIRECT_VERSIONS):
+    if not _DIRECT_USABLE:
         return kernel
     launcher = _LAUNCHERS.get(kernel)
     if launcher is None:
