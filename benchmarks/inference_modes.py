@@ -8,9 +8,7 @@ A mode is ``eager`` or ``compiled`` (``torch.compile(model)``, default mode) wit
 * ``convref``: the depthwise convolutions through ``F.conv2d`` (cuDNN; under ``torch.compile`` what
   Inductor makes of them) instead of the fused Triton kernels (``rmt.ops.dwconv.FUSED_KERNELS``);
 * ``torchln``: PyTorch's LayerNorm instead of the multi-row Triton kernels in eager mode;
-* ``reference``: the whole model on the reference MaSA path (``masa_impl="reference"``);
-* ``rowsoff``: every depthwise forward through the general kernel, GELU as its own pass, instead of
-  the whole-row kernel (``rmt.ops.dwconv_rows.ROW_KERNEL = False``).
+* ``reference``: the whole model on the reference MaSA path (``masa_impl="reference"``).
 
 Timing is ``rmt benchmark``'s harness (bf16 autocast, channels-last random batch, median of CUDA
 event timings). ``--repeats`` runs the list of modes that many times, alternating, so drifts of the
@@ -34,9 +32,9 @@ import timm  # noqa: E402
 
 import rmt  # noqa: E402,F401
 from rmt.benchmark import environment, save_rows, time_step  # noqa: E402
-from rmt.ops import dwconv, dwconv_rows, layernorm  # noqa: E402
+from rmt.ops import dwconv, layernorm  # noqa: E402
 
-SWITCHES = ("convref", "torchln", "reference", "rowsoff")
+SWITCHES = ("convref", "torchln", "reference")
 
 
 @contextlib.contextmanager
@@ -45,13 +43,11 @@ def _switches(switches: List[str]):
     saved = [(m, getattr(m, "FUSED_KERNELS", True)) for m in (dwconv, layernorm)]
     dwconv.FUSED_KERNELS = "convref" not in switches
     layernorm.FUSED_KERNELS = "torchln" not in switches
-    dwconv_rows.ROW_KERNEL = "rowsoff" not in switches
     try:
         yield
     finally:
         for module, value in saved:
             module.FUSED_KERNELS = value
-        dwconv_rows.ROW_KERNEL = True
 
 
 def _kernel_table(prof, rows: int) -> str:

@@ -8,9 +8,8 @@ For every stage of RMT-S (token grids 56/28/14/7, widths 64/128/256/512, FFN hid
 (kernel, shape): the time of the tile the code picks today, the fastest tile found, and the
 effective bandwidth of each (bytes the kernel must move at least, divided by its time). Rows for
 PyTorch's LayerNorm and cuDNN's depthwise convolution give the baselines (none for MaSA).
-``--kernels`` also takes ``dwconv_bwd`` (the input-gradient kernel), ``dwconv_wgrad`` (the
-weight-gradient kernel, against cuDNN's weight gradient) and ``dwconv_whole`` (the whole-row forward
-kernel with GELU fused, against GELU's pass plus the general kernel).
+``--kernels`` also takes ``dwconv_bwd`` (the input-gradient kernel) and ``dwconv_wgrad`` (the
+weight-gradient kernel, against cuDNN's weight gradient).
 Timing: on CUDA, ten calls captured in a CUDA graph and the replays timed (median of CUDA-event
 timings, divided by ten), so the CPU cost of launching does not hide the GPU time of small kernels.
 """
@@ -30,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from rmt.benchmark import environment, save_rows, time_step  # noqa: E402
 from rmt.ops import dwconv, layernorm  # noqa: E402
-from rmt.ops import dwconv_rows as whole_row  # noqa: E402
 from rmt.ops.masa import head_decays, rotation_tables, triton_masa  # noqa: E402
 from rmt.ops.triton_support import eager_launch, next_power_of_2  # noqa: E402
 
@@ -143,44 +141,6 @@ def dwconv_wgrad_rows(batch: int, device: torch.device, iters: int, smoke: bool)
                    default_gbs=moved / timed[default] / 1e9, best_gbs=moved / timed[best] / 1e9)
 
 
-def dwconv_whole_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> Iterator[Dict]:
-    """The whole-row forward kernel (``rmt.ops.dwconv_rows``) as the model calls it: the CPE (3x3 +
-    residual), the LePE (5x5 on ``v``, a strided slice of the qkv output) and the FFN conv (GELU fused,
-    3x3 + residual, 3x width), against the general kernel at its tile after GELU's own pass (the
-    "torch us" column here)."""
-    for (side, c), (name, ks, mult, residual, gelu) in itertools.product(
-            SMOKE_STAGES if smoke else _stages(),
-            [("cpe", 3, 1, True, False), ("lepe", 5, 1, False, False), ("ffn", 3, 3, True, True)]):
-        if not whole_row.rows_apply(side):
-            continue
-        ch = c * mult
-        wide = torch.randn(batch, side, side, 3 * ch if name == "lepe" else ch, device=device, dtype=torch.bfloat16)
-        x = wide[..., 2 * ch:] if name == "lepe" else wide
-        w = torch.randn(ch, 1, ks, ks, device=device)
-        b = torch.randn(ch, device=device)
-        moved = x.numel() * 2 * 2  # read x, write y
-
-        def run(tile=None):
-            return whole_row.rows_forward(eager_launch, x, w, b, residual, gelu, tile)
-        default = whole_row.row_blocks(side, ch, ks)
-        timed = {default: _seconds(lambda: run(default), device, iters)}
-        for bc, nw, r in itertools.product([16, 32, 64], [4, 8], [1, 2, 4]):
-            tile = (bc, nw, r)
-            if smoke or tile in timed or bc > max(16, next_power_of_2(ch)) or (r == 1 and side > 16):
-                continue
-            try:
-                timed[tile] = _seconds(lambda: run(tile), device, iters)
-            except Exception as e:  # e.g. out of registers or shared memory
-                print(f"whole-row {tile}: {type(e).__name__}", file=sys.stderr)
-        best = min(timed, key=timed.get)
-        general = _seconds(lambda: dwconv._forward(eager_launch, x, w, b, residual, gelu,
-                                                   dwconv._blocks(side, ch, ks)), device, iters)
-        yield dict(kernel=f"dwconv rows {name} {ks}x{ks}", shape=f"{batch}x{side}x{side}x{ch}",
-                   default=str(default), default_us=timed[default] * 1e6, best=str(best),
-                   best_us=timed[best] * 1e6, baseline_us=general * 1e6,
-                   default_gbs=moved / timed[default] / 1e9, best_gbs=moved / timed[best] / 1e9)
-
-
 def layernorm_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> Iterator[Dict]:
     """Forward and backward LayerNorm kernels against PyTorch's, bf16 tokens, float32 parameters."""
     for side, c in (SMOKE_STAGES if smoke else _stages()):
@@ -289,7 +249,7 @@ def main() -> int:
     SELECTED.clear()
     SELECTED.update(int(i) - 1 for i in args.stages.split(","))
     sweeps = {"dwconv": dwconv_rows, "dwconv_bwd": functools.partial(dwconv_rows, backward=True),
-              "dwconv_wgrad": dwconv_wgrad_rows, "dwconv_whole": dwconv_whole_rows, "layernorm": layernorm_rows, "masa": masa_rows}
+              "dwconv_wgrad": dwconv_wgrad_rows, "layernorm": layernorm_rows, "masa": masa_rows}
     unknown = set(args.kernels.split(",")) - set(sweeps)
     if unknown:
         print(f"unknown --kernels {sorted(unknown)}: choose from {sorted(sweeps)}", file=sys.stderr)

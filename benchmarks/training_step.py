@@ -25,8 +25,6 @@ is an execution mode with optional switches, e.g. ``graphed-torchln`` or ``eager
   (``rmt.ops.dwconv.TRITON_WEIGHT_GRAD = True``);
 * switch ``calling``: autograd runs the backward on the calling thread instead of its device thread
   (``torch.autograd.set_multithreading_enabled(False)``);
-* switch ``rowsoff``: the depthwise forwards through the general kernel (GELU as its own pass) instead of
-  the whole-row kernel (``rmt.ops.dwconv_rows.ROW_KERNEL = False``);
 * switch ``jitlaunch``: every Triton launch through Triton's own dispatch instead of straight to the
   compiled kernel (``rmt.ops.triton_support.DIRECT_LAUNCH = False``).
 
@@ -56,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import timm  # noqa: E402
 
 import rmt  # noqa: E402,F401
-from rmt.ops import block, dwconv, dwconv_rows, layernorm, triton_support  # noqa: E402
+from rmt.ops import block, dwconv, layernorm, triton_support  # noqa: E402
 from rmt.ops.masa import triton_masa  # noqa: E402
 from rmt.benchmark import environment, save_rows, time_step  # noqa: E402
 from rmt.engine.cuda_graph import GraphedTrainStep  # noqa: E402
@@ -92,8 +90,7 @@ def _on_calling_thread(step):
     return wrapped
 
 
-SWITCHES = ("cudnn", "torchln", "twokernel", "oneseq", "unfused", "jitlaunch", "calling", "tritonwgrad",
-            "rowsoff")
+SWITCHES = ("cudnn", "torchln", "twokernel", "oneseq", "unfused", "jitlaunch", "calling", "tritonwgrad")
 
 
 def _set_switches(switches: List[str]) -> None:
@@ -105,7 +102,6 @@ def _set_switches(switches: List[str]) -> None:
     block.FUSED_BLOCK = "unfused" not in switches
     triton_support.DIRECT_LAUNCH = "jitlaunch" not in switches
     dwconv.TRITON_WEIGHT_GRAD = "tritonwgrad" in switches
-    dwconv_rows.ROW_KERNEL = "rowsoff" not in switches
 
 
 def measure(name: str, mode: str, batch: int, device: torch.device, warmup: int, iters: int) -> Dict:

@@ -27,12 +27,7 @@ def _inputs(shape, ks, bias=True, dtype=torch.float32, device=DEVICE):
 @pytest.mark.parametrize("ks", [3, 5])
 @pytest.mark.parametrize("residual,gelu", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("shape", [(2, 7, 9, 16), (1, 1, 5, 24), (1, 12, 1, 8), (1, 9, 40, 70)])
-@pytest.mark.parametrize("row_kernel", [True, False], ids=["whole-rows", "general"])
-def test_triton_dwconv_matches_reference_with_gradients(ks, residual, gelu, shape, row_kernel, monkeypatch):
-    """Both forward kernels (rows of at most 64 tokens take the whole-row kernel unless it is
-    switched off) and the backward kernels, on a strided input."""
-    from rmt.ops import dwconv_rows
-    monkeypatch.setattr(dwconv_rows, "ROW_KERNEL", row_kernel)
+def test_triton_dwconv_matches_reference_with_gradients(ks, residual, gelu, shape):
     wide, x, weight, bias = _inputs(shape, ks)
     want = dwconv_nhwc_reference(x, weight, bias, residual, gelu)
     got = dwconv_nhwc_triton(x, weight, bias, residual, gelu)
@@ -49,8 +44,7 @@ def test_triton_dwconv_matches_reference_with_gradients(ks, residual, gelu, shap
 def test_triton_dwconv_rows_per_program(rows, ks, monkeypatch):
     """Every number of output rows per program (1-4), with a partly-empty last group of rows, in
     the forward kernel and the input-gradient kernel (with the GELU derivative and bias sums)."""
-    from rmt.ops import dwconv, dwconv_rows
-    monkeypatch.setattr(dwconv_rows, "ROW_KERNEL", False)
+    from rmt.ops import dwconv
     monkeypatch.setattr(dwconv, "_blocks", lambda w, c, k: (8, 16, 4, rows))
     monkeypatch.setattr(dwconv, "_backward_blocks", lambda w, c, k, gelu: (8, 16, 4, rows))
     wide, x, weight, bias = _inputs((2, 7, 11, 20), ks)
@@ -58,46 +52,6 @@ def test_triton_dwconv_rows_per_program(rows, ks, monkeypatch):
     got = dwconv_nhwc_triton(x, weight, bias, True, True)
     assert rel_err(got, want) <= 1e-6
     assert_same_gradients(got, want, (wide, weight, bias), ("input", "weight", "bias"), 1e-5)
-
-
-@needs_triton
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
-@pytest.mark.parametrize("ks", [3, 5])
-@pytest.mark.parametrize("width", [1, 16, 17, 64])
-def test_whole_row_kernel_rows_per_program_and_widths(rows, ks, width, monkeypatch):
-    """The whole-row kernel with 1-4 output rows per program (a partly-empty last group), rows
-    narrower than the tensor cores' 16, exactly 16, one past it and the widest it takes, with GELU,
-    bias and residual; 16-channel tiles over 20 channels (a partly-masked last tile)."""
-    from rmt.ops import dwconv_rows
-    monkeypatch.setattr(dwconv_rows, "row_blocks", lambda w, c, k: (16, 4, rows))
-    _, x, weight, bias = _inputs((2, 7, width, 20), ks)
-    assert dwconv_rows.rows_apply(width)
-    with torch.no_grad():
-        for residual, gelu in [(True, True), (False, False)]:
-            want = dwconv_nhwc_reference(x, weight, bias, residual, gelu)
-            assert rel_err(dwconv_nhwc_triton(x, weight, bias, residual, gelu), want) <= 1e-6
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_whole_row_kernel_half_precision_matches_general_kernel(dtype, monkeypatch):
-    """In half precision the whole-row kernel (exact shifts, float32 sums) agrees with the general
-    kernel to within a unit of the output's last place; with GELU (evaluated in float32 and rounded
-    to the input dtype, as ``F.gelu`` returns it, whose erf may differ in the last bit on CPU) to
-    within the dtype's precision."""
-    from rmt.ops import dwconv, dwconv_rows
-    from rmt.ops.triton_support import eager_launch
-    x = torch.randn(2, 9, 28, 48, device=DEVICE).to(dtype)
-    weight = torch.randn(48, 1, 3, 3, device=DEVICE) * 0.3
-    bias = torch.randn(48, device=DEVICE)
-    rows = [dwconv._forward(eager_launch, x, weight, bias, True, gelu) for gelu in (False, True)]
-    monkeypatch.setattr(dwconv_rows, "ROW_KERNEL", False)
-    general = [dwconv._forward(eager_launch, x, weight, bias, True, gelu) for gelu in (False, True)]
-    assert rows[0].dtype == rows[1].dtype == dtype
-    ulp = torch.finfo(dtype).eps * general[0].float().abs().clamp_min(1.0)
-    assert ((rows[0].float() - general[0].float()).abs() <= ulp).all()
-    assert rel_err(rows[1], general[1]) <= torch.finfo(dtype).eps
-    assert not dwconv_rows.rows_apply(dwconv_rows.MAX_ROW + 1)
 
 
 @pytest.mark.parametrize("gelu", [False, True])

@@ -30,7 +30,6 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .dwconv_rows import rows_apply, rows_forward
 from .linear import column_sum
 from .triton_support import (HAS_TRITON, SUPPORTED_DTYPES, as_dtype, cdiv, eager_launch, next_power_of_2,
                              triton_runs_on)
@@ -316,13 +315,9 @@ def _forward(launch, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
              residual: bool, gelu: bool, tile: Optional[Tuple[int, int, int, int]] = None) -> torch.Tensor:
     """``[g +] dwconv(g) + bias`` (``g = gelu(x)`` or ``x``); ``x`` ``(b, h, w, c)`` with unit channel stride.
 
-    Rows up to :data:`rmt.ops.dwconv_rows.MAX_ROW` tokens wide go to the whole-row kernel, which
-    applies GELU as it loads; elsewhere GELU is one element-wise pass before the kernel (inside it,
-    each input would be evaluated once per tap). ``tile``: ``(BLOCK_W, BLOCK_C, num_warps, ROWS)`` of the
-    general kernel instead of :func:`_blocks` (and the general kernel even for narrow rows).
+    GELU is one element-wise pass before the kernel: inside it, each input would be evaluated once
+    per tap (9x the erf work). ``tile``: ``(BLOCK_W, BLOCK_C, num_warps, ROWS)`` instead of :func:`_blocks`.
     """
-    if tile is None and rows_apply(x.shape[2]):
-        return rows_forward(launch, x, weight, bias, residual, gelu)
     if gelu:
         x = F.gelu(x)
     b, h, w, c = x.shape
