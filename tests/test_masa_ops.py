@@ -241,8 +241,11 @@ def test_torch_compile_fullgraph_training_step(impl, monkeypatch):
         results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
     (out_c, grads_c), (out_e, grads_e) = results
     assert rel_err(out_c, out_e) <= 1e-6
-    for gc, ge in zip(grads_c, grads_e):
-        assert rel_err(gc, ge) <= 1e-5
+    for (name, _), gc, ge in zip(model.named_parameters(), grads_c, grads_e):
+        if ge.norm() < 1e-6:  # conv biases ahead of BatchNorm: zero up to rounding in both
+            assert gc.norm() < 1e-6, name
+        else:
+            assert rel_err(gc, ge) <= 1e-5, name
 
 
 @pytest.mark.parametrize("shape,form", [((2, 9, 14, 2, 16), "decomposed"), ((1, 8, 15, 1, 8), "decomposed"),
