@@ -109,11 +109,11 @@ if HAS_TRITON:
         if HAS_BIAS:
             acc += tl.load(B + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
         if GELU_GRAD:
-            z_row = Z + b * z_sb + r * z_sh  # a scalar pointer; the tile's offsets stay 32-bit
-            z = tl.load(z_row + (offs_w[:, None] * z_sw + offs_c[None, :]), mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(Z + b * z_sb + r * z_sh + offs_w[:, None] * z_sw + offs_c[None, :],
+                        mask=mask, other=0.0).to(tl.float32)
             acc = acc * _gelu_grad(z)
-        y_row = Y + (b * H + r) * W * C
-        tl.store(y_row + (offs_w[:, None] * C + offs_c[None, :]), acc.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + ((b * H + r) * W + offs_w[:, None]) * C + offs_c[None, :],
+                 acc.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _dwconv_nhwc_kernel(X, WT, B, Z, Y, DB_PART, H, W, C, x_sb, x_sh, x_sw, z_sb, z_sh, z_sw,
@@ -143,15 +143,14 @@ if HAS_TRITON:
         acc2 = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
         acc3 = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
         sums = tl.zeros([BLOCK_C], tl.float32)
-        x_img = X + b * x_sb
         for i in tl.static_range(ROWS + KS - 1):
             rr = r0 + i - KS // 2
             row_ok = (rr >= 0) & (rr < H)
-            x_row = x_img + rr * x_sh  # a scalar pointer; the tile's offsets stay 32-bit
             for dx in tl.static_range(KS):
                 ss = offs_w + dx - KS // 2
                 m = (row_ok & (ss >= 0) & (ss < W))[:, None] & mask_c[None, :]
-                xv = tl.load(x_row + (ss[:, None] * x_sw + offs_c[None, :]), mask=m, other=0.0).to(tl.float32)
+                xv = tl.load(X + b * x_sb + rr * x_sh + ss[:, None] * x_sw + offs_c[None, :],
+                             mask=m, other=0.0).to(tl.float32)
                 if COLUMN_SUMS:
                     if dx == KS // 2:
                         if i >= KS // 2:
