@@ -48,8 +48,6 @@ FUSED_KERNELS = True
 # which costs a CUDA-graph step 14%, while an eager step bound by the host's launch rate gains 6% from
 # the cheaper launches (BENCHMARKS.md, run L; benchmarks/training_step.py's switch "tritonwgrad")
 TRITON_WEIGHT_GRAD = False
-# True: the kernels loop over input rows at run time instead of unrolling the loop (benchmarks compare)
-RUNTIME_ROWS = False
 # False: the CPU path adds the residual in its own pass (benchmarks/infer_switches.py compares the two)
 FOLD_RESIDUAL_ON_CPU = True
 
@@ -104,22 +102,6 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
-    def _tap_runtime(acc, xv, WT, offs_c, mask_c, DY, DX: tl.constexpr, KS: tl.constexpr, FLIP: tl.constexpr,
-                     RESIDUAL: tl.constexpr):
-        """:func:`_tap` for a vertical offset ``DY`` known only at run time: a zero weight outside the
-        kernel's reach, the residual folded into the centre tap's weight."""
-        reach = (DY >= 0) & (DY < KS)
-        if FLIP:
-            tap = (KS - 1 - DY) * KS + (KS - 1 - DX)
-        else:
-            tap = DY * KS + DX
-        wv = tl.load(WT + offs_c * (KS * KS) + tap, mask=mask_c & reach, other=0.0).to(tl.float32)
-        if RESIDUAL:
-            if DX == KS // 2:
-                wv += tl.where(DY == KS // 2, 1.0, 0.0)
-        return acc + xv * wv[None, :]
-
-    @triton.jit
     def _finish_row(acc, r, b, offs_w, offs_c, mask_c, B, Z, Y, H, W, C, z_sb, z_sh, z_sw,
                     HAS_BIAS: tl.constexpr, GELU_GRAD: tl.constexpr):
         """Bias, GELU derivative and store of output row ``r`` (skipped past the last row)."""
@@ -137,8 +119,7 @@ if HAS_TRITON:
     def _dwconv_nhwc_kernel(X, WT, B, Z, Y, DB_PART, H, W, C, x_sb, x_sh, x_sw, z_sb, z_sh, z_sw,
                             KS: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr,
                             RESIDUAL: tl.constexpr, GELU_GRAD: tl.constexpr, COLUMN_SUMS: tl.constexpr,
-                            ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
-                            RUNTIME_ROWS: tl.constexpr = False):
+                            ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
         """Grid ``(b * cdiv(h, ROWS), cdiv(w, BLOCK_W), cdiv(c, BLOCK_C))``: the same segment of
         ``ROWS`` (1-4) consecutive token rows per program.
 
@@ -162,47 +143,26 @@ if HAS_TRITON:
         acc2 = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
         acc3 = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
         sums = tl.zeros([BLOCK_C], tl.float32)
-        if RUNTIME_ROWS:  # a loop the compiler does not unroll: fewer loads in flight, fewer registers
-            for i in range(ROWS + KS - 1):
-                rr = r0 + i - KS // 2
-                row_ok = (rr >= 0) & (rr < H)
-                for dx in tl.static_range(KS):
-                    ss = offs_w + dx - KS // 2
-                    m = (row_ok & (ss >= 0) & (ss < W))[:, None] & mask_c[None, :]
-                    xv = tl.load(X + b * x_sb + rr * x_sh + ss[:, None] * x_sw + offs_c[None, :],
-                                 mask=m, other=0.0).to(tl.float32)
-                    if COLUMN_SUMS:
-                        if dx == KS // 2:
-                            own = (i >= KS // 2) & (i < ROWS + KS // 2)
-                            sums += tl.where(own, tl.sum(xv, axis=0), 0.0)
-                    acc0 = _tap_runtime(acc0, xv, WT, offs_c, mask_c, i, dx, KS, FLIP, RESIDUAL)
-                    if ROWS > 1:
-                        acc1 = _tap_runtime(acc1, xv, WT, offs_c, mask_c, i - 1, dx, KS, FLIP, RESIDUAL)
-                    if ROWS > 2:
-                        acc2 = _tap_runtime(acc2, xv, WT, offs_c, mask_c, i - 2, dx, KS, FLIP, RESIDUAL)
-                    if ROWS > 3:
-                        acc3 = _tap_runtime(acc3, xv, WT, offs_c, mask_c, i - 3, dx, KS, FLIP, RESIDUAL)
-        else:
-            for i in tl.static_range(ROWS + KS - 1):
-                rr = r0 + i - KS // 2
-                row_ok = (rr >= 0) & (rr < H)
-                for dx in tl.static_range(KS):
-                    ss = offs_w + dx - KS // 2
-                    m = (row_ok & (ss >= 0) & (ss < W))[:, None] & mask_c[None, :]
-                    xv = tl.load(X + b * x_sb + rr * x_sh + ss[:, None] * x_sw + offs_c[None, :],
-                                 mask=m, other=0.0).to(tl.float32)
-                    if COLUMN_SUMS:
-                        if dx == KS // 2:
-                            if i >= KS // 2:
-                                if i < ROWS + KS // 2:
-                                    sums += tl.sum(xv, axis=0)  # the program's own rows
-                    acc0 = _tap(acc0, xv, WT, offs_c, mask_c, i, 0, dx, KS, FLIP, RESIDUAL)
-                    if ROWS > 1:
-                        acc1 = _tap(acc1, xv, WT, offs_c, mask_c, i, 1, dx, KS, FLIP, RESIDUAL)
-                    if ROWS > 2:
-                        acc2 = _tap(acc2, xv, WT, offs_c, mask_c, i, 2, dx, KS, FLIP, RESIDUAL)
-                    if ROWS > 3:
-                        acc3 = _tap(acc3, xv, WT, offs_c, mask_c, i, 3, dx, KS, FLIP, RESIDUAL)
+        for i in tl.static_range(ROWS + KS - 1):
+            rr = r0 + i - KS // 2
+            row_ok = (rr >= 0) & (rr < H)
+            for dx in tl.static_range(KS):
+                ss = offs_w + dx - KS // 2
+                m = (row_ok & (ss >= 0) & (ss < W))[:, None] & mask_c[None, :]
+                xv = tl.load(X + b * x_sb + rr * x_sh + ss[:, None] * x_sw + offs_c[None, :],
+                             mask=m, other=0.0).to(tl.float32)
+                if COLUMN_SUMS:
+                    if dx == KS // 2:
+                        if i >= KS // 2:
+                            if i < ROWS + KS // 2:
+                                sums += tl.sum(xv, axis=0)  # the program's own rows
+                acc0 = _tap(acc0, xv, WT, offs_c, mask_c, i, 0, dx, KS, FLIP, RESIDUAL)
+                if ROWS > 1:
+                    acc1 = _tap(acc1, xv, WT, offs_c, mask_c, i, 1, dx, KS, FLIP, RESIDUAL)
+                if ROWS > 2:
+                    acc2 = _tap(acc2, xv, WT, offs_c, mask_c, i, 2, dx, KS, FLIP, RESIDUAL)
+                if ROWS > 3:
+                    acc3 = _tap(acc3, xv, WT, offs_c, mask_c, i, 3, dx, KS, FLIP, RESIDUAL)
         if COLUMN_SUMS:
             part = pid * tl.num_programs(1) + tl.program_id(1)
             tl.store(DB_PART + part.to(tl.int64) * C + offs_c, sums, mask=mask_c)
@@ -367,8 +327,7 @@ def _forward(launch, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         x, weight, bias if bias is not None else weight, x, y, y, h, w, c,
         x.stride(0), x.stride(1), x.stride(2), 0, 0, 0,
         KS=weight.shape[-1], FLIP=False, HAS_BIAS=bias is not None, RESIDUAL=residual,
-        GELU_GRAD=False, COLUMN_SUMS=False, ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c,
-        RUNTIME_ROWS=RUNTIME_ROWS, num_warps=warps)
+        GELU_GRAD=False, COLUMN_SUMS=False, ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
     return y
 
 
@@ -400,7 +359,7 @@ def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
             grad, weight, weight, x, gx, parts, h, w, c, grad.stride(0), grad.stride(1), grad.stride(2),
             x.stride(0), x.stride(1), x.stride(2),
             KS=ks, FLIP=True, HAS_BIAS=False, RESIDUAL=residual, GELU_GRAD=gelu, COLUMN_SUMS=need_bias,
-            ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c, RUNTIME_ROWS=RUNTIME_ROWS, num_warps=warps)
+            ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
         if need_bias:
             gb = column_sum(parts)
     if need_weight or (need_bias and gb is None):
