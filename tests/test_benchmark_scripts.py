@@ -38,3 +38,59 @@ def test_kernel_tiles_weight_gradient_sweep_has_a_cudnn_baseline(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [r["kernel"] for r in rows] == ["dwconv wgrad cpe 3x3", "dwconv wgrad lepe 5x5", "dwconv wgrad ffn 3x3"]
     assert all(r["default_us"] > 0 and r["baseline_us"] > 0 for r in rows)
+
+
+def _kernel_ncu():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("kernel_ncu", ROOT / "benchmarks" / "kernel_ncu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ncu --csv --page raw: a header row, a units row, one row per profiled kernel, among ncu's own messages
+NCU_CSV = '''==PROF== Connected to process 123
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","dram__throughput.avg.pct_of_peak_sustained_elapsed","gpu__time_duration.sum","launch__occupancy_limit_registers","launch__registers_per_thread","sm__maximum_warps_per_active_cycle_pct","sm__throughput.avg.pct_of_peak_sustained_elapsed","sm__warps_active.avg.pct_of_peak_sustained_active"
+"","","","","","","","","","","","%","nsecond","block","register/thread","%","%","%"
+"0","77","python3","127.0.0.1","_dwconv_nhwc_kernel","1","7","(128, 1, 1)","(3584, 2, 1)","0","9.0","52.12","111,552","2","255","12.50","56.50","11.91"
+"1","77","python3","127.0.0.1","cublas_gemv_kernel","1","7","(256, 1, 1)","(8, 1, 1)","0","9.0","10.0","5,000","8","32","100","10","90"
+"2","77","python3","127.0.0.1","_ln_fwd_kernel","1","7","(128, 1, 1)","(100, 1, 1)","0","9.0","80.5","20,000","4","96","50","30.5","45.0"
+==PROF== Disconnected from process 123
+'''
+
+
+def test_kernel_ncu_parses_raw_csv_and_pairs_rows_with_launch_labels():
+    ncu = _kernel_ncu()
+    rows = ncu.parse_ncu_csv(NCU_CSV.splitlines())
+    assert [r["kernel"] for r in rows] == ["_dwconv_nhwc_kernel", "cublas_gemv_kernel", "_ln_fwd_kernel"]
+    first = rows[0]
+    assert first["regs"] == 255 and first["blk/SM"] == 2 and first["grid"] == "(3584, 2, 1)"
+    assert first["theor occ %"] == 12.5 and first["occ %"] == 11.91 and first["DRAM %"] == 52.12
+    assert first["us"] == pytest.approx(111.552)  # nanoseconds with a thousands separator
+    labels = [["cpe fwd", "_dwconv_nhwc_kernel"], ["ln fwd", "_ln_fwd_kernel"], ["ln bwd", "_ln_bwd_kernel"]]
+    paired = ncu.pair_with_labels(rows, labels)
+    assert [(p["op"], p["kernel"]) for p in paired] == [("cpe fwd", "_dwconv_nhwc_kernel"),
+                                                        ("ln fwd", "_ln_fwd_kernel"), ("ln bwd", "_ln_bwd_kernel")]
+    assert paired[1]["us"] == pytest.approx(20.0) and "us" not in paired[2]  # no row profiled for it
+    table = ncu.format_table(paired).splitlines()
+    assert len(table) == 4 and "255.0" in table[1] and table[3].split()[-1] == "-"
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_kernel_ncu_workload_labels_each_triton_launch(tmp_path):
+    """The workload's ops run (Triton's interpreter here) and each Triton launch of the profiled pass
+    gets its op's label: one per depthwise and LayerNorm op, two per decomposed MaSA forward (row and
+    column passes), one for the full form."""
+    import torch
+    from rmt.ops import triton_support
+    ncu = _kernel_ncu()
+    labels = ncu.run_workload(1, str(tmp_path / "labels.json"), torch.device("cpu"),
+                              [(5, 32, 2, "decomposed"), (3, 32, 2, "full")])
+    assert json.loads((tmp_path / "labels.json").read_text()) == labels
+    assert triton_support.DIRECT_LAUNCH  # restored
+    ops = [op for op, _ in labels]
+    assert ops.count("dwconv lepe 5x5 fwd 5x5x32") == 1 and ops.count("layernorm bwd 3x3x32") == 1
+    assert ops.count("masa infer decomposed 5x5x32/2") == 2 and ops.count("masa infer full 3x3x32/2") == 1
+    assert {name for _, name in labels} >= {"_dwconv_nhwc_kernel", "_ln_fwd_kernel", "_ln_bwd_kernel",
+                                              "masa_fwd_seqs_kernel"}
+    assert all(name.startswith(("_dwconv", "_ln_", "masa_")) for _, name in labels)  # what KERNELS matches
