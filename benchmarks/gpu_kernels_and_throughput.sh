@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session: whole-model numerics of the fast path against the reference (fp32 values and
+# One GPU run: whole-model numerics of the fast path against the reference (fp32 values and
 # gradients, bf16 values), the tile sweep of the depthwise-conv, LayerNorm and MaSA forward kernels, the eager
 # throughput table and a profile of RMT-S.
 # Results go to $OUT (or ./benchmark-output). Usage: bash benchmarks/gpu_kernels_and_throughput.sh [--with-tests]

@@ -13,6 +13,8 @@ once to compile, then again between ``cudaProfilerStart`` and ``cudaProfilerStop
 for each Triton launch of that pass. ``ncu --profile-from-start off`` profiles exactly those launches
 (kernels matching :data:`KERNELS`), and the table pairs ncu's rows with the labels in launch order.
 
+ncu collects the sections :data:`SECTIONS`; the columns are the raw metrics of :data:`METRICS` among
+them (metric names differ between ncu releases: the first name present is used).
 ``theor occ``/``occ`` are the theoretical and achieved occupancy (active warps of the SM's maximum),
 ``blk/SM`` how many programs the registers allow per SM. Needs ``ncu`` (Nsight Compute) on the PATH
 or under ``/usr/local/cuda/bin``, and permission to read GPU performance counters.
@@ -36,14 +38,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 KERNELS = "regex:^(_dwconv|_ln_|masa_)"   # ncu --kernel-name: the fast path's Triton kernels
-METRICS: List[Tuple[str, str]] = [        # (ncu metric, column)
-    ("launch__registers_per_thread", "regs"),
-    ("launch__occupancy_limit_registers", "blk/SM"),
-    ("sm__maximum_warps_per_active_cycle_pct", "theor occ %"),
-    ("sm__warps_active.avg.pct_of_peak_sustained_active", "occ %"),
-    ("dram__throughput.avg.pct_of_peak_sustained_elapsed", "DRAM %"),
-    ("sm__throughput.avg.pct_of_peak_sustained_elapsed", "SM %"),
-    ("gpu__time_duration.sum", "us"),
+SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats")  # ncu --section: whose raw metrics hold the columns
+METRICS: List[Tuple[str, Tuple[str, ...]]] = [  # (column, ncu metric names, the first one present is used)
+    ("regs", ("launch__registers_per_thread",)),
+    ("blk/SM", ("launch__occupancy_limit_registers",)),
+    ("theor occ %", ("sm__maximum_warps_per_active_cycle_pct",)),
+    ("occ %", ("sm__warps_active.avg.pct_of_peak_sustained_active",)),
+    ("DRAM %", ("gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed",  # newer ncu releases
+                "dram__throughput.avg.pct_of_peak_sustained_elapsed")),
+    ("SM %", ("sm__throughput.avg.pct_of_peak_sustained_elapsed",)),
+    ("us", ("gpu__time_duration.sum",)),
 ]
 _TIME_UNITS = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3,
                "second": 1e6, "s": 1e6}
@@ -163,8 +167,8 @@ def _number(text: str) -> float:
 
 def parse_ncu_csv(lines: Iterable[str]) -> List[Dict[str, object]]:
     """The kernel rows of ``ncu --csv --page raw`` output (other lines, e.g. ``==PROF==`` messages,
-    skipped): ``{"kernel", "grid", "block", <column of METRICS>: float}``, times converted to
-    microseconds with the units row when there is one."""
+    skipped): ``{"kernel", "grid", "block", <column of METRICS>: float}`` (NaN for a metric missing from
+    the output), times converted to microseconds with the units row when there is one."""
     rows = list(csv.reader(line for line in lines if line.startswith('"')))
     if not rows:
         return []
@@ -178,7 +182,8 @@ def parse_ncu_csv(lines: Iterable[str]) -> List[Dict[str, object]]:
         cells = dict(zip(header, row))
         rec: Dict[str, object] = {"kernel": cells.get("Kernel Name", ""), "grid": cells.get("Grid Size", ""),
                                   "block": cells.get("Block Size", "")}
-        for metric, column in METRICS:
+        for column, names in METRICS:
+            metric = next((m for m in names if m in cells), names[0])
             value = _number(cells.get(metric, "nan"))
             if metric == "gpu__time_duration.sum":
                 value *= _TIME_UNITS.get(units.get(metric, "nsecond"), 1.0)
@@ -205,7 +210,7 @@ def pair_with_labels(rows: Sequence[Dict[str, object]], labels: Sequence[Sequenc
 
 def format_table(rows: Sequence[Dict[str, object]]) -> str:
     """One line per profiled launch: op, kernel, grid, then the METRICS columns."""
-    cols = [c for _, c in METRICS]
+    cols = [c for c, _ in METRICS]
     lines = [f"{'op':<40} {'kernel':<22} {'grid':<16} " + " ".join(f"{c:>11}" for c in cols)]
     for r in rows:
         vals = " ".join(f"{r[c]:>11.1f}" if isinstance(r.get(c), float) else f"{'-':>11}" for c in cols)
@@ -235,7 +240,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         labels_path = str(Path(tmp) / "labels.json")
         cmd = [ncu, "--csv", "--page", "raw", "--profile-from-start", "off", "--kernel-name", KERNELS,
-               "--metrics", ",".join(m for m, _ in METRICS),
+               *[arg for section in SECTIONS for arg in ("--section", section)],
                sys.executable, str(Path(__file__).resolve()), "--workload", "--batch", str(args.batch),
                "--labels", labels_path]
         done = subprocess.run(cmd, capture_output=True, text=True)

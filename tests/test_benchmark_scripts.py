@@ -74,6 +74,10 @@ def test_kernel_ncu_parses_raw_csv_and_pairs_rows_with_launch_labels():
     assert paired[1]["us"] == pytest.approx(20.0) and "us" not in paired[2]  # no row profiled for it
     table = ncu.format_table(paired).splitlines()
     assert len(table) == 4 and "255.0" in table[1] and table[3].split()[-1] == "-"
+    # newer ncu releases name the DRAM throughput gpu__dram_throughput; a metric absent from both is NaN
+    renamed = ncu.parse_ncu_csv(NCU_CSV.replace('"dram__throughput', '"gpu__dram_throughput')
+                                .replace(',"launch__occupancy_limit_registers"', ',"other"').splitlines())
+    assert renamed[2]["DRAM %"] == 80.5 and renamed[0]["blk/SM"] != renamed[0]["blk/SM"]
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
