@@ -174,7 +174,7 @@ def parse_ncu_csv(lines: Iterable[str]) -> List[Dict[str, object]]:
         return []
     header, body = rows[0], rows[1:]
     units = {}
-    if body and body[0] and body[0][header.index("ID")] == "":  # the units row
+    if body and "ID" in header and body[0][header.index("ID")] == "":  # the units row
         units = dict(zip(header, body[0]))
         body = body[1:]
     out = []

@@ -368,8 +368,8 @@ def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
             gw, gb_parts = _weight_grad(launch, grad, g, ks, need_bias and gb is None)
             return gx, gw if need_weight else None, gb if gb is not None else gb_parts
         # cuDNN's weight-gradient kernel (a reduction over batch and space) on NCHW views of the
-        # channels-last tensors; the weight's values are not read for these two gradients, only its shape and dtype: an
-        # uninitialised tensor of g's dtype saves casting it (a launch per call)
+        # channels-last tensors; the weight's values are not read for these two gradients, only its
+        # shape and dtype: an uninitialised tensor of g's dtype saves casting it (a launch per call)
         shaped = weight if weight.dtype == g.dtype else weight.new_empty(weight.shape, dtype=g.dtype)
         _, gw, gb_conv = torch.ops.aten.convolution_backward(
             grad.permute(0, 3, 1, 2), g.permute(0, 3, 1, 2), shaped, [c], [1, 1],
