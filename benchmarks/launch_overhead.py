@@ -97,13 +97,13 @@ def main() -> int:
 
     def dw_launch():
         dwconv._dwconv_nhwc_kernel[(16, 1, 2)](
-            img, dw_w, dw_b, img, out, out, 8, 8, 64, *img.stride()[:3], 0, 0, 0, KS=3, FLIP=False,
+            img, dw_w, dw_b, img, out, out, 8, 8, 64, *img.stride()[:3], 0, 0, 0, 9, 3, 1, KS=3, TAPS_OUTER=False, FLIP=False,
             HAS_BIAS=True, RESIDUAL=True, GELU_GRAD=False, COLUMN_SUMS=False, ROWS=1, BLOCK_W=8, BLOCK_C=32,
             num_warps=4)
 
     def dw_direct():
         eager_launch(dwconv._dwconv_nhwc_kernel)[(16, 1, 2)](
-            img, dw_w, dw_b, img, out, out, 8, 8, 64, *img.stride()[:3], 0, 0, 0, KS=3, FLIP=False,
+            img, dw_w, dw_b, img, out, out, 8, 8, 64, *img.stride()[:3], 0, 0, 0, 9, 3, 1, KS=3, TAPS_OUTER=False, FLIP=False,
             HAS_BIAS=True, RESIDUAL=True, GELU_GRAD=False, COLUMN_SUMS=False, ROWS=1, BLOCK_W=8, BLOCK_C=32,
             num_warps=4)
 

@@ -41,17 +41,38 @@ def test_triton_dwconv_matches_reference_with_gradients(ks, residual, gelu, shap
 @needs_triton
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
 @pytest.mark.parametrize("ks", [3, 5])
-def test_triton_dwconv_rows_per_program(rows, ks, monkeypatch):
-    """Every number of output rows per program (1-4), with a partly-empty last group of rows, in
-    the forward kernel and the input-gradient kernel (with the GELU derivative and bias sums)."""
+@pytest.mark.parametrize("taps_outer", [False, True])
+def test_triton_dwconv_rows_per_program(rows, ks, taps_outer, monkeypatch):
+    """Every number of output rows per program (1-4), with a partly-empty last group of rows, and
+    both loop orders of the kernel, in the forward kernel and the input-gradient kernel (with the
+    GELU derivative and bias sums)."""
     from rmt.ops import dwconv
     monkeypatch.setattr(dwconv, "_blocks", lambda w, c, k: (8, 16, 4, rows))
     monkeypatch.setattr(dwconv, "_backward_blocks", lambda w, c, k, gelu: (8, 16, 4, rows))
+    monkeypatch.setattr(dwconv, "_taps_outer", lambda w, k: taps_outer)
     wide, x, weight, bias = _inputs((2, 7, 11, 20), ks)
     want = dwconv_nhwc_reference(x, weight, bias, True, True)
     got = dwconv_nhwc_triton(x, weight, bias, True, True)
     assert rel_err(got, want) <= 1e-6
     assert_same_gradients(got, want, (wide, weight, bias), ("input", "weight", "bias"), 1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("ks", [3, 5])
+def test_triton_dwconv_reads_weight_through_its_strides(ks):
+    """A weight whose channels are its innermost dimension (a transposed view) gives the same
+    results as a contiguous one, forward and backward."""
+    wide, x, weight, bias = _inputs((2, 6, 10, 24), ks)
+    flat = weight.detach().reshape(24, ks * ks).t().contiguous().requires_grad_()
+    strided = flat.t().reshape(24, 1, ks, ks)
+    assert strided.stride(0) == 1 and torch.equal(strided, weight)
+    want = dwconv_nhwc_reference(x, weight, bias, True, False)
+    got = dwconv_nhwc_triton(x, strided, bias, True, False)
+    assert rel_err(got, want) <= 1e-6
+    grad = torch.randn_like(want)
+    w_want, = torch.autograd.grad(want, weight, grad)
+    w_got, = torch.autograd.grad(got, flat, grad)
+    assert rel_err(w_got.t().reshape(24, 1, ks, ks), w_want) <= 1e-5
 
 
 @pytest.mark.parametrize("gelu", [False, True])

@@ -82,24 +82,50 @@ if HAS_TRITON:
         return cdf + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
 
     @triton.jit
-    def _tap(acc, xv, WT, offs_c, mask_c, I: tl.constexpr, O: tl.constexpr, DX: tl.constexpr,
-             KS: tl.constexpr, FLIP: tl.constexpr, RESIDUAL: tl.constexpr):
+    def _tap(acc, xv, WT, w_off, I: tl.constexpr, O: tl.constexpr, DX: tl.constexpr,
+             KS: tl.constexpr, FLIP: tl.constexpr, RESIDUAL: tl.constexpr, w_sh, w_sw, mask_c):
         """Add input row ``I`` of the program's window, shifted by ``DX``, to output row ``O``'s
-        accumulator (when that input row is within the kernel's reach of the output row)."""
+        accumulator (when that input row is within the kernel's reach of the output row); ``w_off``
+        the offsets of the program's channels in ``WT``."""
         DY: tl.constexpr = I - O
         if DY >= 0:
             if DY < KS:
                 if FLIP:
-                    tap = (KS - 1 - DY) * KS + (KS - 1 - DX)
+                    tap = (KS - 1 - DY) * w_sh + (KS - 1 - DX) * w_sw
                 else:
-                    tap = DY * KS + DX
-                wv = tl.load(WT + offs_c * (KS * KS) + tap, mask=mask_c, other=0.0)
+                    tap = DY * w_sh + DX * w_sw
+                wv = tl.load(WT + w_off + tap, mask=mask_c, other=0.0)
                 acc += xv * wv.to(tl.float32)[None, :]
                 if RESIDUAL:
                     if DY == KS // 2:
                         if DX == KS // 2:
                             acc += xv  # the centre tap is the residual input
         return acc
+
+    @triton.jit
+    def _shifted_row(acc0, acc1, acc2, acc3, sums, X, WT, w_off, b, r0, offs_w, offs_c, mask_c, H, W,
+                     x_sb, x_sh, x_sw, w_sh, w_sw, I: tl.constexpr, DX: tl.constexpr, KS: tl.constexpr,
+                     FLIP: tl.constexpr, RESIDUAL: tl.constexpr, COLUMN_SUMS: tl.constexpr, ROWS: tl.constexpr):
+        """Load input row ``I`` of the program's window shifted by ``DX`` and add it to the ``ROWS``
+        output rows it reaches (and, with ``COLUMN_SUMS``, the unshifted own rows to ``sums``)."""
+        rr = r0 + I - KS // 2
+        ss = offs_w + DX - KS // 2
+        m = ((ss >= 0) & (ss < W) & (rr >= 0) & (rr < H))[:, None] & mask_c[None, :]
+        xv = tl.load(X + b * x_sb + rr * x_sh + ss[:, None] * x_sw + offs_c[None, :],
+                     mask=m, other=0.0).to(tl.float32)
+        if COLUMN_SUMS:
+            if DX == KS // 2:
+                if I >= KS // 2:
+                    if I < ROWS + KS // 2:
+                        sums += tl.sum(xv, axis=0)  # the program's own rows
+        acc0 = _tap(acc0, xv, WT, w_off, I, 0, DX, KS, FLIP, RESIDUAL, w_sh, w_sw, mask_c)
+        if ROWS > 1:
+            acc1 = _tap(acc1, xv, WT, w_off, I, 1, DX, KS, FLIP, RESIDUAL, w_sh, w_sw, mask_c)
+        if ROWS > 2:
+            acc2 = _tap(acc2, xv, WT, w_off, I, 2, DX, KS, FLIP, RESIDUAL, w_sh, w_sw, mask_c)
+        if ROWS > 3:
+            acc3 = _tap(acc3, xv, WT, w_off, I, 3, DX, KS, FLIP, RESIDUAL, w_sh, w_sw, mask_c)
+        return acc0, acc1, acc2, acc3, sums
 
     @triton.jit
     def _finish_row(acc, r, b, offs_w, offs_c, mask_c, B, Z, Y, H, W, C, z_sb, z_sh, z_sw,
@@ -117,7 +143,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _dwconv_nhwc_kernel(X, WT, B, Z, Y, DB_PART, H, W, C, x_sb, x_sh, x_sw, z_sb, z_sh, z_sw,
-                            KS: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            w_sc, w_sh, w_sw, KS: tl.constexpr, TAPS_OUTER: tl.constexpr,
+                            FLIP: tl.constexpr, HAS_BIAS: tl.constexpr,
                             RESIDUAL: tl.constexpr, GELU_GRAD: tl.constexpr, COLUMN_SUMS: tl.constexpr,
                             ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
         """Grid ``(b * cdiv(h, ROWS), cdiv(w, BLOCK_W), cdiv(c, BLOCK_C))``: the same segment of
@@ -127,7 +154,9 @@ if HAS_TRITON:
         (the input gradient). ``Y`` is contiguous. Each shifted input row is loaded once and added to
         every output row it reaches, so a program loads ``(ROWS + KS - 1) * KS`` tiles for ``ROWS``
         rows instead of ``KS * KS`` per row: the loads, not the memory traffic, limit this kernel.
-        ``COLUMN_SUMS`` also writes the program's sum of ``X`` over its tokens to row
+        ``TAPS_OUTER`` loops over the horizontal taps outside the input rows (fewer weights live at
+        once; see :func:`_taps_outer`). ``WT`` is read through its strides ``w_sc`` (channel),
+        ``w_sh`` and ``w_sw`` (tap row and column). ``COLUMN_SUMS`` also writes the program's sum of ``X`` over its tokens to row
         ``pid(0) * cdiv(w, BLOCK_W) + pid(1)`` of ``DB_PART`` (float32, ``C`` wide): with ``X`` the
         output gradient, the parts of the bias gradient.
         """
@@ -143,26 +172,20 @@ if HAS_TRITON:
         acc2 = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
         acc3 = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
         sums = tl.zeros([BLOCK_C], tl.float32)
-        for i in tl.static_range(ROWS + KS - 1):
-            rr = r0 + i - KS // 2
-            row_ok = (rr >= 0) & (rr < H)
+        w_off = offs_c * w_sc
+        if TAPS_OUTER:
+            # horizontal taps outermost: only the KS weights of one column of taps are live at a time
             for dx in tl.static_range(KS):
-                ss = offs_w + dx - KS // 2
-                m = (row_ok & (ss >= 0) & (ss < W))[:, None] & mask_c[None, :]
-                xv = tl.load(X + b * x_sb + rr * x_sh + ss[:, None] * x_sw + offs_c[None, :],
-                             mask=m, other=0.0).to(tl.float32)
-                if COLUMN_SUMS:
-                    if dx == KS // 2:
-                        if i >= KS // 2:
-                            if i < ROWS + KS // 2:
-                                sums += tl.sum(xv, axis=0)  # the program's own rows
-                acc0 = _tap(acc0, xv, WT, offs_c, mask_c, i, 0, dx, KS, FLIP, RESIDUAL)
-                if ROWS > 1:
-                    acc1 = _tap(acc1, xv, WT, offs_c, mask_c, i, 1, dx, KS, FLIP, RESIDUAL)
-                if ROWS > 2:
-                    acc2 = _tap(acc2, xv, WT, offs_c, mask_c, i, 2, dx, KS, FLIP, RESIDUAL)
-                if ROWS > 3:
-                    acc3 = _tap(acc3, xv, WT, offs_c, mask_c, i, 3, dx, KS, FLIP, RESIDUAL)
+                for i in tl.static_range(ROWS + KS - 1):
+                    acc0, acc1, acc2, acc3, sums = _shifted_row(
+                        acc0, acc1, acc2, acc3, sums, X, WT, w_off, b, r0, offs_w, offs_c, mask_c, H, W,
+                        x_sb, x_sh, x_sw, w_sh, w_sw, i, dx, KS, FLIP, RESIDUAL, COLUMN_SUMS, ROWS)
+        else:
+            for i in tl.static_range(ROWS + KS - 1):
+                for dx in tl.static_range(KS):
+                    acc0, acc1, acc2, acc3, sums = _shifted_row(
+                        acc0, acc1, acc2, acc3, sums, X, WT, w_off, b, r0, offs_w, offs_c, mask_c, H, W,
+                        x_sb, x_sh, x_sw, w_sh, w_sw, i, dx, KS, FLIP, RESIDUAL, COLUMN_SUMS, ROWS)
         if COLUMN_SUMS:
             part = pid * tl.num_programs(1) + tl.program_id(1)
             tl.store(DB_PART + part.to(tl.int64) * C + offs_c, sums, mask=mask_c)
@@ -250,19 +273,31 @@ def _blocks(w: int, c: int, ks: int) -> Tuple[int, int, int, int]:
 
     * 3x3 on grids of 16 tokens or more: 4 rows of 32 x 64 tiles (stage 1: 97 -> 51 us for the
       CPE, 225 -> 140 us for the FFN conv against one row per program, batch 128);
-    * 5x5 (LePE): 2 rows (4 rows of wide tiles spill registers and run 10-20x slower) of 64 x 32
-      tiles at 64 channels, else 32 x 128;
+    * 5x5 (LePE), horizontal taps outermost (:func:`_taps_outer`): 4 rows of 64 x 32 tiles at 64
+      channels (stage 1: 277 -> 234 us against 2 rows, batch 256), 32 x 64 on 32-token rows (stage 2:
+      131 -> 110 us), 2 rows of 16 x 128 on 16-token rows, 4 rows of whole-row x 128 on shorter ones
+      (stage 4: 39 -> 29 us);
     * 3x3 on small grids: 2 rows of whole-row x 128-channel tiles (stage 4, timed from CUDA-graph
       replays: 15 -> 9 us for the CPE, 41 -> 25 us for the FFN conv against 64-channel tiles).
     """
     bw = next_power_of_2(w)
     if ks > 3:
-        if c < 128:
-            return min(64, bw), min(32, next_power_of_2(c)), 4, 2
-        return min(32, bw), 128, 4, 2
+        if bw >= 32:
+            return min(64, bw), min(32, next_power_of_2(c)) if c < 128 else 64, 4, 4
+        return bw, 128, 4, 2 if bw >= 16 else 4
     if w >= 16:
         return min(32, bw), min(64, next_power_of_2(c)), 4, 4
     return bw, 128, 4, 2
+
+
+def _taps_outer(w: int, ks: int) -> bool:
+    """Whether the kernel loops over horizontal taps outermost (``TAPS_OUTER``) for token rows of
+    width ``w`` and a ``ks x ks`` kernel: for 5x5 kernels and short rows. Graph-timed on an H200
+    (batch 256, BENCHMARKS.md run N) it took the 5x5 LePE from 277 to 234 us in stage 1 (4 rows per
+    program, which spilled 10-20x slower with input rows outermost) and stage 3's FFN conv from 90 to
+    76 us; the 3x3 kernels on 28- and 56-token rows, whose four accumulators fill the registers either
+    way, stay 5-10% faster with input rows outermost."""
+    return ks > 3 or w < 16
 
 
 def _backward_blocks(w: int, c: int, ks: int, gelu: bool) -> Tuple[int, int, int, int]:
@@ -325,8 +360,9 @@ def _forward(launch, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     block_w, block_c, warps, rows = tile or _blocks(w, c, weight.shape[-1])
     launch(_dwconv_nhwc_kernel)[(b * cdiv(h, rows), cdiv(w, block_w), cdiv(c, block_c))](
         x, weight, bias if bias is not None else weight, x, y, y, h, w, c,
-        x.stride(0), x.stride(1), x.stride(2), 0, 0, 0,
-        KS=weight.shape[-1], FLIP=False, HAS_BIAS=bias is not None, RESIDUAL=residual,
+        x.stride(0), x.stride(1), x.stride(2), 0, 0, 0, weight.stride(0), weight.stride(2), weight.stride(3),
+        KS=weight.shape[-1], TAPS_OUTER=_taps_outer(w, weight.shape[-1]), FLIP=False, HAS_BIAS=bias is not None,
+        RESIDUAL=residual,
         GELU_GRAD=False, COLUMN_SUMS=False, ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
     return y
 
@@ -357,9 +393,9 @@ def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                  if need_bias else gx)
         launch(_dwconv_nhwc_kernel)[grid](
             grad, weight, weight, x, gx, parts, h, w, c, grad.stride(0), grad.stride(1), grad.stride(2),
-            x.stride(0), x.stride(1), x.stride(2),
-            KS=ks, FLIP=True, HAS_BIAS=False, RESIDUAL=residual, GELU_GRAD=gelu, COLUMN_SUMS=need_bias,
-            ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
+            x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(2), weight.stride(3),
+            KS=ks, TAPS_OUTER=_taps_outer(w, ks), FLIP=True, HAS_BIAS=False, RESIDUAL=residual,
+            GELU_GRAD=gelu, COLUMN_SUMS=need_bias, ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
         if need_bias:
             gb = column_sum(parts)
     if need_weight or (need_bias and gb is None):
