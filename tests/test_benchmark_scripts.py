@@ -98,3 +98,27 @@ def test_kernel_ncu_workload_labels_each_triton_launch(tmp_path):
     assert {name for _, name in labels} >= {"_dwconv_nhwc_kernel", "_ln_fwd_kernel", "_ln_bwd_kernel",
                                               "masa_fwd_seqs_kernel"}
     assert all(name.startswith(("_dwconv", "_ln_", "masa_")) for _, name in labels)  # what KERNELS matches
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_kernel_ab_compares_a_revision_with_itself(tmp_path):
+    """``kernel_ab.py --old src`` imports this tree a second time as the old revision: every kernel
+    call of the smoke stage appears once, with identical outputs on both sides."""
+    out = tmp_path / "ab.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_ab.py"), "--old", str(ROOT / "src"),
+                           "--device", "cpu", "--smoke", "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["kernel"] for r in rows] == [
+        f"dwconv {name} {direction}" for name in ("cpe 3x3", "lepe 5x5", "ffn 3x3") for direction in ("fwd", "dgrad")
+    ] + [f"masa {mode} {what}" for mode in ("row", "col") for what in ("fwd", "fwd+lse", "bwd")]
+    assert all(r["max_rel_diff"] == 0.0 and r["old_us"] > 0 and r["new_us"] > 0 for r in rows)
+    assert "summed over RMT-S's blocks" in proc.stdout
+
+
+def test_kernel_ab_names_a_missing_old_tree(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_ab.py"), "--old", str(tmp_path),
+                           "--device", "cpu", "--smoke"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "no rmt/ops/dwconv.py" in proc.stderr

@@ -296,7 +296,7 @@ def _taps_outer(w: int, ks: int) -> bool:
     (batch 256, BENCHMARKS.md run N) it took the 5x5 LePE from 277 to 234 us in stage 1 (4 rows per
     program, which spilled 10-20x slower with input rows outermost) and stage 3's FFN conv from 90 to
     76 us; the 3x3 kernels on 28- and 56-token rows, whose four accumulators fill the registers either
-    way, stay 5-10% faster with input rows outermost."""
+    way, stay 6-11% faster with input rows outermost."""
     return ks > 3 or w < 16
 
 
