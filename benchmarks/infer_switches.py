@@ -8,7 +8,8 @@
 rows or columns per program, :data:`rmt.ops.masa.triton_masa.SEQUENCES_PER_PROGRAM_FORWARD`;
 ``cpu_fold``: the CPU path's residual folded into the depthwise kernel,
 :data:`rmt.ops.dwconv.FOLD_RESIDUAL_ON_CPU`; ``cpu_pad``: the CPU path's rows of 8-15 keys padded to 16
-for the softmax, :data:`rmt.ops.masa.cpu.PAD_KEYS`). Each repeat times the flag on, then off (``rmt
+for the softmax, :data:`rmt.ops.masa.cpu.PAD_KEYS`; ``malloc``: glibc's mmap and trim thresholds at 1 GiB,
+:func:`rmt.host_memory.keep_freed_memory`, against its initial 128 KiB without dynamic raising). Each repeat times the flag on, then off (``rmt
 benchmark``'s harness: bf16 on CUDA, float32 on CPU; median of 10 steps on CUDA, mean of ``--iters``
 on CPU), so slow drifts of the machine affect both alike; the medians over the repeats close the table.
 """
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import rmt  # noqa: E402,F401
 from rmt import benchmark as bm  # noqa: E402
+from rmt.host_memory import DEFAULT_THRESHOLD, keep_freed_memory  # noqa: E402
 from rmt.ops import dwconv  # noqa: E402
 from rmt.ops.masa import cpu as masa_cpu  # noqa: E402
 from rmt.ops.masa import triton_masa  # noqa: E402
@@ -32,12 +34,22 @@ from rmt.ops.masa import triton_masa  # noqa: E402
 FLAGS = {"masa_seqs": (triton_masa, "SEQUENCES_PER_PROGRAM_FORWARD"),
          "cpu_fold": (dwconv, "FOLD_RESIDUAL_ON_CPU"),
          "cpu_pad": (masa_cpu, "PAD_KEYS")}
+# switches that are settings rather than module flags: name -> function(on)
+SETTERS = {"malloc": lambda on: keep_freed_memory(DEFAULT_THRESHOLD if on else 128 << 10)}
+
+
+def _switch(name: str, on: bool) -> None:
+    if name in SETTERS:
+        SETTERS[name](on)
+    else:
+        module, attr = FLAGS[name]
+        setattr(module, attr, on)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="rmt_small")
-    p.add_argument("--switch", default="masa_seqs", choices=sorted(FLAGS))
+    p.add_argument("--switch", default="masa_seqs", choices=sorted(FLAGS) + sorted(SETTERS))
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2)
@@ -51,17 +63,16 @@ def main() -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    module, name = FLAGS[args.switch]
     print(bm.HEADER + "  " + args.switch)
     speeds = {True: [], False: []}
     for _ in range(args.repeats):
         for on in (True, False):
-            setattr(module, name, on)
+            _switch(args.switch, on)
             row = bm.measure(args.model, "fast", "infer", args.size, args.batch, device,
                              warmup=2 if device.type == "cpu" else 3, iters=args.iters)
             speeds[on].append(row.img_per_s)
             print(bm.format_row(row) + f"  {'on' if on else 'off'}", flush=True)
-    setattr(module, name, True)
+    _switch(args.switch, True)
     for on in (True, False):
         print(f"{args.switch} {'on' if on else 'off'}: median {statistics.median(speeds[on]):.2f} img/s "
               f"over {args.repeats} runs")

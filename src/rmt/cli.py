@@ -40,12 +40,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def runs_on_cpu(args: argparse.Namespace) -> bool:
+    """Whether a command's models run on the CPU: ``--device cpu``, or no CUDA device and no other
+    device asked for (commands without ``--device`` pick CUDA when there is one)."""
+    device = getattr(args, "device", None)
+    if device:
+        return str(device).split(":")[0] == "cpu"
+    import torch
+    return not torch.cuda.is_available()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_module", None):
         parser.print_help()
         return 2
+    if runs_on_cpu(args):
+        from .host_memory import keep_freed_memory
+        keep_freed_memory()  # large CPU tensors reuse freed heap memory instead of fresh pages
     try:
         return int(args._module.run(args) or 0)
     except KeyboardInterrupt:
