@@ -156,9 +156,9 @@ if HAS_TRITON:
         rows instead of ``KS * KS`` per row: the loads, not the memory traffic, limit this kernel.
         ``TAPS_OUTER`` loops over the horizontal taps outside the input rows (fewer weights live at
         once; see :func:`_taps_outer`). ``WT`` is read through its strides ``w_sc`` (channel),
-        ``w_sh`` and ``w_sw`` (tap row and column). ``COLUMN_SUMS`` also writes the program's sum of ``X`` over its tokens to row
-        ``pid(0) * cdiv(w, BLOCK_W) + pid(1)`` of ``DB_PART`` (float32, ``C`` wide): with ``X`` the
-        output gradient, the parts of the bias gradient.
+        ``w_sh`` and ``w_sw`` (tap row and column). ``COLUMN_SUMS`` also writes the program's sum
+        of ``X`` over its tokens to row ``pid(0) * cdiv(w, BLOCK_W) + pid(1)`` of ``DB_PART``
+        (float32, ``C`` wide): with ``X`` the output gradient, the parts of the bias gradient.
         """
         pid = tl.program_id(0)
         row_blocks = (H + ROWS - 1) // ROWS
