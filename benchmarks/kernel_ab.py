@@ -102,7 +102,7 @@ def _compare(kernel: str, shape: str, blocks: int, calls: Dict[str, Callable[[_R
 
 def dwconv_rows(old, batch: int, stages, device: torch.device, iters: int) -> Iterator[Dict]:
     mods = {"old": old, "new": dwconv}
-    for (side, c), blocks in stages:
+    for (side, c), blocks, _, _ in stages:
         for name, ks, mult, residual in (("cpe", 3, 1, True), ("lepe", 5, 1, False), ("ffn", 3, 3, True)):
             ch = c * mult
             wide = torch.randn(batch, side, side, 3 * ch if name == "lepe" else ch, device=device,
@@ -125,18 +125,16 @@ def dwconv_rows(old, batch: int, stages, device: torch.device, iters: int) -> It
                            {t: backward(m) for t, m in mods.items()}, device, iters)
 
 
-def masa_rows(old, batch: int, stages, heads, device: torch.device, iters: int) -> Iterator[Dict]:
+def masa_rows(old, batch: int, stages, device: torch.device, iters: int) -> Iterator[Dict]:
     mods = {"old": old, "new": triton_masa}
     R, C, FULL = triton_masa.MODE_ROW, triton_masa.MODE_COL, triton_masa.MODE_FULL
-    for i, ((side, c), blocks) in enumerate(stages):
-        n = heads[i]
+    for (side, c), blocks, n, full in stages:
         d = c // n
         qkv = torch.randn(batch, side, side, 3, n, d, device=device, dtype=torch.bfloat16)
         q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
         sin, cos = rotation_tables(side, side, d, device=device)
         decay = head_decays(n, 2.0, 4.0, device=device).float()
         scale = d ** -0.5
-        full = i == len(stages) - 1 and len(stages) == 4
         for label, mode in ((("full", FULL),) if full else (("row", R), ("col", C))):
             out, lse = triton_masa._attend(triton_masa.eager_launch, q, k, v, sin, cos, decay, None, scale, mode, True)
             grad = torch.randn_like(out)
@@ -174,8 +172,9 @@ def main() -> int:
         return 2
     old = load_old(Path(args.old).resolve())
     scaled = [(max(1, side * args.size // 224), c) for side, c in STAGES]
-    stages = [((5, 32), 1)] if args.smoke else list(zip(scaled, BLOCKS))
-    heads = [2] if args.smoke else HEADS
+    # ((grid side, width), blocks, heads, full form): RMT-S's full form is stage 4's
+    stages = ([((5, 32), 1, 2, False)] if args.smoke
+              else [(st, nb, nh, i == 3) for i, (st, nb, nh) in enumerate(zip(scaled, BLOCKS, HEADS))])
     iters = 1 if args.smoke else args.iters
     batch = 1 if args.smoke else args.batch
     rows: List[Dict] = []
@@ -183,7 +182,7 @@ def main() -> int:
     print(f"{'kernel':<26}{'shape':<20}{'old us':>10}{'new us':>10}{'ratio':>7}  {'old regs/spills':<18}"
           f"{'new regs/spills':<18}{'max rel diff':>12}", flush=True)
     for source in ((dwconv_rows(old["dwconv"], batch, stages, device, iters),) if "dwconv" in kinds else ()) + \
-            ((masa_rows(old["triton_masa"], batch, stages, heads, device, iters),) if "masa" in kinds else ()):
+            ((masa_rows(old["triton_masa"], batch, stages, device, iters),) if "masa" in kinds else ()):
         for r in source:
             rows.append(r)
             print(f"{r['kernel']:<26}{r['shape']:<20}{r['old_us']:>10.1f}{r['new_us']:>10.1f}{r['ratio']:>7.3f}  "

@@ -46,6 +46,7 @@ def test_keep_freed_memory_is_accepted_and_validates_its_argument():
     assert keep_freed_memory(64 << 20) is True
     with pytest.raises(ValueError, match="between 1 and 2"):
         keep_freed_memory(1 << 31)
+    assert keep_freed_memory() is True  # this process keeps what the CLI would set
 
 
 @pytest.mark.parametrize("device,cuda,expected", [("cpu", True, True), ("cuda", False, False), ("cuda:1", True, False),
