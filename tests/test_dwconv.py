@@ -219,3 +219,27 @@ def test_mlp_calls_fc2_module_when_it_has_hooks():
     assert calls == [1]
     ref = mlp.fc2(dwconv_nhwc_reference(mlp.fc1(x), mlp.dwconv.weight, mlp.dwconv.bias, True, True))
     assert torch.allclose(want, ref, atol=1e-6)
+
+
+
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLASLt's GELU epilogue runs on CUDA only")
+def test_mlp_inference_in_bf16_takes_the_gelu_epilogue(monkeypatch):
+    from rmt.model import Mlp
+    from rmt.ops import ffn, linear
+    mlp = Mlp(32, 96).cuda()
+    x = torch.randn(2, 9, 13, 32, device="cuda")
+    calls = []
+    original = ffn.linear_gelu
+    monkeypatch.setattr(ffn, "linear_gelu", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad():
+        want = mlp.fc2(dwconv_nhwc_reference(mlp.fc1(x), mlp.dwconv.weight, mlp.dwconv.bias, True, True))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got = mlp(x)
+        assert calls == [1]
+        monkeypatch.setattr(linear, "GELU_EPILOGUE", False)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            exact = mlp(x)
+        assert calls == [1]
+    assert rel_err(got.float(), want) <= 1e-2 and rel_err(exact.float(), want) <= 1e-2
+    assert rel_err(got.float(), exact.float()) <= 1e-2

@@ -112,3 +112,38 @@ def test_ones_rows_are_cached_views_and_regrown(monkeypatch):
     assert c is not a and c.shape == (1, 300)
     assert c.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()   # a view of the new row
     assert lin._ones(300, torch.bfloat16, dev).dtype == torch.bfloat16
+
+
+def test_gelu_epilogue_dispatch():
+    w, b = _params(n=24, k=16, device="cpu")
+    x = torch.randn(3, 5, 16)
+    # CPU, float32, gradients: the exact composition, whatever the switch says
+    assert not lin.gelu_epilogue_applies(x, w, b)
+    with torch.no_grad():
+        assert not lin.gelu_epilogue_applies(x.bfloat16(), w, b)
+        want = F.gelu(F.linear(x, w, b))
+        assert torch.equal(lin.linear_gelu(x, w, b), want)
+    got = lin.linear_gelu(x, w, b)
+    assert got.grad_fn is not None
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLASLt's GELU epilogue runs on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gelu_epilogue_on_cuda_matches_exact_gelu_within_rounding(dtype, monkeypatch):
+    w, b = _params(n=96, k=32, device="cuda")
+    x = torch.randn(2, 9, 11, 32, device="cuda") * 2
+    exact = F.gelu(F.linear(x, w, b)).detach()  # float32
+    with torch.no_grad():
+        assert lin.gelu_epilogue_applies(x.to(dtype), w, b)
+        with torch.autocast("cuda", dtype=dtype):
+            assert lin.gelu_epilogue_applies(x, w, b)
+            got = lin.linear_gelu(x, w, b)
+        assert got.dtype == dtype and got.shape == exact.shape
+        assert (got.float() - exact).abs().max() <= 4e-3 * exact.abs().max()
+        # the tanh approximation of the same GEMM, the switch off: the exact GELU again
+        tanh = F.gelu(F.linear(x.to(dtype), w.to(dtype), b.to(dtype)).float(), approximate="tanh")
+        assert (got.float() - tanh).abs().max() <= 8e-3 * tanh.abs().max()
+        monkeypatch.setattr(lin, "GELU_EPILOGUE", False)
+        assert not lin.gelu_epilogue_applies(x.to(dtype), w, b)
+    assert not lin.gelu_epilogue_applies(x.to(dtype), w, b)  # gradients recorded: never

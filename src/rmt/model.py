@@ -25,7 +25,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from .head import ClassifierHead
 from .norm import LayerNorm
 from .ops.dwconv import dwconv_nhwc
-from .ops.ffn import ffn_tail
+from .ops.ffn import ffn, ffn_tail
 from .ops.linear import linear
 from .ops.masa import FORMS, IMPLS, masa
 from .ops.masa.positions import cached_stage_positions, stage_positions
@@ -64,6 +64,7 @@ register_notrace_function(stage_positions)
 register_notrace_function(cached_stage_positions)
 register_notrace_function(masa)
 register_notrace_function(dwconv_nhwc)
+register_notrace_function(ffn)
 register_notrace_function(ffn_tail)
 register_notrace_function(linear)
 
@@ -187,6 +188,9 @@ class Mlp(_LinearOwner):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = fused_allowed(self.impl, x)
+        if not torch.jit.is_scripting() and self._plain("fc1") and self._plain("fc2"):
+            return ffn(x, self.fc1.weight, self.fc1.bias, self.dwconv.weight, self.dwconv.bias,
+                       self.fc2.weight, self.fc2.bias, fused, cpu_path_allowed(self.impl, x))
         u = self.fc1(x) if torch.jit.is_scripting() else self._linear("fc1", x, fused)
         if not torch.jit.is_scripting() and self._plain("fc2"):
             # GELU, depthwise conv and fc2 in one op that keeps only fc1's output for backward

@@ -9,6 +9,8 @@ extra kernels per block and saves about a sixth of the activation memory of a tr
 
 Used on the fused (Triton) path when gradients are needed, outside ``torch.compile`` (which plans
 memory itself); everywhere else :func:`ffn_tail` is the plain composition, which is also the oracle.
+:func:`ffn` is the whole FFN; at half-precision inference on CUDA its GELU runs in fc1's GEMM epilogue
+(:func:`rmt.ops.linear.linear_gelu`) instead of its own pass.
 """
 from typing import Optional
 
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 
 from . import dwconv
 from .dwconv import dwconv_nhwc, triton_dwconv_supported
-from .linear import linear_backward
+from .linear import gelu_epilogue_applies, linear, linear_backward, linear_gelu
 from .triton_support import as_dtype, eager_launch
 
 
@@ -82,3 +84,20 @@ def ffn_tail(a: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torch.T
             a = a.to(torch.get_autocast_dtype(a.device.type))
         return _DWConvLinear.apply(a, dw_weight, dw_bias, weight, bias)
     return F.linear(dwconv_nhwc(a, dw_weight, dw_bias, True, fused, True, cpu_fast), weight, bias)
+
+
+@torch.jit.ignore
+def ffn(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor], dw_weight: torch.Tensor,
+        dw_bias: Optional[torch.Tensor], fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor], fused: bool,
+        cpu_fast: bool = False) -> torch.Tensor:
+    """``fc2(g + dwconv(g) + dw_bias)`` with ``g = gelu(fc1(x))``; ``x`` ``(b, h, w, c)`` -> ``(b, h, w, c)``.
+
+    On the fused path where :func:`rmt.ops.linear.gelu_epilogue_applies` (half-precision inference on
+    CUDA), ``g`` comes from fc1's GEMM with the GELU in its epilogue; otherwise fc1 is
+    :func:`rmt.ops.linear.linear` followed by :func:`ffn_tail`.
+    """
+    if fused and gelu_epilogue_applies(x, fc1_weight, fc1_bias):
+        g = linear_gelu(x, fc1_weight, fc1_bias)
+        return F.linear(dwconv_nhwc(g, dw_weight, dw_bias, True, fused, False), fc2_weight, fc2_bias)
+    return ffn_tail(linear(x, fc1_weight, fc1_bias, fused), dw_weight, dw_bias, fc2_weight, fc2_bias,
+                    fused, cpu_fast)

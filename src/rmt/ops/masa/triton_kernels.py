@@ -125,6 +125,7 @@ def masa_fwd_kernel(
         MODE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_ADD: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid ``(cdiv(SEQ, BLOCK_M), sequences * NH, b)``; writes ``O = softmax(..) V (+ ADD)`` and LSE."""
+    scale = tl.cast(scale, tl.float32)  # torch.compile passes a Python float as float64
     pid_m = tl.program_id(0)
     b, head, seq_id, decay = _program(NH, DECAY)
     dtype = Q.dtype.element_ty
@@ -174,6 +175,7 @@ def masa_bwd_dkdv_kernel(
 
     ``DO``, ``DK``, ``DV`` share the contiguous ``(b, h, w, n, d)`` strides ``g_*``.
     """
+    scale = tl.cast(scale, tl.float32)  # torch.compile passes a Python float as float64
     pid_n = tl.program_id(0)
     b, head, seq_id, decay = _program(NH, DECAY)
     dtype = Q.dtype.element_ty
@@ -220,6 +222,7 @@ def masa_bwd_dq_kernel(
     Also computes ``delta = rowsum(dO * O)`` of its query rows and stores it for the dk/dv kernel,
     which therefore runs after this one. ``O``, ``DO`` and ``DQ`` share the strides ``g_*``.
     """
+    scale = tl.cast(scale, tl.float32)  # torch.compile passes a Python float as float64
     pid_m = tl.program_id(0)
     b, head, seq_id, decay = _program(NH, DECAY)
     dtype = Q.dtype.element_ty
@@ -264,6 +267,7 @@ def masa_bwd_tile_kernel(
     dv of one sequence from one tile, so the logits and probabilities are formed once (the dq and
     dk/dv kernels each form them again). ``O``, ``DO``, ``DQ``, ``DK``, ``DV`` share the strides ``g_*``.
     """
+    scale = tl.cast(scale, tl.float32)  # torch.compile passes a Python float as float64
     b, head, seq_id, decay = _program(NH, DECAY)
     dtype = Q.dtype.element_ty
     offs = tl.arange(0, BLOCK)
@@ -336,6 +340,7 @@ def masa_fwd_seqs_kernel(
     (``MODE_COL``) of at most ``BLOCK`` tokens per program, as batched ``[SEQS, BLOCK, BLOCK]``
     products, so that the short sequences of the later stages (14 or 28 tokens at 224x224) give each
     program more than one small tile of work. Same outputs as :func:`masa_fwd_kernel`."""
+    scale = tl.cast(scale, tl.float32)  # torch.compile passes a Python float as float64
     pid = tl.program_id(0)
     head = pid % NH
     b = tl.program_id(1).to(tl.int64)

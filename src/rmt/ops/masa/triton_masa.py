@@ -43,12 +43,16 @@ def _launch_config(seq: int, head_dim: int) -> Tuple[int, int, int]:
 
 
 def _forward_config(seq: int, head_dim: int) -> Tuple[int, int, int]:
-    """Forward-pass tiles: :func:`_launch_config` for sequences that fit one tile; longer ones take
-    wider query tiles, as ``benchmarks/kernel_tiles.py --size 1024`` found best on an H200 (batch 16:
+    """Forward-pass tiles: :func:`_launch_config` for sequences that fit one tile (keys in tiles of at
+    most 32); longer ones take wider query tiles, as ``benchmarks/kernel_tiles.py --size 1024`` found
+    best on an H200 (batch 16:
     256-token rows 1,475 -> 1,223 us with 128 x 64 tiles, 128-token rows 971 -> 819 us with 2 warps,
     the 1,024-token full form 1,286 -> 721 us with 128 x 128 tiles)."""
     if seq <= 64:
-        return _launch_config(seq, head_dim)
+        block_m, block_n, warps = _launch_config(seq, head_dim)
+        # 33-64 tokens in one flash tile (the full form at 7x7): 32-key tiles, 55.9 -> 47.2 us per
+        # pass at batch 256 (kernel_tiles.py, H200); rows and columns take the batched kernel instead
+        return block_m, min(block_n, 32), warps
     if seq < 256:
         return 64, 64, 2
     return 128, 128 if seq >= 1024 and head_dim >= 32 else 64, 4
@@ -57,10 +61,11 @@ def _forward_config(seq: int, head_dim: int) -> Tuple[int, int, int]:
 def _seqs_per_program(block: int, nseq: int) -> int:
     """Rows or columns per program of the batched forward kernel, as ``benchmarks/kernel_tiles.py``
     found best on an H200 (timed from CUDA-graph replays): about 128 token slots per program (2 rows
-    of 56 tokens, 4 of 28), but one per program for sequences of at most 16 tokens (14-token rows:
-    53 -> 39 us per pass at batch 128 against 8 per program)."""
+    of 56 tokens, 4 of 28), but two per program for sequences of at most 16 tokens (14-token rows at
+    batch 256: 45.0 -> 38.7 us per pass against one per program since the rotation tables load whole
+    rows; 8 per program took 53 us at batch 128 against 39 for one)."""
     if block <= 16:
-        return 1
+        return min(2, next_power_of_2(nseq))
     return max(1, min(next_power_of_2(nseq), 128 // block))
 
 
