@@ -8,6 +8,8 @@ A mode is ``eager`` or ``compiled`` (``torch.compile(model)``, default mode) wit
 * ``convref``: the depthwise convolutions through ``F.conv2d`` (cuDNN; under ``torch.compile`` what
   Inductor makes of them) instead of the fused Triton kernels (``rmt.ops.dwconv.FUSED_KERNELS``);
 * ``torchln``: PyTorch's LayerNorm instead of the multi-row Triton kernels in eager mode;
+* ``convstem``: the stem's first conv, BatchNorm and GELU as modules (cuDNN) instead of one Triton
+  kernel (``rmt.ops.stem_conv.FUSED_KERNELS``);
 * ``exactgelu``: fc1's exact GELU as its own pass instead of cuBLASLt's GEMM epilogue
   (``rmt.ops.linear.GELU_EPILOGUE``);
 * ``reference``: the whole model on the reference MaSA path (``masa_impl="reference"``).
@@ -34,19 +36,21 @@ import timm  # noqa: E402
 
 import rmt  # noqa: E402,F401
 from rmt.benchmark import environment, save_rows, time_step  # noqa: E402
-from rmt.ops import dwconv, layernorm, linear  # noqa: E402
+from rmt.ops import dwconv, layernorm, linear, stem_conv  # noqa: E402
 
-SWITCHES = ("convref", "torchln", "reference", "exactgelu")
+SWITCHES = ("convref", "torchln", "reference", "exactgelu", "convstem")
 
 
 @contextlib.contextmanager
 def _switches(switches: List[str]):
     """Turn the fast-path pieces named in ``switches`` off while the model is built and run."""
     saved = [(dwconv, "FUSED_KERNELS", dwconv.FUSED_KERNELS), (layernorm, "FUSED_KERNELS", layernorm.FUSED_KERNELS),
-             (linear, "GELU_EPILOGUE", linear.GELU_EPILOGUE)]
+             (linear, "GELU_EPILOGUE", linear.GELU_EPILOGUE),
+             (stem_conv, "FUSED_KERNELS", stem_conv.FUSED_KERNELS)]
     dwconv.FUSED_KERNELS = "convref" not in switches
     layernorm.FUSED_KERNELS = "torchln" not in switches
     linear.GELU_EPILOGUE = "exactgelu" not in switches
+    stem_conv.FUSED_KERNELS = "convstem" not in switches
     try:
         yield
     finally:

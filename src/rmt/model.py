@@ -30,6 +30,7 @@ from .ops.linear import linear
 from .ops.masa import FORMS, IMPLS, masa
 from .ops.masa.positions import cached_stage_positions, stage_positions
 from .ops.residual import add_branch, branch_scale, hook_free, plain_residual
+from .ops import stem_conv
 from .ops.triton_support import HAS_TRITON, cpu_path_allowed, fused_allowed
 
 if HAS_TRITON:
@@ -91,7 +92,7 @@ class Stem(nn.Sequential):
     Indices match the released ``patch_embed.proj`` Sequential (0,1,3,4,6,7,9,10 hold weights).
     """
 
-    def __init__(self, in_chans: int, out_chans: int, device=None, dtype=None):
+    def __init__(self, in_chans: int, out_chans: int, impl: str = "auto", device=None, dtype=None):
         dd = dict(device=device, dtype=dtype)
         mid = out_chans // 2
         super().__init__(
@@ -100,6 +101,26 @@ class Stem(nn.Sequential):
             nn.Conv2d(mid, out_chans, 3, 2, 1, **dd), nn.BatchNorm2d(out_chans, **dd), nn.GELU(),
             nn.Conv2d(out_chans, out_chans, 3, 1, 1, **dd), nn.BatchNorm2d(out_chans, **dd),
         )
+        self.impl = impl
+
+    @torch.jit.ignore
+    def _fused_head(self, x: torch.Tensor) -> bool:
+        """Whether the first conv, BatchNorm and GELU run as one kernel (:mod:`rmt.ops.stem_conv`)."""
+        return stem_conv.fuses(x, self[0], self[1], self[2], fused_allowed(self.impl, x))
+
+    @torch.jit.ignore
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return stem_conv.conv_bn_gelu(x, self[0], self[1], type(self[2]) is nn.GELU)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = 0
+        if not torch.jit.is_scripting() and self._fused_head(x):  # inference on the fast path
+            x = self._head(x)
+            skip = 3
+        for i, layer in enumerate(self):
+            if i >= skip:
+                x = layer(x)
+        return x
 
 
 class Downsample(nn.Module):
@@ -383,7 +404,7 @@ class RMT(nn.Module):
         self.output_fmt = "NHWC"
         self.drop_rate = drop_rate
 
-        self.stem = Stem(in_chans, embed_dims[0], **dd)
+        self.stem = Stem(in_chans, embed_dims[0], masa_impl, **dd)
         total = sum(depths)
         dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         stages, self.feature_info = [], []
@@ -432,7 +453,7 @@ class RMT(nn.Module):
         if impl not in IMPLS:
             raise ValueError(f"masa_impl must be one of {IMPLS}, got {impl!r}")
         for m in self.modules():
-            if isinstance(m, (MaSA, Mlp, RMTBlock, LayerNorm)):
+            if isinstance(m, (MaSA, Mlp, RMTBlock, LayerNorm, Stem)):
                 m.impl = impl
 
     # --- timm model interface -------------------------------------------------------------------

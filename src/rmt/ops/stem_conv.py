@@ -1,0 +1,146 @@
+"""The stem's first layers, convolution -> BatchNorm (eval) -> GELU, as one Triton kernel at inference.
+
+RMT's stem opens with a 3x3 stride-2 convolution from the 3 image channels to 32-56 channels. cuDNN
+has no fast kernel for 3 input channels in channels-last layout: on an H200 it took 480 us for a batch
+of 256 at 224x224 (about a tenth of the memory bandwidth), PyTorch added the conv bias in another
+280 us, and BatchNorm and GELU each made one more pass over the 112x112 output. :func:`conv_bn_gelu`
+computes all four in one direct convolution: each program owns ``BLOCK_W`` output pixels of one row
+and every output channel, accumulates the ``3 x 3 x c_in`` taps as outer products in float32 (reading
+the input in its own dtype, so float32 images are not rounded to bfloat16 first), applies the bias,
+the BatchNorm's running statistics and the exact GELU, and writes the channels-last result once.
+
+It runs where no gradient is needed and the BatchNorm uses its running statistics (``eval()``);
+training and everything else take the modules (cuDNN), which are also the oracle. Under
+``torch.compile`` the kernel is a ``torch.library.triton_op``, so ``fullgraph=True`` holds.
+"""
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .residual import hook_free
+from .triton_support import HAS_TRITON, SUPPORTED_DTYPES, cdiv, eager_launch, next_power_of_2, triton_runs_on
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+
+# False: the stem's first conv, BatchNorm and GELU always run as modules
+FUSED_KERNELS = True
+MAX_IN_CHANNELS = 4     # the taps are unrolled: meant for image inputs
+MAX_OUT_CHANNELS = 128  # one program holds every output channel of its pixels
+
+
+if HAS_TRITON:
+    @triton.jit
+    def _conv_bn_gelu_kernel(X, WT, B, BN_W, BN_B, BN_MEAN, BN_VAR, Y, eps,
+                             H, W, HO, WO, COUT, x_sb, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw,
+                             CIN: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+                             BLOCK_W: tl.constexpr, BLOCK_CO: tl.constexpr):
+        """Grid ``(b * HO, cdiv(WO, BLOCK_W))``: ``Y[b, oh, ow, :] = gelu(bn(conv(X) + B))`` for
+        ``BLOCK_W`` pixels ``ow`` of output row ``oh``; ``Y`` contiguous ``(b, HO, WO, COUT)``."""
+        eps = tl.cast(eps, tl.float32)  # torch.compile passes a Python float as float64
+        row = tl.program_id(0)
+        b = row // HO
+        oh = row % HO
+        ow = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        co = tl.arange(0, BLOCK_CO)
+        mask_w = ow < WO
+        mask_c = co < COUT
+        x_base = X + b.to(tl.int64) * x_sb
+        acc = tl.zeros((BLOCK_W, BLOCK_CO), dtype=tl.float32)
+        for kh in tl.static_range(KS):
+            ih = oh * STRIDE + kh - PAD
+            inside_h = (ih >= 0) & (ih < H)
+            for kw in tl.static_range(KS):
+                iw = ow * STRIDE + kw - PAD
+                m = mask_w & inside_h & (iw >= 0) & (iw < W)
+                for ci in tl.static_range(CIN):
+                    xv = tl.load(x_base + ih * x_sh + iw * x_sw + ci * x_sc, mask=m, other=0.0)
+                    wv = tl.load(WT + co * w_so + ci * w_si + kh * w_sh + kw * w_sw, mask=mask_c, other=0.0)
+                    acc += xv.to(tl.float32)[:, None] * wv.to(tl.float32)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(B + co, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+        mean = tl.load(BN_MEAN + co, mask=mask_c, other=0.0).to(tl.float32)
+        var = tl.load(BN_VAR + co, mask=mask_c, other=1.0).to(tl.float32)
+        gamma = tl.load(BN_W + co, mask=mask_c, other=1.0).to(tl.float32)
+        beta = tl.load(BN_B + co, mask=mask_c, other=0.0).to(tl.float32)
+        y = (acc - mean[None, :]) * (gamma / tl.sqrt(var + eps))[None, :] + beta[None, :]
+        if GELU:
+            y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+        offs = (row.to(tl.int64) * WO + ow)[:, None] * COUT + co[None, :]
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask_w[:, None] & mask_c[None, :])
+
+
+def _conv_bn_gelu(launch, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  bn_weight: torch.Tensor, bn_bias: torch.Tensor, bn_mean: torch.Tensor, bn_var: torch.Tensor,
+                  eps: float, stride: int, padding: int, gelu: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """The kernel on ``x`` ``(b, c_in, H, W)`` (any strides); returns ``(b, c_out, HO, WO)`` in
+    channels-last memory format."""
+    b, cin, h, w = x.shape
+    cout, ks = weight.shape[0], weight.shape[-1]
+    ho, wo = (h + 2 * padding - ks) // stride + 1, (w + 2 * padding - ks) // stride + 1
+    y = torch.empty((b, ho, wo, cout), dtype=out_dtype, device=x.device)
+    block_w = 64 if wo > 32 else 32
+    launch(_conv_bn_gelu_kernel)[(b * ho, cdiv(wo, block_w))](
+        x, weight, bias if bias is not None else bn_bias, bn_weight, bn_bias, bn_mean, bn_var, y, eps,
+        h, w, ho, wo, cout, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
+        CIN=cin, KS=ks, STRIDE=stride, PAD=padding, HAS_BIAS=bias is not None, GELU=gelu,
+        BLOCK_W=block_w, BLOCK_CO=max(16, next_power_of_2(cout)), num_warps=4)
+    return y.permute(0, 3, 1, 2)
+
+
+if HAS_TRITON:
+    @triton_op("rmt::stem_conv_bn_gelu", mutates_args={})
+    def conv_bn_gelu_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        bn_weight: torch.Tensor, bn_bias: torch.Tensor, bn_mean: torch.Tensor,
+                        bn_var: torch.Tensor, eps: float, stride: int, padding: int, gelu: bool,
+                        out_dtype: torch.dtype) -> torch.Tensor:
+        """Graph-capturable form of :func:`_conv_bn_gelu` (inference only: no autograd formula)."""
+        return _conv_bn_gelu(wrap_triton, x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, eps,
+                             stride, padding, gelu, out_dtype)
+
+
+@torch.jit.ignore
+def fuses(x: torch.Tensor, conv: nn.Module, norm: nn.Module, act: nn.Module, allowed: bool) -> bool:
+    """Whether :func:`conv_bn_gelu` takes ``conv -> norm [-> act]`` for ``x``: the switch and the
+    model's setting (``allowed``) on, a tensor the kernel runs on, no gradient to record, plain
+    hook-free modules of the expected kind (a 3x3-ish conv from at most :data:`MAX_IN_CHANNELS`
+    channels, an affine BatchNorm on its running statistics, an exact GELU)."""
+    if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing():  # symbolic tracing: the modules
+        return False
+    if (not (FUSED_KERNELS and allowed and HAS_TRITON) or not triton_runs_on(x) or x.dim() != 4
+            or x.dtype not in SUPPORTED_DTYPES):
+        return False
+    if not (type(conv) is nn.Conv2d and type(norm) is nn.BatchNorm2d and type(act) in (nn.GELU, nn.Identity)):
+        return False
+    if not (hook_free(conv) and hook_free(norm) and hook_free(act)):
+        return False
+    if (conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or isinstance(conv.padding, str)
+            or conv.stride[0] != conv.stride[1] or conv.padding[0] != conv.padding[1]
+            or conv.kernel_size[0] != conv.kernel_size[1] or conv.in_channels > MAX_IN_CHANNELS
+            or conv.out_channels > MAX_OUT_CHANNELS or x.shape[1] != conv.in_channels):
+        return False
+    if norm.training or norm.running_mean is None or norm.weight is None or norm.bias is None:
+        return False
+    if type(act) is nn.GELU and act.approximate != "none":
+        return False
+    params = [x, conv.weight, norm.weight, norm.bias] + ([conv.bias] if conv.bias is not None else [])
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in params))
+
+
+@torch.jit.ignore
+def conv_bn_gelu(x: torch.Tensor, conv: nn.Conv2d, norm: nn.BatchNorm2d, gelu: bool) -> torch.Tensor:
+    """``gelu(norm(conv(x)))`` (``gelu`` optional) as one kernel where :func:`fuses` said so; ``x``
+    ``(b, c_in, H, W)`` -> ``(b, c_out, HO, WO)`` channels-last, in the autocast dtype under autocast
+    (else in the dtype of ``x``), as the modules would return it."""
+    device = x.device.type
+    out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    args = (x, conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var,
+            float(norm.eps), conv.stride[0], conv.padding[0], gelu, out_dtype)
+    if torch.compiler.is_compiling():
+        return conv_bn_gelu_op(*args)
+    return _conv_bn_gelu(eager_launch, *args)

@@ -1,0 +1,116 @@
+"""The stem's fused first layers (conv -> BatchNorm in eval -> GELU, one Triton kernel) against the modules.
+
+On CUDA the kernel runs natively; without CUDA in Triton's interpreter (TRITON_INTERPRET=1, set in
+conftest.py) at small sizes.
+"""
+import pytest
+import torch
+import torch.nn as nn
+
+from rmt.model import Stem
+from rmt.ops import stem_conv
+from rmt.ops.triton_support import HAS_TRITON
+
+from conftest import rel_err
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+
+
+def _layers(cin=3, cout=32, stride=2, bias=True, act=None, device=DEVICE):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, 3, stride, 1, bias=bias)
+    norm = nn.BatchNorm2d(cout)
+    norm.running_mean.normal_()
+    norm.running_var.uniform_(0.3, 3.0)
+    norm.weight.data.normal_()
+    norm.bias.data.normal_()
+    act = nn.GELU() if act is None else act
+    return [m.to(device).eval() for m in (conv, norm, act)]
+
+
+@pytest.mark.parametrize("cin,cout,stride,bias,gelu", [
+    (3, 32, 2, True, True), (1, 40, 2, False, True), (3, 16, 1, True, False), (4, 56, 2, True, True)])
+@pytest.mark.parametrize("size", [(9, 9), (16, 23), (1, 70)])
+def test_fused_stem_layers_match_the_modules(cin, cout, stride, bias, gelu, size):
+    conv, norm, act = _layers(cin, cout, stride, bias, None if gelu else nn.Identity())
+    x = torch.randn(2, cin, *size, device=DEVICE)
+    with torch.no_grad():
+        assert stem_conv.fuses(x, conv, norm, act, True)
+        got = stem_conv.conv_bn_gelu(x, conv, norm, gelu)
+        want = act(norm(conv(x)))
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_fused_stem_reads_any_input_layout_and_follows_autocast():
+    conv, norm, act = _layers()
+    x = torch.randn(2, 3, 12, 15, device=DEVICE)
+    with torch.no_grad():
+        want = act(norm(conv(x)))
+        strided = torch.empty(2, 6, 12, 30, device=DEVICE)[:, ::2, :, ::2]
+        strided.copy_(x)
+        for inp in (x, x.contiguous(memory_format=torch.channels_last), strided):
+            assert rel_err(stem_conv.conv_bn_gelu(inp, conv, norm, True), want) <= 1e-5
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            got = stem_conv.conv_bn_gelu(x, conv, norm, True)
+            mods = act(norm(conv(x)))
+    assert got.dtype == mods.dtype == torch.bfloat16
+    assert rel_err(got.float(), want) <= 1e-2
+
+
+def test_fused_stem_dispatch():
+    conv, norm, act = _layers()
+    x = torch.randn(1, 3, 8, 8, device=DEVICE)
+    with torch.no_grad():
+        assert stem_conv.fuses(x, conv, norm, act, True)
+        assert not stem_conv.fuses(x, conv, norm, act, False)          # the model's setting
+        assert not stem_conv.fuses(x, conv, norm, nn.GELU(approximate="tanh"), True)
+        assert not stem_conv.fuses(x[:, :2], conv, norm, act, True)    # channels do not match
+        norm.train()
+        assert not stem_conv.fuses(x, conv, norm, act, True)           # batch statistics
+        norm.eval()
+        handle = conv.register_forward_hook(lambda *_: None)
+        assert not stem_conv.fuses(x, conv, norm, act, True)
+        handle.remove()
+        big, big_norm, _ = _layers(cin=8)
+        assert not stem_conv.fuses(torch.randn(1, 8, 8, 8, device=DEVICE), big, big_norm, act, True)
+    assert not stem_conv.fuses(x, conv, norm, act, True)               # gradients recorded
+
+
+@pytest.mark.parametrize("impl,fused", [("triton" if DEVICE == "cpu" else "auto", True), ("reference", False)])
+def test_stem_module_uses_the_kernel_only_where_allowed(impl, fused, monkeypatch):
+    stem = Stem(3, 32, impl).to(DEVICE).eval()
+    for m in stem:
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    calls = []
+    original = stem_conv.conv_bn_gelu
+    monkeypatch.setattr(stem_conv, "conv_bn_gelu", lambda *a: calls.append(1) or original(*a))
+    x = torch.randn(2, 3, 20, 18, device=DEVICE)
+    with torch.no_grad():
+        got = stem(x)
+        want = x
+        for m in stem:
+            want = m(want)
+    assert calls == ([1] if fused else [])
+    assert rel_err(got, want) <= 1e-5
+    stem.train()
+    with torch.no_grad():
+        stem(x)
+    assert calls == ([1] if fused else [])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of the kernel is checked on CUDA")
+def test_fused_stem_under_torch_compile_fullgraph():
+    conv, norm, act = _layers()
+    x = torch.randn(2, 3, 32, 30, device="cuda")
+
+    def f(x):
+        return stem_conv.conv_bn_gelu(x, conv, norm, True)
+    with torch.no_grad():
+        got = torch.compile(f, fullgraph=True)(x)
+        want = act(norm(conv(x)))
+    assert rel_err(got, want) <= 1e-5
