@@ -122,3 +122,20 @@ def test_kernel_ab_names_a_missing_old_tree(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_ab.py"), "--old", str(tmp_path),
                            "--device", "cpu", "--smoke"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "no rmt/ops/dwconv.py" in proc.stderr
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_inference_pieces_smoke_run_prints_every_piece():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "inference_pieces.py"), "--device", "cpu",
+                           "--batch", "1", "--size", "32", "--iters", "1"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    fc1 = [line for line in lines if line.startswith("fc1 ")]
+    assert len(fc1) == 4 and any(line.startswith("per RMT-S batch (29 blocks)") for line in lines)
+    stem = [line for line in lines if line.startswith("stem conv+bn+gelu 1x3x32x32")]
+    assert len(stem) == 1 and float(stem[0].split()[-1]) <= 1e-4   # kernel against the modules
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "inference_pieces.py"), "--device", "cpu",
+                          "--parts", "gemm"], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode != 0 and "unknown parts ['gemm']" in bad.stderr

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from rmt.model import Stem
+from rmt.stem import Stem
 from rmt.ops import stem_conv
 from rmt.ops.triton_support import HAS_TRITON
 
@@ -81,6 +81,8 @@ def test_fused_stem_dispatch():
 
 @pytest.mark.parametrize("impl,fused", [("triton" if DEVICE == "cpu" else "auto", True), ("reference", False)])
 def test_stem_module_uses_the_kernel_only_where_allowed(impl, fused, monkeypatch):
+    # the later convs would round their inputs to TF32 on CUDA, the kernel's and the modules' alike
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     stem = Stem(3, 32, impl).to(DEVICE).eval()
     for m in stem:
         if isinstance(m, nn.BatchNorm2d):
@@ -114,3 +116,46 @@ def test_fused_stem_under_torch_compile_fullgraph():
         got = torch.compile(f, fullgraph=True)(x)
         want = act(norm(conv(x)))
     assert rel_err(got, want) <= 1e-5
+
+
+def test_conv_bias_folded_into_the_norm_shift_at_inference():
+    from rmt import stem
+    conv, norm, _ = _layers(cin=8, cout=16, stride=2, device="cpu")
+    x = torch.randn(2, 8, 11, 10)
+    with torch.no_grad():
+        assert stem.folds_bias(conv, norm)
+        want = norm(conv(x))
+        assert rel_err(stem.conv_norm(x, conv, norm), want) <= 1e-6
+        handle = conv.register_forward_pre_hook(lambda *_: None)   # a hooked conv runs as a module
+        assert not stem.folds_bias(conv, norm)
+        handle.remove()
+        norm.train()                                               # batch statistics: the modules
+        assert not stem.folds_bias(conv, norm)
+        before = norm.running_mean.clone()
+        stem.conv_norm(x, conv, norm)
+        assert not torch.equal(before, norm.running_mean)
+        norm.eval()
+    # the fold is differentiable: the same gradients as the modules
+    assert stem.folds_bias(conv, norm)
+    params = (x.requires_grad_(), conv.weight, conv.bias, norm.weight, norm.bias)
+    g = torch.randn_like(want)
+    got = torch.autograd.grad(stem.conv_norm(x, conv, norm), params, g)
+    ref = torch.autograd.grad(norm(conv(x)), params, g)
+    assert all(rel_err(a, e) <= 1e-5 for a, e in zip(got, ref))
+
+
+def test_downsample_and_stem_fold_match_the_modules_in_eval():
+    from rmt import stem
+    down = stem.Downsample(16, 32).eval()
+    down.norm.running_mean.normal_()
+    down.norm.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 9, 7, 16)
+    st = stem.Stem(3, 32, "reference").eval()
+    img = torch.randn(1, 3, 20, 20)
+    with torch.no_grad():
+        want = down.norm(down.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+        assert rel_err(down(x), want) <= 1e-6
+        ref = img
+        for layer in st:
+            ref = layer(ref)
+        assert rel_err(st(img), ref) <= 1e-6

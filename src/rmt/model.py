@@ -30,8 +30,8 @@ from .ops.linear import linear
 from .ops.masa import FORMS, IMPLS, masa
 from .ops.masa.positions import cached_stage_positions, stage_positions
 from .ops.residual import add_branch, branch_scale, hook_free, plain_residual
-from .ops import stem_conv
 from .ops.triton_support import HAS_TRITON, cpu_path_allowed, fused_allowed
+from .stem import Downsample, Stem
 
 if HAS_TRITON:
     from .ops import block as block_ops
@@ -84,56 +84,6 @@ def _normalize_forms(forms: FormSpec, num_stages: int) -> Tuple[str, ...]:
     if len(forms) != num_stages or any(f not in FORMS for f in forms):
         raise ValueError(f"expected {num_stages} attention forms from {FORMS}, got {forms!r}")
     return forms
-
-
-class Stem(nn.Sequential):
-    """Four 3x3 convs (strides 2, 1, 2, 1) with BatchNorm; ``(b, 3, H, W) -> (b, c, H/4, W/4)``.
-
-    Indices match the released ``patch_embed.proj`` Sequential (0,1,3,4,6,7,9,10 hold weights).
-    """
-
-    def __init__(self, in_chans: int, out_chans: int, impl: str = "auto", device=None, dtype=None):
-        dd = dict(device=device, dtype=dtype)
-        mid = out_chans // 2
-        super().__init__(
-            nn.Conv2d(in_chans, mid, 3, 2, 1, **dd), nn.BatchNorm2d(mid, **dd), nn.GELU(),
-            nn.Conv2d(mid, mid, 3, 1, 1, **dd), nn.BatchNorm2d(mid, **dd), nn.GELU(),
-            nn.Conv2d(mid, out_chans, 3, 2, 1, **dd), nn.BatchNorm2d(out_chans, **dd), nn.GELU(),
-            nn.Conv2d(out_chans, out_chans, 3, 1, 1, **dd), nn.BatchNorm2d(out_chans, **dd),
-        )
-        self.impl = impl
-
-    @torch.jit.ignore
-    def _fused_head(self, x: torch.Tensor) -> bool:
-        """Whether the first conv, BatchNorm and GELU run as one kernel (:mod:`rmt.ops.stem_conv`)."""
-        return stem_conv.fuses(x, self[0], self[1], self[2], fused_allowed(self.impl, x))
-
-    @torch.jit.ignore
-    def _head(self, x: torch.Tensor) -> torch.Tensor:
-        return stem_conv.conv_bn_gelu(x, self[0], self[1], type(self[2]) is nn.GELU)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skip = 0
-        if not torch.jit.is_scripting() and self._fused_head(x):  # inference on the fast path
-            x = self._head(x)
-            skip = 3
-        for i, layer in enumerate(self):
-            if i >= skip:
-                x = layer(x)
-        return x
-
-
-class Downsample(nn.Module):
-    """Conv3x3 stride 2 + BatchNorm between stages; ``(b, h, w, c_in) -> (b, ceil(h/2), ceil(w/2), c_out)``."""
-
-    def __init__(self, in_chs: int, out_chs: int, device=None, dtype=None):
-        super().__init__()
-        dd = dict(device=device, dtype=dtype)
-        self.conv = nn.Conv2d(in_chs, out_chs, 3, 2, 1, **dd)
-        self.norm = nn.BatchNorm2d(out_chs, **dd)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
 
 
 # ----------------------------------------------------------------------------------------------
