@@ -123,20 +123,20 @@ def test_conv_bias_folded_into_the_norm_shift_at_inference():
     conv, norm, _ = _layers(cin=8, cout=16, stride=2, device="cpu")
     x = torch.randn(2, 8, 11, 10)
     with torch.no_grad():
-        assert stem.folds_bias(conv, norm)
+        assert stem.folds_bias(x, conv, norm)
         want = norm(conv(x))
         assert rel_err(stem.conv_norm(x, conv, norm), want) <= 1e-6
         handle = conv.register_forward_pre_hook(lambda *_: None)   # a hooked conv runs as a module
-        assert not stem.folds_bias(conv, norm)
+        assert not stem.folds_bias(x, conv, norm)
         handle.remove()
         norm.train()                                               # batch statistics: the modules
-        assert not stem.folds_bias(conv, norm)
+        assert not stem.folds_bias(x, conv, norm)
         before = norm.running_mean.clone()
         stem.conv_norm(x, conv, norm)
         assert not torch.equal(before, norm.running_mean)
         norm.eval()
     # the fold is differentiable: the same gradients as the modules
-    assert stem.folds_bias(conv, norm)
+    assert stem.folds_bias(x, conv, norm)
     params = (x.requires_grad_(), conv.weight, conv.bias, norm.weight, norm.bias)
     g = torch.randn_like(want)
     got = torch.autograd.grad(stem.conv_norm(x, conv, norm), params, g)
@@ -159,3 +159,21 @@ def test_downsample_and_stem_fold_match_the_modules_in_eval():
         for layer in st:
             ref = layer(ref)
         assert rel_err(st(img), ref) <= 1e-6
+
+
+def test_folded_shift_is_cached_until_a_parameter_changes():
+    from rmt import stem
+    conv, norm, _ = _layers(cin=4, cout=8, device="cpu")
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        first = stem.conv_norm(x, conv, norm)
+        shift = stem._shift(conv, norm)
+        assert stem._shift(conv, norm) is shift                     # computed once
+        conv.bias.add_(1.0)                                         # in place: the version changes
+        assert stem._shift(conv, norm) is not shift
+        assert rel_err(stem.conv_norm(x, conv, norm), norm(conv(x))) <= 1e-6
+        assert not torch.allclose(stem.conv_norm(x, conv, norm), first)
+        norm.running_var.mul_(2.0)
+        assert rel_err(stem.conv_norm(x, conv, norm), norm(conv(x))) <= 1e-6
+    # gradients recorded: computed afresh, with its graph
+    assert stem._shift(conv, norm).grad_fn is not None

@@ -1,8 +1,9 @@
 """RMT: Retentive Networks Meet Vision Transformers (Fan et al., CVPR 2024) as timm models.
 
 Top to bottom: helpers, attention (MaSA), block, stage, model, checkpoint hooks, configs and the
-``rmt_tiny/small/base/large`` registrations (the classifier head is :mod:`rmt.head`; training on the
-fast path runs each block through :mod:`rmt.ops.block`). Token tensors inside the model are channels-last
+``rmt_tiny/small/base/large`` registrations (the classifier head is :mod:`rmt.head`, the stem and
+the downsampling convs :mod:`rmt.stem`; training on the fast path runs each block through
+:mod:`rmt.ops.block`). Token tensors inside the model are channels-last
 ``(b, h, w, c)``; images and returned feature maps are NCHW.
 
 Layer names are this package's own (a fused ``qkv`` projection, timm-style ``stages`` with the

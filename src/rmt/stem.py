@@ -11,6 +11,9 @@ At inference, with each BatchNorm on its running statistics, two things save pas
 
 In training the layers run as they are.
 """
+import weakref
+from typing import Tuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -23,26 +26,49 @@ from .ops.triton_support import fused_allowed
 FOLD_CONV_BIAS = True
 
 
-def folds_bias(conv: nn.Module, norm: nn.Module) -> bool:
-    """Whether :func:`conv_norm` folds the bias of ``conv`` into ``norm``: both plain hook-free
-    modules, the norm on its running statistics, a bias to fold."""
+def folds_bias(x: torch.Tensor, conv: nn.Module, norm: nn.Module) -> bool:
+    """Whether :func:`conv_norm` folds the bias of ``conv`` into ``norm`` for ``x``: eager PyTorch (not
+    ``torch.compile``, whose generated kernel adds the bias with the norm anyway, nor a tracer), both
+    plain hook-free modules, the norm on its running statistics, a bias to fold."""
+    if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
     return (FOLD_CONV_BIAS and type(conv) is nn.Conv2d and type(norm) is nn.BatchNorm2d
             and not norm.training and norm.running_mean is not None and norm.running_var is not None
             and conv.bias is not None and conv.padding_mode == "zeros" and hook_free(conv) and hook_free(norm))
 
 
-def conv_norm(x: torch.Tensor, conv: nn.Module, norm: nn.Module) -> torch.Tensor:
-    """``norm(conv(x))``; where :func:`folds_bias`, the conv without its bias and the bias moved into
-    the BatchNorm's shift (``beta + b * gamma / sqrt(var + eps)``, differentiable in every parameter),
-    so no pass over the output adds it. ``x`` NCHW (any memory format)."""
-    if not folds_bias(conv, norm):
-        return norm(conv(x))
-    y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+# norm -> (its inputs (detached: their storage stays alive, so no new tensor takes their address),
+# their versions, the shift): inference computes each shift once
+_SHIFTS: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def _shift(conv: nn.Module, norm: nn.Module) -> torch.Tensor:
+    """``beta + b * gamma / sqrt(running_var + eps)``, the BatchNorm shift that absorbs the conv bias
+    ``b``; cached while no gradient is recorded and none of its inputs changed (four launches saved)."""
+    inputs = (conv.bias, norm.running_var, norm.weight, norm.bias)
+    record = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    versions = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype) for t in inputs) + (norm.eps,)
+    cached = None if record else _SHIFTS.get(norm)
+    if cached is not None and cached[1] == versions:
+        return cached[2]
     scale = torch.rsqrt(norm.running_var + norm.eps)
     if norm.weight is not None:
         scale = scale * norm.weight
     shift = conv.bias * scale if norm.bias is None else torch.addcmul(norm.bias, conv.bias, scale)
-    return F.batch_norm(y, norm.running_mean, norm.running_var, norm.weight, shift, False, 0.0, norm.eps)
+    if not record:
+        _SHIFTS[norm] = (tuple(None if t is None else t.detach() for t in inputs), versions, shift.detach())
+    return shift
+
+
+def conv_norm(x: torch.Tensor, conv: nn.Module, norm: nn.Module) -> torch.Tensor:
+    """``norm(conv(x))``; where :func:`folds_bias`, the conv without its bias and the bias moved into
+    the BatchNorm's shift (differentiable in every parameter), so no pass over the output adds it.
+    ``x`` NCHW (any memory format)."""
+    if not folds_bias(x, conv, norm):
+        return norm(conv(x))
+    y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return F.batch_norm(y, norm.running_mean, norm.running_var, norm.weight, _shift(conv, norm),
+                        False, 0.0, norm.eps)
 
 
 class Stem(nn.Sequential):
@@ -77,7 +103,7 @@ class Stem(nn.Sequential):
             x = stem_conv.conv_bn_gelu(x, layers[0], layers[1], type(layers[2]) is nn.GELU)
             i = 3
         while i < len(layers):
-            if i + 1 < len(layers) and folds_bias(layers[i], layers[i + 1]):
+            if i + 1 < len(layers) and folds_bias(x, layers[i], layers[i + 1]):
                 x = conv_norm(x, layers[i], layers[i + 1])
                 i += 2
             else:

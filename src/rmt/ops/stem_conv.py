@@ -4,10 +4,11 @@ RMT's stem opens with a 3x3 stride-2 convolution from the 3 image channels to 32
 has no fast kernel for 3 input channels in channels-last layout: on an H200 it took 480 us for a batch
 of 256 at 224x224 (about a tenth of the memory bandwidth), PyTorch added the conv bias in another
 280 us, and BatchNorm and GELU each made one more pass over the 112x112 output. :func:`conv_bn_gelu`
-computes all four in one direct convolution: each program owns ``BLOCK_W`` output pixels of one row
-and every output channel, accumulates the ``3 x 3 x c_in`` taps as outer products in float32 (reading
-the input in its own dtype, so float32 images are not rounded to bfloat16 first), applies the bias,
-the BatchNorm's running statistics and the exact GELU, and writes the channels-last result once.
+computes all four in one direct convolution: each program owns 64 output pixels (consecutive in
+row-major order) and every output channel, accumulates the ``3 x 3 x c_in`` taps as outer products
+in float32 (reading the input in its own dtype, so float32 images are not rounded to bfloat16
+first), applies the bias, the BatchNorm's running statistics and the exact GELU, and writes the
+channels-last result once.
 
 It runs where no gradient is needed and the BatchNorm uses its running statistics (``eval()``);
 training and everything else take the modules (cuDNN), which are also the oracle. Under
@@ -30,6 +31,8 @@ if HAS_TRITON:
 FUSED_KERNELS = True
 MAX_IN_CHANNELS = 4     # the taps are unrolled: meant for image inputs
 MAX_OUT_CHANNELS = 128  # one program holds every output channel of its pixels
+# pixels per program in Triton's CPU interpreter, whose cost is per program and op, not per element
+BLOCK_PIXELS_INTERPRETED = 4096
 
 
 if HAS_TRITON:
@@ -38,25 +41,25 @@ if HAS_TRITON:
                              H, W, HO, WO, COUT, x_sb, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw,
                              CIN: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
                              HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
-                             BLOCK_W: tl.constexpr, BLOCK_CO: tl.constexpr):
-        """Grid ``(b * HO, cdiv(WO, BLOCK_W))``: ``Y[b, oh, ow, :] = gelu(bn(conv(X) + B))`` for
-        ``BLOCK_W`` pixels ``ow`` of output row ``oh``; ``Y`` contiguous ``(b, HO, WO, COUT)``."""
+                             BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr):
+        """Grid ``(b, cdiv(HO * WO, BLOCK_P))``: ``Y[b, p, :] = gelu(bn(conv(X) + B))`` for ``BLOCK_P``
+        output pixels ``p`` (row-major over ``HO x WO``); ``Y`` contiguous ``(b, HO, WO, COUT)``."""
         eps = tl.cast(eps, tl.float32)  # torch.compile passes a Python float as float64
-        row = tl.program_id(0)
-        b = row // HO
-        oh = row % HO
-        ow = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        b = tl.program_id(0)
+        p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        oh = p // WO
+        ow = p % WO
         co = tl.arange(0, BLOCK_CO)
-        mask_w = ow < WO
+        mask_p = p < HO * WO
         mask_c = co < COUT
         x_base = X + b.to(tl.int64) * x_sb
-        acc = tl.zeros((BLOCK_W, BLOCK_CO), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
         for kh in tl.static_range(KS):
             ih = oh * STRIDE + kh - PAD
-            inside_h = (ih >= 0) & (ih < H)
+            inside_h = mask_p & (ih >= 0) & (ih < H)
             for kw in tl.static_range(KS):
                 iw = ow * STRIDE + kw - PAD
-                m = mask_w & inside_h & (iw >= 0) & (iw < W)
+                m = inside_h & (iw >= 0) & (iw < W)
                 for ci in tl.static_range(CIN):
                     xv = tl.load(x_base + ih * x_sh + iw * x_sw + ci * x_sc, mask=m, other=0.0)
                     wv = tl.load(WT + co * w_so + ci * w_si + kh * w_sh + kw * w_sw, mask=mask_c, other=0.0)
@@ -70,8 +73,8 @@ if HAS_TRITON:
         y = (acc - mean[None, :]) * (gamma / tl.sqrt(var + eps))[None, :] + beta[None, :]
         if GELU:
             y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
-        offs = (row.to(tl.int64) * WO + ow)[:, None] * COUT + co[None, :]
-        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask_w[:, None] & mask_c[None, :])
+        offs = (b.to(tl.int64) * HO * WO + p)[:, None] * COUT + co[None, :]
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
 
 
 def _conv_bn_gelu(launch, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -83,13 +86,13 @@ def _conv_bn_gelu(launch, x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     cout, ks = weight.shape[0], weight.shape[-1]
     ho, wo = (h + 2 * padding - ks) // stride + 1, (w + 2 * padding - ks) // stride + 1
     y = torch.empty((b, ho, wo, cout), dtype=out_dtype, device=x.device)
-    block_w = 64 if wo > 32 else 32
-    launch(_conv_bn_gelu_kernel)[(b * ho, cdiv(wo, block_w))](
+    block_p = BLOCK_PIXELS_INTERPRETED if x.device.type == "cpu" else 64
+    launch(_conv_bn_gelu_kernel)[(b, cdiv(ho * wo, block_p))](
         x, weight, bias if bias is not None else bn_bias, bn_weight, bn_bias, bn_mean, bn_var, y, eps,
         h, w, ho, wo, cout, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
         CIN=cin, KS=ks, STRIDE=stride, PAD=padding, HAS_BIAS=bias is not None, GELU=gelu,
-        BLOCK_W=block_w, BLOCK_CO=max(16, next_power_of_2(cout)), num_warps=4)
+        BLOCK_P=block_p, BLOCK_CO=max(16, next_power_of_2(cout)), num_warps=4)
     return y.permute(0, 3, 1, 2)
 
 
