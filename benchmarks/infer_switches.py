@@ -12,7 +12,8 @@ for the softmax, :data:`rmt.ops.masa.cpu.PAD_KEYS`; ``malloc``: glibc's mmap and
 :func:`rmt.host_memory.keep_freed_memory`, against its initial 128 KiB without dynamic raising;
 ``gelu_epilogue``: fc1's GELU in cuBLASLt's GEMM epilogue at half-precision inference,
 :data:`rmt.ops.linear.GELU_EPILOGUE`; ``stem``: the stem's first conv, BatchNorm and GELU as one Triton
-kernel at inference, :data:`rmt.ops.stem_conv.FUSED_KERNELS`). Each repeat times the flag on, then off (``rmt
+kernel at inference, :data:`rmt.ops.stem_conv.FUSED_KERNELS`; ``bias_fold``: the other stem and
+downsampling convs' bias in their BatchNorm's shift, :data:`rmt.stem.FOLD_CONV_BIAS`). Each repeat times the flag on, then off (``rmt
 benchmark``'s harness: bf16 on CUDA, float32 on CPU; median of 10 steps on CUDA, mean of ``--iters``
 on CPU), so slow drifts of the machine affect both alike; the medians over the repeats close the table.
 """
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import rmt  # noqa: E402,F401
 from rmt import benchmark as bm  # noqa: E402
 from rmt.host_memory import DEFAULT_THRESHOLD, keep_freed_memory  # noqa: E402
+from rmt import stem as stem_module  # noqa: E402
 from rmt.ops import dwconv, linear, stem_conv  # noqa: E402
 from rmt.ops.masa import cpu as masa_cpu  # noqa: E402
 from rmt.ops.masa import triton_masa  # noqa: E402
@@ -38,7 +40,8 @@ FLAGS = {"masa_seqs": (triton_masa, "SEQUENCES_PER_PROGRAM_FORWARD"),
          "cpu_fold": (dwconv, "FOLD_RESIDUAL_ON_CPU"),
          "cpu_pad": (masa_cpu, "PAD_KEYS"),
          "gelu_epilogue": (linear, "GELU_EPILOGUE"),
-         "stem": (stem_conv, "FUSED_KERNELS")}
+         "stem": (stem_conv, "FUSED_KERNELS"),
+         "bias_fold": (stem_module, "FOLD_CONV_BIAS")}
 # switches that are settings rather than module flags: name -> function(on)
 SETTERS = {"malloc": lambda on: keep_freed_memory(DEFAULT_THRESHOLD if on else 128 << 10)}
 

@@ -118,8 +118,9 @@ def test_fused_stem_under_torch_compile_fullgraph():
     assert rel_err(got, want) <= 1e-5
 
 
-def test_conv_bias_folded_into_the_norm_shift_at_inference():
+def test_conv_bias_folded_into_the_norm_shift_at_inference(monkeypatch):
     from rmt import stem
+    monkeypatch.setattr(stem, "FOLD_DEVICES", ("cuda", "cpu"))
     conv, norm, _ = _layers(cin=8, cout=16, stride=2, device="cpu")
     x = torch.randn(2, 8, 11, 10)
     with torch.no_grad():
@@ -144,8 +145,12 @@ def test_conv_bias_folded_into_the_norm_shift_at_inference():
     assert all(rel_err(a, e) <= 1e-5 for a, e in zip(got, ref))
 
 
-def test_downsample_and_stem_fold_match_the_modules_in_eval():
+def test_downsample_and_stem_fold_match_the_modules_in_eval(monkeypatch):
     from rmt import stem
+    monkeypatch.setattr(stem, "FOLD_DEVICES", ("cuda", "cpu"))
+    calls = []
+    original = stem.conv_norm
+    monkeypatch.setattr(stem, "conv_norm", lambda *a: calls.append(stem.folds_bias(*a)) or original(*a))
     down = stem.Downsample(16, 32).eval()
     down.norm.running_mean.normal_()
     down.norm.running_var.uniform_(0.5, 2.0)
@@ -159,10 +164,12 @@ def test_downsample_and_stem_fold_match_the_modules_in_eval():
         for layer in st:
             ref = layer(ref)
         assert rel_err(st(img), ref) <= 1e-6
+    assert calls == [True] * 5   # the downsample, then the stem's four convs (the first: no kernel here)
 
 
-def test_folded_shift_is_cached_until_a_parameter_changes():
+def test_folded_shift_is_cached_until_a_parameter_changes(monkeypatch):
     from rmt import stem
+    monkeypatch.setattr(stem, "FOLD_DEVICES", ("cuda", "cpu"))
     conv, norm, _ = _layers(cin=4, cout=8, device="cpu")
     x = torch.randn(1, 4, 6, 6)
     with torch.no_grad():
@@ -177,3 +184,11 @@ def test_folded_shift_is_cached_until_a_parameter_changes():
         assert rel_err(stem.conv_norm(x, conv, norm), norm(conv(x))) <= 1e-6
     # gradients recorded: computed afresh, with its graph
     assert stem._shift(conv, norm).grad_fn is not None
+
+
+def test_bias_fold_stays_off_on_cpu_by_default():
+    from rmt import stem
+    conv, norm, _ = _layers(cin=4, cout=8, device="cpu")
+    with torch.no_grad():
+        assert stem.FOLD_DEVICES == ("cuda",)
+        assert not stem.folds_bias(torch.randn(1, 4, 6, 6), conv, norm)
