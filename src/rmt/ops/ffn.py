@@ -97,7 +97,7 @@ def ffn(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tens
     :func:`rmt.ops.linear.linear` followed by :func:`ffn_tail`.
     """
     if fused and gelu_epilogue_applies(x, fc1_weight, fc1_bias):
-        g = linear_gelu(x, fc1_weight, fc1_bias)
+        g = linear_gelu(x, fc1_weight, fc1_bias, True)  # checked just above
         return F.linear(dwconv_nhwc(g, dw_weight, dw_bias, True, fused, False), fc2_weight, fc2_bias)
     return ffn_tail(linear(x, fc1_weight, fc1_bias, fused), dw_weight, dw_bias, fc2_weight, fc2_bias,
                     fused, cpu_fast)

@@ -129,32 +129,43 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
 GELU_EPILOGUE = True
 
 
+def _epilogue_dtype(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.dtype]:
+    """The half-precision dtype :func:`linear_gelu`'s GEMM epilogue computes in, or ``None`` where it
+    does not apply (:data:`GELU_EPILOGUE` off, not CUDA, gradients to record, no bias, float32)."""
+    if not (GELU_EPILOGUE and x.is_cuda and bias is not None and x.dim() >= 2):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+        return None
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    return dtype if dtype in _HALF else None
+
+
 @torch.jit.ignore
 def gelu_epilogue_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """Whether :func:`linear_gelu` takes the GEMM epilogue for these tensors: :data:`GELU_EPILOGUE`
     on, a CUDA input without gradients to record, a half-precision compute dtype and a bias."""
-    if not (GELU_EPILOGUE and x.is_cuda and bias is not None and x.dim() >= 2):
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
-        return False
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-    return dtype in _HALF
+    return _epilogue_dtype(x, weight, bias) is not None
 
 
 @torch.jit.ignore
-def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                checked: bool = False) -> torch.Tensor:
     """``gelu(F.linear(x, weight, bias))``; ``x`` ``(..., k)``, ``weight`` ``(n, k)`` -> ``(..., n)``.
 
-    Where :func:`gelu_epilogue_applies`, one ``aten._addmm_activation`` call: cuBLASLt adds the bias
-    and applies GELU in the GEMM's epilogue, in float32 before rounding to the half-precision output.
-    That GELU is the tanh approximation, within 4.8e-4 of the exact one everywhere (the largest gap,
-    near +-2.7, is a quarter of float16's spacing there and a thirtieth of bfloat16's); PyTorch falls back to a GEMM and a separate
+    Where :func:`gelu_epilogue_applies` (``checked``: the caller found so already), one
+    ``aten._addmm_activation`` call: cuBLASLt adds the bias and applies GELU in the GEMM's epilogue,
+    in float32 before rounding to the half-precision output. That GELU is the tanh approximation,
+    within 4.8e-4 of the exact one everywhere (the largest gap, near +-2.7, is a quarter of float16's
+    spacing there and a thirtieth of bfloat16's); PyTorch falls back to a GEMM and a separate
     tanh-approximate GELU where cuBLASLt cannot take the shapes. Elsewhere (float32, CPU, training)
     it is the exact ``F.gelu(F.linear(...))``.
     """
-    if not gelu_epilogue_applies(x, weight, bias):
+    if checked:
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    else:
+        dtype = _epilogue_dtype(x, weight, bias)
+    if dtype is None:
         return F.gelu(F.linear(x, weight, bias))
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
     flat = x.reshape(-1, x.shape[-1]).to(dtype)
     out = torch._addmm_activation(bias.to(dtype), flat, weight.to(dtype).t(), use_gelu=True)
     return out.view(*x.shape[:-1], weight.shape[0])
