@@ -160,10 +160,13 @@ def test_torch_compile_fullgraph_has_no_graph_breaks(impl, monkeypatch):
 
     Under compile the LayerNorms run as PyTorch's (Inductor fuses them itself); the eager model is
     made to use the same here, so the comparison is of the same kernels (test_layernorm.py checks the
-    Triton LayerNorm against PyTorch's).
+    Triton LayerNorm against PyTorch's). Likewise the stem's conv-bias fold, which compile skips
+    (with the bias cuDNN may pick another TF32 algorithm; test_stem_conv.py checks the fold).
     """
     import rmt.norm
+    import rmt.stem
     monkeypatch.setattr(rmt.norm, "triton_layer_norm_supported", lambda *args: False)
+    monkeypatch.setattr(rmt.stem, "FOLD_CONV_BIAS", False)
     torch._dynamo.reset()
     model = timm.create_model("rmt_tiny", masa_impl=impl, num_classes=0, **SMALL_ARGS).to(DEVICE).eval()
     compiled = torch.compile(model, fullgraph=True, backend="eager")

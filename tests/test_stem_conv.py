@@ -76,7 +76,23 @@ def test_fused_stem_dispatch():
         handle.remove()
         big, big_norm, _ = _layers(cin=8)
         assert not stem_conv.fuses(torch.randn(1, 8, 8, 8, device=DEVICE), big, big_norm, act, True)
+        wide = nn.Conv2d(3, 32, 5, 2, 2).to(DEVICE).eval()                # 75 taps > MAX_PATCH
+        assert not stem_conv.fuses(x, wide, norm, act, True)
     assert not stem_conv.fuses(x, conv, norm, act, True)               # gradients recorded
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="half-precision dot products run on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_stem_half_precision_product_matches_the_modules(dtype):
+    """Under autocast the patches and weight are multiplied in the half dtype (as cuDNN does)."""
+    conv, norm, act = _layers(3, 56)
+    x = torch.randn(3, 3, 37, 150, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = act(norm(conv(x)))
+        with torch.autocast("cuda", dtype=dtype):
+            got = stem_conv.conv_bn_gelu(x, conv, norm, True)
+    assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(got.float(), want) <= 1e-2
 
 
 @pytest.mark.parametrize("impl,fused", [("triton" if DEVICE == "cpu" else "auto", True), ("reference", False)])

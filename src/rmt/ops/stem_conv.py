@@ -4,11 +4,11 @@ RMT's stem opens with a 3x3 stride-2 convolution from the 3 image channels to 32
 has no fast kernel for 3 input channels in channels-last layout: on an H200 it took 480 us for a batch
 of 256 at 224x224 (about a tenth of the memory bandwidth), PyTorch added the conv bias in another
 280 us, and BatchNorm and GELU each made one more pass over the 112x112 output. :func:`conv_bn_gelu`
-computes all four in one direct convolution: each program owns 64 output pixels (consecutive in
-row-major order) and every output channel, accumulates the ``3 x 3 x c_in`` taps as outer products
-in float32 (reading the input in its own dtype, so float32 images are not rounded to bfloat16
-first), applies the bias, the BatchNorm's running statistics and the exact GELU, and writes the
-channels-last result once.
+computes all four in one pass: each program owns 128 output pixels (consecutive in row-major order)
+and every output channel, gathers each pixel's ``c_in x 3 x 3`` patch into a row, multiplies the rows
+by the weight on the tensor cores (one ``tl.dot``, in the output's half dtype under autocast as
+cuDNN would, in float32 otherwise), applies the bias, the BatchNorm's running statistics and the
+exact GELU, and writes the channels-last result once.
 
 It runs where no gradient is needed and the BatchNorm uses its running statistics (``eval()``);
 training and everything else take the modules (cuDNN), which are also the oracle. Under
@@ -29,8 +29,10 @@ if HAS_TRITON:
 
 # False: the stem's first conv, BatchNorm and GELU always run as modules
 FUSED_KERNELS = True
-MAX_IN_CHANNELS = 4     # the taps are unrolled: meant for image inputs
+MAX_IN_CHANNELS = 4     # meant for image inputs
+MAX_PATCH = 64          # c_in * k * k: a program holds its pixels' patches whole
 MAX_OUT_CHANNELS = 128  # one program holds every output channel of its pixels
+BLOCK_PIXELS = 128      # output pixels per program on a GPU
 # pixels per program in Triton's CPU interpreter, whose cost is per program and op, not per element
 BLOCK_PIXELS_INTERPRETED = 4096
 
@@ -40,30 +42,38 @@ if HAS_TRITON:
     def _conv_bn_gelu_kernel(X, WT, B, BN_W, BN_B, BN_MEAN, BN_VAR, Y, eps,
                              H, W, HO, WO, COUT, x_sb, x_sc, x_sh, x_sw, w_so, w_si, w_sh, w_sw,
                              CIN: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-                             HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
-                             BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr):
+                             HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HALF_DOT: tl.constexpr,
+                             BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr):
         """Grid ``(b, cdiv(HO * WO, BLOCK_P))``: ``Y[b, p, :] = gelu(bn(conv(X) + B))`` for ``BLOCK_P``
-        output pixels ``p`` (row-major over ``HO x WO``); ``Y`` contiguous ``(b, HO, WO, COUT)``."""
+        output pixels ``p`` (row-major over ``HO x WO``); ``Y`` contiguous ``(b, HO, WO, COUT)``.
+
+        The convolution is one ``(BLOCK_P, BLOCK_K) @ (BLOCK_K, BLOCK_CO)`` product: each pixel's
+        ``c_in x KS x KS`` patch gathered into a row (zero past the image and past ``c_in * KS * KS``),
+        the weight as the matching columns; in the output's half dtype where ``HALF_DOT`` (as cuDNN
+        under autocast), else in full float32."""
         eps = tl.cast(eps, tl.float32)  # torch.compile passes a Python float as float64
         b = tl.program_id(0)
         p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
         oh = p // WO
         ow = p % WO
+        k = tl.arange(0, BLOCK_K)  # patch index: (ci, kh, kw) row-major, as the weight's layout
+        ci = k // (KS * KS)
+        kh = (k // KS) % KS
+        kw = k % KS
         co = tl.arange(0, BLOCK_CO)
         mask_p = p < HO * WO
+        mask_k = k < CIN * KS * KS
         mask_c = co < COUT
-        x_base = X + b.to(tl.int64) * x_sb
-        acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
-        for kh in tl.static_range(KS):
-            ih = oh * STRIDE + kh - PAD
-            inside_h = mask_p & (ih >= 0) & (ih < H)
-            for kw in tl.static_range(KS):
-                iw = ow * STRIDE + kw - PAD
-                m = inside_h & (iw >= 0) & (iw < W)
-                for ci in tl.static_range(CIN):
-                    xv = tl.load(x_base + ih * x_sh + iw * x_sw + ci * x_sc, mask=m, other=0.0)
-                    wv = tl.load(WT + co * w_so + ci * w_si + kh * w_sh + kw * w_sw, mask=mask_c, other=0.0)
-                    acc += xv.to(tl.float32)[:, None] * wv.to(tl.float32)[None, :]
+        ih = oh[:, None] * STRIDE + kh[None, :] - PAD
+        iw = ow[:, None] * STRIDE + kw[None, :] - PAD
+        inside = mask_p[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        patch = tl.load(X + b.to(tl.int64) * x_sb + ci[None, :] * x_sc + ih * x_sh + iw * x_sw, mask=inside, other=0.0)
+        wk = tl.load(WT + co[None, :] * w_so + ci[:, None] * w_si + kh[:, None] * w_sh + kw[:, None] * w_sw,
+                     mask=mask_k[:, None] & mask_c[None, :], other=0.0)
+        if HALF_DOT:
+            acc = tl.dot(patch.to(Y.dtype.element_ty), wk.to(Y.dtype.element_ty))
+        else:
+            acc = tl.dot(patch.to(tl.float32), wk.to(tl.float32), input_precision="ieee")
         if HAS_BIAS:
             acc += tl.load(B + co, mask=mask_c, other=0.0).to(tl.float32)[None, :]
         mean = tl.load(BN_MEAN + co, mask=mask_c, other=0.0).to(tl.float32)
@@ -86,13 +96,17 @@ def _conv_bn_gelu(launch, x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     cout, ks = weight.shape[0], weight.shape[-1]
     ho, wo = (h + 2 * padding - ks) // stride + 1, (w + 2 * padding - ks) // stride + 1
     y = torch.empty((b, ho, wo, cout), dtype=out_dtype, device=x.device)
-    block_p = BLOCK_PIXELS_INTERPRETED if x.device.type == "cpu" else 64
+    interpreted = x.device.type == "cpu"
+    block_p = BLOCK_PIXELS_INTERPRETED if interpreted else BLOCK_PIXELS
     launch(_conv_bn_gelu_kernel)[(b, cdiv(ho * wo, block_p))](
         x, weight, bias if bias is not None else bn_bias, bn_weight, bn_bias, bn_mean, bn_var, y, eps,
         h, w, ho, wo, cout, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
         CIN=cin, KS=ks, STRIDE=stride, PAD=padding, HAS_BIAS=bias is not None, GELU=gelu,
-        BLOCK_P=block_p, BLOCK_CO=max(16, next_power_of_2(cout)), num_warps=4)
+        # Triton's interpreter gets half-precision dot products wrong: float32 there
+        HALF_DOT=out_dtype != torch.float32 and not interpreted,
+        BLOCK_P=block_p, BLOCK_CO=max(16, next_power_of_2(cout)), BLOCK_K=max(16, next_power_of_2(cin * ks * ks)),
+        num_warps=4)
     return y.permute(0, 3, 1, 2)
 
 
@@ -111,8 +125,8 @@ if HAS_TRITON:
 def fuses(x: torch.Tensor, conv: nn.Module, norm: nn.Module, act: nn.Module, allowed: bool) -> bool:
     """Whether :func:`conv_bn_gelu` takes ``conv -> norm [-> act]`` for ``x``: the switch and the
     model's setting (``allowed``) on, a tensor the kernel runs on, no gradient to record, plain
-    hook-free modules of the expected kind (a 3x3-ish conv from at most :data:`MAX_IN_CHANNELS`
-    channels, an affine BatchNorm on its running statistics, an exact GELU)."""
+    hook-free modules of the expected kind (a square conv from at most :data:`MAX_IN_CHANNELS`
+    channels and :data:`MAX_PATCH` taps, an affine BatchNorm on its running statistics, an exact GELU)."""
     if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing():  # symbolic tracing: the modules
         return False
     if (not (FUSED_KERNELS and allowed and HAS_TRITON) or not triton_runs_on(x) or x.dim() != 4
@@ -125,6 +139,7 @@ def fuses(x: torch.Tensor, conv: nn.Module, norm: nn.Module, act: nn.Module, all
     if (conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or isinstance(conv.padding, str)
             or conv.stride[0] != conv.stride[1] or conv.padding[0] != conv.padding[1]
             or conv.kernel_size[0] != conv.kernel_size[1] or conv.in_channels > MAX_IN_CHANNELS
+            or conv.in_channels * conv.kernel_size[0] ** 2 > MAX_PATCH
             or conv.out_channels > MAX_OUT_CHANNELS or x.shape[1] != conv.in_channels):
         return False
     if norm.training or norm.running_mean is None or norm.weight is None or norm.bias is None:
