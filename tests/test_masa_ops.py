@@ -229,12 +229,12 @@ def test_torch_compile_fullgraph_training_step(impl, monkeypatch):
     """Training mode (drop path, layer scale, the fused residual branches, the Linear layers of the
     fast path) also compiles into one graph, with the eager model's outputs and gradients.
 
-    cuDNN's weight gradients are made deterministic: the first conv's gradient, a sum over every
-    pixel ahead of a training-mode BatchNorm, cancels enough that a different summation order
-    alone moved it by 2e-4 on CUDA."""
+    TF32 is off for cuDNN: eager training runs each block as one autograd node and the compiled
+    graph module by module, so their convolutions differ and TF32 rounding moved gradients by up to
+    2e-3 on CUDA (1e-6 outputs, 3e-6 gradients without it)."""
     import rmt.norm
     monkeypatch.setattr(rmt.norm, "triton_layer_norm_supported", lambda *args: False)
-    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch._dynamo.reset()
     model = timm.create_model("rmt_tiny", masa_impl=impl, num_classes=4,
                               **dict(SMALL_ARGS, drop_path_rate=0.3)).to(DEVICE).train()
