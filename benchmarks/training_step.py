@@ -23,6 +23,8 @@ is an execution mode with optional switches, e.g. ``graphed-torchln`` or ``eager
   (``rmt.ops.block.FUSED_BLOCK = False``);
 * switch ``tritonwgrad``: the depthwise weight gradients through the Triton kernel instead of cuDNN
   (``rmt.ops.dwconv.TRITON_WEIGHT_GRAD = True``);
+* switch ``blockgraphs``: each block's training kernels replayed from CUDA graphs
+  (``model.set_block_graphs(True)``, :mod:`rmt.ops.block_graphs`; not with ``--interleave``);
 * switch ``calling``: autograd runs the backward on the calling thread instead of its device thread
   (``torch.autograd.set_multithreading_enabled(False)``);
 * switch ``jitlaunch``: every Triton launch through Triton's own dispatch instead of straight to the
@@ -90,7 +92,8 @@ def _on_calling_thread(step):
     return wrapped
 
 
-SWITCHES = ("cudnn", "torchln", "twokernel", "oneseq", "unfused", "jitlaunch", "calling", "tritonwgrad")
+SWITCHES = ("cudnn", "torchln", "twokernel", "oneseq", "unfused", "jitlaunch", "calling", "tritonwgrad",
+            "blockgraphs")
 
 
 def _set_switches(switches: List[str]) -> None:
@@ -129,10 +132,13 @@ def measure(name: str, mode: str, batch: int, device: torch.device, warmup: int,
             for _ in range(4):
                 step()
         else:
+            if "blockgraphs" in switches:
+                model.set_block_graphs(True)
             step = _eager_step(run, x, y, opt)
             if "calling" in switches:
                 step = _on_calling_thread(step)
-            step()  # compile / autotune / allocate optimizer state
+            for _ in range(4 if "blockgraphs" in switches else 1):
+                step()  # compile / autotune / allocate optimizer state (/ capture the blocks' graphs)
         torch.cuda.synchronize()
         row["setup_s"] = round(time.perf_counter() - t0, 1)
         sec = time_step(step, device, warmup, iters)
@@ -188,8 +194,9 @@ def interleave(name: str, modes: List[str], batch: int, device: torch.device, ro
     paired ratio to the first mode (the median of the per-round ratios)."""
     for mode in modes:
         base, *switches = mode.split("-")
-        if base != "eager" or set(switches) - set(SWITCHES):
-            raise SystemExit(f"--interleave takes eager modes with switches from {SWITCHES}, not {mode!r}")
+        if base != "eager" or set(switches) - set(SWITCHES) or "blockgraphs" in switches:
+            raise SystemExit(f"--interleave takes eager modes with switches from {SWITCHES} "
+                             f"(not blockgraphs, a per-model setting), not {mode!r}")
     model = _make(name, device)
     x, y = _batch(batch, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)

@@ -36,6 +36,7 @@ from .stem import Downsample, Stem
 
 if HAS_TRITON:
     from .ops import block as block_ops
+    from .ops import block_graphs
 
 __all__ = ["RMT", "MaSA", "RMTBlock", "RMTStage", "MIN_INPUT_SIZE"]
 
@@ -246,7 +247,7 @@ class RMTBlock(nn.Module):
                   attn.qkv.bias, attn.lepe.weight, attn.lepe.bias, attn.proj.weight, attn.proj.bias,
                   self.norm2.weight, self.norm2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.dwconv.weight,
                   mlp.dwconv.bias, mlp.fc2.weight, mlp.fc2.bias)
-        return block_ops.block_train(x, scale1, scale2, spec, params)
+        return block_ops.block_train(x, scale1, scale2, spec, params, block_graphs.graphs_of(self))
 
     @torch.jit.ignore
     def _add_branch(self, x: torch.Tensor, branch: torch.Tensor, ls: str) -> torch.Tensor:
@@ -428,6 +429,14 @@ class RMT(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for s in self.stages:
             s.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def set_block_graphs(self, enable: bool = True) -> None:
+        """Replay each block's training kernels from CUDA graphs (:mod:`rmt.ops.block_graphs`): an
+        eager CUDA training step with far fewer launches, the same numbers. Needs Triton."""
+        if not HAS_TRITON:
+            raise RuntimeError("block graphs replay the Triton training kernels: install triton")
+        block_graphs.set_block_graphs([blk for s in self.stages for blk in s.blocks], enable)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

@@ -72,82 +72,108 @@ def _norm_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     return dx.view(shape), dw, db
 
 
-class _Block(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale1, scale2, spec: BlockSpec, cpe_w, cpe_b, n1_w, n1_b, qkv_w, qkv_b, lepe_w,
-                lepe_b, proj_w, proj_b, n2_w, n2_b, fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b):
-        b, h, w, c = x.shape
-        dt = x.dtype
-        n = spec.num_heads
-        x1 = dwconv._forward(eager_launch, x, cpe_w, cpe_b, True, False)
-        y1, mean1, rstd1 = layernorm._forward(x1.view(-1, c), n1_w, n1_b, spec.eps1, dt)
-        wq, bq, wp, bp, w1, b1, w2, b2 = _cast_together(
-            (qkv_w, qkv_b, proj_w, proj_b, fc1_w, fc1_b, fc2_w, fc2_b), dt)
-        qkv = F.linear(y1.view(b, h, w, c), wq, bq)
-        q, k, v = qkv.split(c, dim=-1)
-        lepe = dwconv._forward(eager_launch, v, lepe_w, lepe_b, False, False)
-        shape = (b, h, w, n, c // n)
-        attn, state = attention_forward(q.view(shape), k.view(shape), v.view(shape), spec.sin, spec.cos,
-                                        spec.decay, spec.scale, spec.form)
-        o = attn.view(b, h, w, c) + lepe
-        a1 = F.linear(o, wp, bp)
-        x2 = x1 + a1 if scale1 is None else torch.addcmul(x1, a1, scale1)
-        x2n = as_dtype(x2, dt)  # what the LayerNorm normalises (x2 is float32 when a layer scale promoted it)
-        y2, mean2, rstd2 = layernorm._forward(x2n.view(-1, c), n2_w, n2_b, spec.eps2, dt)
-        a = F.linear(y2.view(b, h, w, c), w1, b1)
-        f = ffn_tail_forward(a, dw_w, dw_b, w2, b2)
-        out = x2 + f if scale2 is None else torch.addcmul(x2, f, scale2)
+class BlockState(NamedTuple):
+    """What :func:`block_forward` keeps for :func:`block_backward`."""
+    saved: tuple            # tensors (or None), in the order block_backward unpacks them
+    dtypes: tuple           # x1, a1, x2, f and parameter dtypes
+    need_scales: tuple      # whether the gradients of scale1 / scale2 are wanted
 
-        need1 = scale1 is not None and ctx.needs_input_grad[1]
-        need2 = scale2 is not None and ctx.needs_input_grad[2]
-        ctx.save_for_backward(x, x1, y1, mean1, rstd1, qkv, o, a1 if need1 else None, x2n, y2, mean2,
-                              rstd2, a, f if need2 else None, scale1, scale2, wq, wp, w1, w2,
-                              cpe_w, n1_w, lepe_w, n2_w, dw_w, dw_b, *state)
-        ctx.spec = spec
-        ctx.dtypes = (x1.dtype, a1.dtype, x2.dtype, f.dtype, qkv_w.dtype)
-        ctx.need_scales = need1, need2
+
+def block_forward(x: torch.Tensor, scale1: Optional[torch.Tensor], scale2: Optional[torch.Tensor],
+                  spec: BlockSpec, params: Sequence[torch.Tensor], needs: Sequence[bool]):
+    """The block on ``x`` ``(b, h, w, c)`` without autograd: ``(out, BlockState)``. ``needs`` says which
+    of ``(x, scale1, scale2, spec, *params)`` want a gradient (``ctx.needs_input_grad``)."""
+    (cpe_w, cpe_b, n1_w, n1_b, qkv_w, qkv_b, lepe_w, lepe_b, proj_w, proj_b, n2_w, n2_b,
+     fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b) = params
+    b, h, w, c = x.shape
+    dt = x.dtype
+    n = spec.num_heads
+    x1 = dwconv._forward(eager_launch, x, cpe_w, cpe_b, True, False)
+    y1, mean1, rstd1 = layernorm._forward(x1.view(-1, c), n1_w, n1_b, spec.eps1, dt)
+    wq, bq, wp, bp, w1, b1, w2, b2 = _cast_together((qkv_w, qkv_b, proj_w, proj_b, fc1_w, fc1_b, fc2_w, fc2_b), dt)
+    qkv = F.linear(y1.view(b, h, w, c), wq, bq)
+    q, k, v = qkv.split(c, dim=-1)
+    lepe = dwconv._forward(eager_launch, v, lepe_w, lepe_b, False, False)
+    shape = (b, h, w, n, c // n)
+    attn, state = attention_forward(q.view(shape), k.view(shape), v.view(shape), spec.sin, spec.cos,
+                                    spec.decay, spec.scale, spec.form)
+    o = attn.view(b, h, w, c) + lepe
+    a1 = F.linear(o, wp, bp)
+    x2 = x1 + a1 if scale1 is None else torch.addcmul(x1, a1, scale1)
+    x2n = as_dtype(x2, dt)  # what the LayerNorm normalises (x2 is float32 when a layer scale promoted it)
+    y2, mean2, rstd2 = layernorm._forward(x2n.view(-1, c), n2_w, n2_b, spec.eps2, dt)
+    a = F.linear(y2.view(b, h, w, c), w1, b1)
+    f = ffn_tail_forward(a, dw_w, dw_b, w2, b2)
+    out = x2 + f if scale2 is None else torch.addcmul(x2, f, scale2)
+
+    need1 = scale1 is not None and needs[1]
+    need2 = scale2 is not None and needs[2]
+    saved = (x, x1, y1, mean1, rstd1, qkv, o, a1 if need1 else None, x2n, y2, mean2, rstd2, a,
+             f if need2 else None, scale1, scale2, wq, wp, w1, w2, cpe_w, n1_w, lepe_w, n2_w, dw_w, dw_b, *state)
+    return out, BlockState(saved, (x1.dtype, a1.dtype, x2.dtype, f.dtype, qkv_w.dtype), (need1, need2))
+
+
+def block_backward(state: BlockState, spec: BlockSpec, needs: Sequence[bool], grad: torch.Tensor) -> tuple:
+    """Gradients of :func:`block_forward` for ``grad`` (of ``out``): one per input of
+    ``(x, scale1, scale2, spec, *params)``, ``None`` where not wanted."""
+    (x, x1, y1, mean1, rstd1, qkv, o, a1, x2n, y2, mean2, rstd2, a, f, scale1, scale2,
+     wq, wp, w1, w2, cpe_w, n1_w, lepe_w, n2_w, dw_w, dw_b, *attn_state) = state.saved
+    x1_dtype, a1_dtype, x2_dtype, f_dtype, pdt = state.dtypes
+    need = needs
+    b, h, w, c = x.shape
+    n = spec.num_heads
+
+    # FFN branch: out = x2 + scale2 * fc2(g + dwconv(g) + b), g = gelu(fc1(norm2(x2)))
+    grad = grad.contiguous()
+    g_f, g_scale2 = _residual_backward(grad, f, scale2, f_dtype, state.need_scales[1])
+    g_a, g_dw_w, g_dw_b, g_fc2_w, g_fc2_b = ffn_tail_backward(
+        g_f, a, dw_w, dw_b, w2, pdt, pdt, True, need[18], need[19], need[20], need[21])
+    g_y2, g_fc1_w, g_fc1_b = linear_backward(g_a, y2, w1, pdt, pdt, True, need[16], need[17])
+    g_x2, g_n2_w, g_n2_b = _norm_backward(g_y2, x2n, n2_w, mean2, rstd2, grad, x2_dtype)
+
+    # attention branch: x2 = x1 + scale1 * proj(masa(q, k, v) + lepe(v))
+    g_a1, g_scale1 = _residual_backward(g_x2, a1, scale1, a1_dtype, state.need_scales[0])
+    g_o, g_proj_w, g_proj_b = linear_backward(g_a1, o, wp, pdt, pdt, True, need[12], need[13])
+    g_o = g_o.contiguous()
+    q, k, v = qkv.split(c, dim=-1)
+    shape = (b, h, w, n, c // n)
+    dq, dk, dv = attention_backward(g_o.view(shape), q.view(shape), k.view(shape), v.view(shape),
+                                    tuple(attn_state), spec.sin, spec.cos, spec.decay, spec.scale, spec.form)
+    g_v, g_lepe_w, g_lepe_b = dwconv._backward(eager_launch, g_o, v, lepe_w, False, False, True,
+                                               need[10], need[11])
+    g_qkv = torch.cat((dq.view(b, h, w, c), dk.view(b, h, w, c), dv.view(b, h, w, c).add_(g_v)), dim=-1)
+    g_y1, g_qkv_w, g_qkv_b = linear_backward(g_qkv, y1.view(b, h, w, c), wq, pdt, pdt, True,
+                                             need[8], need[9])
+    g_x1, g_n1_w, g_n1_b = _norm_backward(g_y1, x1, n1_w, mean1, rstd1, g_x2, x1_dtype)
+
+    # x1 = x + cpe(x)
+    g_x, g_cpe_w, g_cpe_b = dwconv._backward(eager_launch, g_x1, x, cpe_w, True, False, need[0],
+                                             need[4], need[5])
+    return (g_x, g_scale1, g_scale2, None, as_dtype(g_cpe_w, pdt), as_dtype(g_cpe_b, pdt), as_dtype(g_n1_w, pdt),
+            as_dtype(g_n1_b, pdt), g_qkv_w, g_qkv_b, as_dtype(g_lepe_w, pdt), as_dtype(g_lepe_b, pdt), g_proj_w,
+            g_proj_b, as_dtype(g_n2_w, pdt), as_dtype(g_n2_b, pdt), g_fc1_w, g_fc1_b, g_dw_w, g_dw_b, g_fc2_w,
+            g_fc2_b)
+
+
+class _Block(torch.autograd.Function):
+    """The block run eagerly; ``graphs`` (a :class:`rmt.ops.block_graphs.BlockGraphs` or ``None``)
+    counts the backward passes, which compile the kernels its capture needs."""
+
+    @staticmethod
+    def forward(ctx, x, scale1, scale2, spec: BlockSpec, graphs, *params):
+        needs = ctx.needs_input_grad[:4] + ctx.needs_input_grad[5:]
+        out, state = block_forward(x, scale1, scale2, spec, params, needs)
+        ctx.save_for_backward(*state.saved)
+        ctx.spec, ctx.graphs, ctx.needs = spec, graphs, needs
+        ctx.state = state._replace(saved=())
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        (x, x1, y1, mean1, rstd1, qkv, o, a1, x2n, y2, mean2, rstd2, a, f, scale1, scale2,
-         wq, wp, w1, w2, cpe_w, n1_w, lepe_w, n2_w, dw_w, dw_b, *state) = ctx.saved_tensors
-        spec = ctx.spec
-        x1_dtype, a1_dtype, x2_dtype, f_dtype, pdt = ctx.dtypes
-        need = ctx.needs_input_grad
-        b, h, w, c = x.shape
-        n = spec.num_heads
-
-        # FFN branch: out = x2 + scale2 * fc2(g + dwconv(g) + b), g = gelu(fc1(norm2(x2)))
-        grad = grad.contiguous()
-        g_f, g_scale2 = _residual_backward(grad, f, scale2, f_dtype, ctx.need_scales[1])
-        g_a, g_dw_w, g_dw_b, g_fc2_w, g_fc2_b = ffn_tail_backward(
-            g_f, a, dw_w, dw_b, w2, pdt, pdt, True, need[18], need[19], need[20], need[21])
-        g_y2, g_fc1_w, g_fc1_b = linear_backward(g_a, y2, w1, pdt, pdt, True, need[16], need[17])
-        g_x2, g_n2_w, g_n2_b = _norm_backward(g_y2, x2n, n2_w, mean2, rstd2, grad, x2_dtype)
-
-        # attention branch: x2 = x1 + scale1 * proj(masa(q, k, v) + lepe(v))
-        g_a1, g_scale1 = _residual_backward(g_x2, a1, scale1, a1_dtype, ctx.need_scales[0])
-        g_o, g_proj_w, g_proj_b = linear_backward(g_a1, o, wp, pdt, pdt, True, need[12], need[13])
-        g_o = g_o.contiguous()
-        q, k, v = qkv.split(c, dim=-1)
-        shape = (b, h, w, n, c // n)
-        dq, dk, dv = attention_backward(g_o.view(shape), q.view(shape), k.view(shape), v.view(shape),
-                                        tuple(state), spec.sin, spec.cos, spec.decay, spec.scale, spec.form)
-        g_v, g_lepe_w, g_lepe_b = dwconv._backward(eager_launch, g_o, v, lepe_w, False, False, True,
-                                                   need[10], need[11])
-        g_qkv = torch.cat((dq.view(b, h, w, c), dk.view(b, h, w, c), dv.view(b, h, w, c).add_(g_v)), dim=-1)
-        g_y1, g_qkv_w, g_qkv_b = linear_backward(g_qkv, y1.view(b, h, w, c), wq, pdt, pdt, True,
-                                                 need[8], need[9])
-        g_x1, g_n1_w, g_n1_b = _norm_backward(g_y1, x1, n1_w, mean1, rstd1, g_x2, x1_dtype)
-
-        # x1 = x + cpe(x)
-        g_x, g_cpe_w, g_cpe_b = dwconv._backward(eager_launch, g_x1, x, cpe_w, True, False, need[0],
-                                                 need[4], need[5])
-        return (g_x, g_scale1, g_scale2, None, as_dtype(g_cpe_w, pdt), as_dtype(g_cpe_b, pdt), as_dtype(g_n1_w, pdt),
-                as_dtype(g_n1_b, pdt), g_qkv_w, g_qkv_b, as_dtype(g_lepe_w, pdt), as_dtype(g_lepe_b, pdt), g_proj_w,
-                g_proj_b, as_dtype(g_n2_w, pdt), as_dtype(g_n2_b, pdt), g_fc1_w, g_fc1_b, g_dw_w, g_dw_b, g_fc2_w,
-                g_fc2_b)
+        grads = block_backward(ctx.state._replace(saved=ctx.saved_tensors), ctx.spec, ctx.needs, grad)
+        if ctx.graphs is not None:
+            ctx.graphs.eager_backwards += 1
+        return (*grads[:4], None, *grads[4:])
 
 
 def kernels_apply(x: torch.Tensor, impl: str, head_dim: int, form: str) -> bool:
@@ -176,8 +202,13 @@ def _cast_together(params: Sequence[torch.Tensor], dtype: torch.dtype) -> List[t
 
 
 def block_train(x: torch.Tensor, scale1: Optional[torch.Tensor], scale2: Optional[torch.Tensor],
-                spec: BlockSpec, params: Sequence[torch.Tensor]) -> torch.Tensor:
+                spec: BlockSpec, params: Sequence[torch.Tensor], graphs=None) -> torch.Tensor:
     """The block above on ``x`` ``(b, h, w, c)`` (in the compute dtype, unit channel stride) with one
-    autograd node; ``params`` are the 18 weights and biases in the order of ``_Block.forward``
-    (cpe, norm1, qkv, lepe, proj, norm2, fc1, dwconv, fc2). Returns ``(b, h, w, c)``."""
-    return _Block.apply(x, scale1, scale2, spec, *params)
+    autograd node; ``params`` are the 18 weights and biases in the order of :func:`block_forward`
+    (cpe, norm1, qkv, lepe, proj, norm2, fc1, dwconv, fc2). Returns ``(b, h, w, c)``. With ``graphs``
+    (:mod:`rmt.ops.block_graphs`) the node replays the block's CUDA graphs where they apply."""
+    if graphs is not None:
+        out = graphs.run(x, scale1, scale2, spec, params)
+        if out is not None:
+            return out
+    return _Block.apply(x, scale1, scale2, spec, graphs, *params)

@@ -1,0 +1,150 @@
+"""Training blocks replayed from CUDA graphs (rmt.ops.block_graphs) against the same model without them.
+
+Capture and replay need CUDA; on CPU the tests check that the setting changes nothing and the state
+it keeps (the block then runs eagerly, under Triton's interpreter).
+"""
+import copy
+
+import pytest
+import timm
+import torch
+
+from rmt.ops.masa import HAS_TRITON
+
+from conftest import SMALL_ARGS, rel_err
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="block graphs replay the Triton training kernels")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # (PyTorch's matmuls: off by default)
+
+
+def _twins(**kw):
+    """Two identical models (drop path on, layer scale in the last two stages), the first with block graphs."""
+    args = dict(SMALL_ARGS, num_classes=5, masa_impl="triton", drop_path_rate=0.3)
+    torch.manual_seed(0)
+    model = timm.create_model("rmt_tiny", **dict(args, **kw)).to(DEVICE).train()
+    for name, p in model.named_parameters():
+        if name.endswith("gamma"):
+            torch.nn.init.normal_(p)
+    twin = copy.deepcopy(model)
+    model.set_block_graphs(True)
+    return model, twin
+
+
+def _blocks(model):
+    return [blk for s in model.stages for blk in s.blocks]
+
+
+def _stats(model):
+    from rmt.ops.block_graphs import graphs_of
+    states = [graphs_of(blk) for blk in _blocks(model)]
+    return sum(g.captures for g in states), sum(g.replays for g in states)
+
+
+def _step(model, x, seed, autocast=False):
+    """Loss and gradients of one step (drop-path masks from ``seed``); gradients are cleared first."""
+    torch.manual_seed(seed)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+        out = model(x)
+    loss = (out.float() * torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out)).sum()
+    loss.backward()
+    return out.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(got, want, tol):
+    (out_g, grads_g), (out_w, grads_w) = got, want
+    assert rel_err(out_g, out_w) <= tol
+    assert grads_g.keys() == grads_w.keys()
+    for name in grads_w:
+        if grads_w[name].norm() > 1e-6:  # conv biases ahead of BatchNorm: rounding noise
+            assert rel_err(grads_g[name], grads_w[name]) <= tol, name
+
+
+def test_block_graphs_setting_is_per_model_and_survives_copies():
+    from rmt.ops.block_graphs import graphs_of
+    model, twin = _twins()
+    assert all(graphs_of(b) is not None for b in _blocks(model))
+    assert all(graphs_of(b) is None for b in _blocks(twin))
+    ema = copy.deepcopy(model)  # e.g. timm's ModelEmaV3: the copy trains no graphs
+    assert all(graphs_of(b) is None for b in _blocks(ema))
+    model.set_block_graphs(False)
+    assert all(graphs_of(b) is None for b in _blocks(model))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback")
+def test_block_graphs_on_cpu_train_eagerly_with_the_same_numbers():
+    from rmt.ops.block_graphs import graphs_of
+    model, twin = _twins()
+    x = torch.randn(1, 3, 32, 36)
+    for seed in range(2):
+        _assert_same(_step(model, x, seed), _step(twin, x, seed), 1e-6)
+    assert _stats(model) == (0, 0)
+    assert all(graphs_of(b).eager_backwards == 2 for b in _blocks(model))
+
+
+@needs_cuda
+@pytest.mark.parametrize("autocast", [False, True])
+def test_replayed_steps_match_eager_steps_while_weights_change(autocast):
+    """Five optimizer steps: the first two eager (warm-up), then each block captured once and replayed;
+    outputs and every gradient equal those of the twin without graphs at every step."""
+    model, twin = _twins()
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, twin)]
+    tol = 2e-2 if autocast else 1e-5
+    for seed in range(5):
+        x = torch.randn(2, 3, 48, 40, device=DEVICE)
+        _assert_same(_step(model, x, seed, autocast), _step(twin, x, seed, autocast), tol)
+        for opt in opts:
+            opt.step()
+    blocks = len(_blocks(model))
+    assert _stats(model) == (blocks, 3 * blocks)
+
+
+@needs_cuda
+def test_two_forwards_before_backward_an_odd_batch_and_checkpointing_run_eagerly():
+    model, twin = _twins()
+    x = torch.randn(2, 3, 48, 40, device=DEVICE)
+    for seed in range(3):
+        _step(model, x, seed)
+    captures, replays = _stats(model)
+    assert captures == len(_blocks(model))
+    # two views through the model before one backward: the second forward runs eagerly
+    x2 = torch.randn(2, 3, 48, 40, device=DEVICE)
+    results = []
+    for m in (model, twin):
+        torch.manual_seed(7)
+        m.zero_grad(set_to_none=True)
+        (m(x).square().sum() + m(x2).abs().sum()).backward()
+        results.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    for name, want in results[1].items():
+        if want.norm() > 1e-6:
+            assert rel_err(results[0][name], want) <= 1e-5, name
+    assert _stats(model) == (captures, replays + len(_blocks(model)))
+    # an odd batch (e.g. the last of an epoch) trains eagerly and keeps the graphs
+    odd = torch.randn(3, 3, 48, 40, device=DEVICE)
+    _assert_same(_step(model, odd, 9), _step(twin, odd, 9), 1e-5)
+    assert _stats(model)[0] == captures
+    # gradient checkpointing keeps saved tensors through hooks: no replay
+    model.set_grad_checkpointing(True)
+    twin.set_grad_checkpointing(True)
+    before = _stats(model)
+    _assert_same(_step(model, x, 11), _step(twin, x, 11), 1e-5)
+    assert _stats(model) == before
+
+
+@needs_cuda
+def test_backward_of_a_replaced_forward_raises():
+    model, _ = _twins()
+    x = torch.randn(2, 3, 48, 40, device=DEVICE)
+    for seed in range(3):
+        _step(model, x, seed)
+    loss = model(x).sum()
+    loss.backward(retain_graph=True)
+    model(x).sum().backward()  # replays over the first forward's saved activations
+    with pytest.raises(RuntimeError, match="set_block_graphs"):
+        loss.backward()
