@@ -45,7 +45,7 @@ class _Captured(NamedTuple):
     out: torch.Tensor
     grad: torch.Tensor      # static gradient of out
     grads: tuple            # static gradients, one per block_forward input (None where not wanted)
-    keep: tuple             # spec and parameters the graphs read by address
+    keep: tuple             # spec, parameters and saved activations the graphs read by address
 
 
 class _Token:
@@ -130,8 +130,9 @@ class BlockGraphs:
                           "this input shape trains without them", RuntimeWarning, stacklevel=4)
             self.failed.add(signature)
             return None
+        # the saved activations stay referenced: freed, the pool would hand their memory to other captures
         self.captured = _Captured(signature, forward, backward, inputs, out, grad, tuple(grads),
-                                  (spec, tuple(params)))
+                                  (spec, tuple(params), state))
         self.captures += 1
         return self.captured
 
