@@ -119,6 +119,8 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         if cfg["grad_checkpointing"]:
             model.set_grad_checkpointing(True)
+        if cfg["block_graphs"] and dev.type == "cuda" and hasattr(model, "set_block_graphs"):
+            model.set_block_graphs(True)
         if cfg["sync_bn"] and info.distributed:
             if dev.type != "cuda":
                 raise ValueError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel)")

@@ -21,7 +21,9 @@ A block replays its graphs when
 
 Everything else runs the same kernels eagerly: an odd last batch, a changed shape, CPU tensors. The
 saved activations live in one CUDA-graph memory pool per model, so peak memory is about that of an
-eager step, but the pool stays allocated between steps. A backward whose forward was replayed over
+eager step, but the pool stays allocated between steps. The blocks of one activation shape share
+their output and gradient buffers: a gradient hook on a block's input (not a stage's) sees a buffer
+that the next block's backward overwrites, so such a hook should copy what it keeps. A backward whose forward was replayed over
 (``retain_graph=True``, then another forward, then the old graph's backward) raises. Module switches
 of :mod:`rmt.ops` changed after capture take effect after ``model.set_block_graphs(True)`` again.
 """
@@ -54,16 +56,26 @@ class _Token:
 
 
 class ModelGraphs:
-    """What the blocks of one model share: a CUDA-graph memory pool per device."""
+    """What the blocks of one model share: a CUDA-graph memory pool per device, and per activation
+    shape and dtype one output and one gradient buffer (blocks replay one after another, so each
+    buffer is read before the next block of that shape writes it)."""
 
     def __init__(self) -> None:
         self._pools: Dict[int, tuple] = {}
+        self._buffers: Dict[tuple, torch.Tensor] = {}
 
     def pool(self, device: torch.device) -> tuple:
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index not in self._pools:
             self._pools[index] = torch.cuda.graph_pool_handle()
         return self._pools[index]
+
+    def buffer(self, kind: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The shared contiguous ``kind`` buffer of ``like``'s shape and device in ``dtype``."""
+        key = (kind, like.device, tuple(like.shape), dtype)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(like.shape, dtype=dtype, device=like.device)
+        return self._buffers[key]
 
 
 class BlockGraphs:
@@ -116,15 +128,23 @@ class BlockGraphs:
         self.captured = None  # the previous graphs' buffers go back to the pool first
         pool = self.shared.pool(x.device)
         inputs = tuple(None if t is None else torch.empty_like(t).copy_(t.detach()) for t in (x, scale1, scale2))
+        out_dtype = x.dtype  # as block_forward promotes x + scale1 * a1 + scale2 * f
+        for scale in (scale1, scale2):
+            out_dtype = out_dtype if scale is None else torch.promote_types(out_dtype, scale.dtype)
+        grad_x = self.shared.buffer("grad", x, x.dtype)
         try:
             forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
             with torch.no_grad(), torch.cuda.graph(forward, pool=pool, capture_error_mode="thread_local"):
-                out, state = block_forward(*inputs, spec, params, needs)
-            grad = torch.empty_like(out)
+                out, state = block_forward(*inputs, spec, params, needs, self.shared.buffer("out", x, out_dtype))
+            grad = self.shared.buffer("grad", out, out.dtype)
             # autograd runs a backward without autocast
             with torch.no_grad(), torch.autocast("cuda", enabled=False):
                 with torch.cuda.graph(backward, pool=pool, capture_error_mode="thread_local"):
                     grads = block_backward(state, spec, needs, grad)
+                    if grads[0] is not None and grads[0].dtype == grad_x.dtype and grads[0].shape == grad_x.shape:
+                        # into the shared buffer (after every read of ``grad``, which it may be), where
+                        # the previous block's backward, its next reader, expects its own gradient
+                        grads = (grad_x.copy_(grads[0]), *grads[1:])
         except Exception as error:  # noqa: BLE001 - any capture failure: run this signature eagerly
             warnings.warn(f"RMT block graphs: capturing a block failed ({type(error).__name__}: {error}); "
                           "this input shape trains without them", RuntimeWarning, stacklevel=4)
@@ -163,7 +183,8 @@ class _GraphedBlock(torch.autograd.Function):
                 "forward of the same block has replaced (a backward with retain_graph=True, another "
                 "forward, then this graph's backward again). Train that loop without block graphs: "
                 "model.set_block_graphs(False).")
-        captured.grad.copy_(grad)
+        if not _same_memory(grad, captured.grad):  # the next block's shared gradient buffer: in place
+            captured.grad.copy_(grad)
         captured.backward.replay()
         graphs.live = None
         g = captured.grads
@@ -175,6 +196,11 @@ def _saving_through_hooks() -> bool:
     expect the block's saved tensors, which a replay keeps in its graph instead."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     return top is not None and top(True) is not None
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
+            and a.stride() == b.stride())
 
 
 def _wants_grad(t: Optional[torch.Tensor]) -> bool:
@@ -190,7 +216,7 @@ def _signature(x: torch.Tensor, scale1: Optional[torch.Tensor], scale2: Optional
             tuple((p.data_ptr(), p.dtype, tuple(p.shape)) for p in params),
             tuple((t.data_ptr(), tuple(t.shape)) for t in (spec.sin, spec.cos, spec.decay)),
             spec.num_heads, spec.scale, spec.form, spec.eps1, spec.eps2,
-            torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+            torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None)
 
 
 # the blocks of models with graphs on (weakly keyed: a copied model, e.g. an EMA, has none)
