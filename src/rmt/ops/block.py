@@ -80,11 +80,9 @@ class BlockState(NamedTuple):
 
 
 def block_forward(x: torch.Tensor, scale1: Optional[torch.Tensor], scale2: Optional[torch.Tensor],
-                  spec: BlockSpec, params: Sequence[torch.Tensor], needs: Sequence[bool],
-                  out: Optional[torch.Tensor] = None):
+                  spec: BlockSpec, params: Sequence[torch.Tensor], needs: Sequence[bool]):
     """The block on ``x`` ``(b, h, w, c)`` without autograd: ``(out, BlockState)``. ``needs`` says which
-    of ``(x, scale1, scale2, spec, *params)`` want a gradient (``ctx.needs_input_grad``). ``out``, if
-    given, receives the result where its shape and dtype are the result's (else a new tensor does)."""
+    of ``(x, scale1, scale2, spec, *params)`` want a gradient (``ctx.needs_input_grad``)."""
     (cpe_w, cpe_b, n1_w, n1_b, qkv_w, qkv_b, lepe_w, lepe_b, proj_w, proj_b, n2_w, n2_b,
      fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b) = params
     b, h, w, c = x.shape
@@ -106,10 +104,7 @@ def block_forward(x: torch.Tensor, scale1: Optional[torch.Tensor], scale2: Optio
     y2, mean2, rstd2 = layernorm._forward(x2n.view(-1, c), n2_w, n2_b, spec.eps2, dt)
     a = F.linear(y2.view(b, h, w, c), w1, b1)
     f = ffn_tail_forward(a, dw_w, dw_b, w2, b2)
-    dtype = torch.promote_types(x2.dtype, f.dtype if scale2 is None else torch.promote_types(f.dtype, scale2.dtype))
-    if out is not None and (out.dtype != dtype or out.shape != x2.shape):
-        out = None
-    out = torch.add(x2, f, out=out) if scale2 is None else torch.addcmul(x2, f, scale2, out=out)
+    out = x2 + f if scale2 is None else torch.addcmul(x2, f, scale2)
 
     need1 = scale1 is not None and needs[1]
     need2 = scale2 is not None and needs[2]
