@@ -56,6 +56,8 @@ def main() -> int:
                    help="train the depthwise convs through cuDNN instead of the fused Triton kernels")
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay each training step from a CUDA graph (rmt train --cuda-graph)")
+    p.add_argument("--block-graphs", action="store_true",
+                   help="replay each block's training kernels from CUDA graphs (rmt train --block-graphs)")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run")
     p.add_argument("--out", default=os.environ.get("OUT", "benchmark-output"))
     args = p.parse_args()
@@ -68,7 +70,7 @@ def main() -> int:
                    pipeline="tensor", aa="none", mixup=0.0, cutmix=0.0, reprob=0.0, aug_repeats=0,
                    smoothing=0.1, batch_size=args.batch_size, epochs=1, max_steps=args.steps,
                    warmup_epochs=0.0, lr=1e-3, amp="bf16" if args.device == "cuda" else "none", model_ema=False, fsdp=args.fsdp,
-                   cuda_graph=args.cuda_graph,
+                   cuda_graph=args.cuda_graph, block_graphs=args.block_graphs,
                    output=str(Path(args.out) / "runs"), name=args.tag, seed=args.seed,
                    log_interval=10, checkpoint_every=0, device=args.device, val_subset=512)
     cfg = config.resolve(options)
@@ -80,7 +82,7 @@ def main() -> int:
         windows = [r["img_per_s"] for r in records if r.get("event") == "train" and r.get("img_per_s")]
         losses = [(r["step"], r["train_loss"]) for r in records if r.get("event") == "train"]
         result = dict(tag=args.tag, world_size=info.world_size, model=args.model, fsdp=args.fsdp,
-                      cuda_graph=args.cuda_graph, batch_per_gpu=args.batch_size, global_batch=args.batch_size * info.world_size,
+                      cuda_graph=args.cuda_graph, block_graphs=args.block_graphs, batch_per_gpu=args.batch_size, global_batch=args.batch_size * info.world_size,
                       steps=args.steps, img_per_s=statistics.median(windows[1:] or windows) if windows else None,
                       rank_max_abs_diff=gap, losses=losses,
                       device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
