@@ -57,6 +57,16 @@ def _step(model, x, seed, autocast=False):
     return out.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _captured(model) -> torch.Tensor:
+    """Three steps on one batch: two eager warm-up steps, then every block captured (and replayed once);
+    returns the batch."""
+    x = torch.randn(2, 3, 48, 40, device=DEVICE)
+    for seed in range(3):
+        _step(model, x, seed)
+    assert _stats(model) == (len(_blocks(model)),) * 2
+    return x
+
+
 def _assert_same(got, want, tol):
     (out_g, grads_g), (out_w, grads_w) = got, want
     assert rel_err(out_g, out_w) <= tol
@@ -108,11 +118,8 @@ def test_replayed_steps_match_eager_steps_while_weights_change(autocast):
 @needs_cuda
 def test_two_forwards_before_backward_an_odd_batch_and_checkpointing_run_eagerly():
     model, twin = _twins()
-    x = torch.randn(2, 3, 48, 40, device=DEVICE)
-    for seed in range(3):
-        _step(model, x, seed)
+    x = _captured(model)
     captures, replays = _stats(model)
-    assert captures == len(_blocks(model))
     # two views through the model before one backward: the second forward runs eagerly
     x2 = torch.randn(2, 3, 48, 40, device=DEVICE)
     results = []
@@ -140,9 +147,7 @@ def test_two_forwards_before_backward_an_odd_batch_and_checkpointing_run_eagerly
 @needs_cuda
 def test_backward_of_a_replaced_forward_raises():
     model, _ = _twins()
-    x = torch.randn(2, 3, 48, 40, device=DEVICE)
-    for seed in range(3):
-        _step(model, x, seed)
+    x = _captured(model)
     loss = model(x).sum()
     loss.backward(retain_graph=True)
     model(x).sum().backward()  # replays over the first forward's saved activations
