@@ -54,7 +54,7 @@ def _create(name: str, impl: Optional[str], device: torch.device, size: Optional
     import rmt  # noqa: F401
     kwargs = {}
     if name.startswith("rmt_") and impl:
-        kwargs["masa_impl"] = "auto" if impl == "fast" else "reference"
+        kwargs["masa_impl"] = "reference" if impl == "reference" else "auto"
     model = None
     if size is not None and not name.startswith("rmt_"):
         try:  # Swin's patch embedding and attention masks are sized at construction
@@ -63,6 +63,8 @@ def _create(name: str, impl: Optional[str], device: torch.device, size: Optional
             model = None
     if model is None:
         model = timm.create_model(name, **kwargs)
+    if impl == "graphs" and name.startswith("rmt_"):
+        model.set_block_graphs(True)  # captured during the warm-up steps
     return model.to(device=device, memory_format=torch.channels_last)
 
 

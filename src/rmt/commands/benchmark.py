@@ -1,5 +1,5 @@
 """Measure inference and training throughput (img/s) and peak memory of RMT variants on the fast
-and reference MaSA paths, beside timm peers, in one run; optionally check the fast path's numerics
+and reference MaSA paths (and training with block graphs), beside timm peers, in one run; optionally check the fast path's numerics
 against the reference and profile where the time goes. Prints a table; --json keeps the numbers.
 
 examples:
@@ -11,6 +11,9 @@ examples:
 from __future__ import annotations
 
 import argparse
+
+# what --impls takes for RMT models
+IMPLS = ("fast", "reference", "graphs")
 
 
 def _names(text: str):
@@ -30,7 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default="rmt_tiny,rmt_small,rmt_base,rmt_large")
     p.add_argument("--peers", default="swin_tiny_patch4_window7_224,convnext_tiny",
                    help="timm models measured in the same run ('' for none)")
-    p.add_argument("--impls", default="fast,reference", help="MaSA paths for RMT models")
+    p.add_argument("--impls", default=None,
+                   help="paths for RMT models: fast, reference, graphs (the fast path with each block's "
+                        "training kernels replayed from CUDA graphs; training rows only). Default: all "
+                        "three on CUDA, fast,reference on CPU")
     p.add_argument("--modes", default="infer,train", help="which of infer,train at 224")
     p.add_argument("--infer-batch", type=int, default=256)
     p.add_argument("--train-batch", type=int, default=128)
@@ -56,7 +62,11 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     modes = _names(args.modes)
-    plan = bm.Plan(models=_names(args.models), peers=_names(args.peers), impls=_names(args.impls),
+    impls = _names(args.impls) if args.impls is not None else (IMPLS if device.type == "cuda" else IMPLS[:2])
+    unknown = sorted(set(impls) - set(IMPLS))
+    if unknown:
+        raise ValueError(f"--impls {','.join(unknown)}: choose from {', '.join(IMPLS)}")
+    plan = bm.Plan(models=_names(args.models), peers=_names(args.peers), impls=impls,
                    infer_batch=args.infer_batch, train_batch=args.train_batch,
                    large_sizes=_sizes(args.sizes), compiled=_names(args.compiled),
                    warmup=args.warmup, iters=args.iters)
@@ -74,10 +84,12 @@ def run(args: argparse.Namespace) -> int:
     everything = [(m, i) for m in plan.models for i in plan.impls] + [(p, None) for p in plan.peers]
     for name, impl in everything:
         for mode in modes:
+            if impl == "graphs" and mode != "train":  # block graphs replay training kernels only
+                continue
             batch = plan.infer_batch if mode == "infer" else plan.train_batch
             rows.append(bm.measure(name, impl, mode, 224, batch, device, warmup=plan.warmup, iters=plan.iters))
             print(bm.format_row(rows[-1]), flush=True)
-        for size, batch in plan.large_sizes.items():
+        for size, batch in (plan.large_sizes.items() if impl != "graphs" else ()):
             rows.append(bm.measure(name, impl, "infer", size, batch, device, warmup=plan.warmup, iters=plan.iters))
             print(bm.format_row(rows[-1]), flush=True)
     for name in plan.compiled:
