@@ -153,3 +153,20 @@ def test_backward_of_a_replaced_forward_raises():
     model(x).sum().backward()  # replays over the first forward's saved activations
     with pytest.raises(RuntimeError, match="set_block_graphs"):
         loss.backward()
+
+
+def test_signature_records_where_the_parameters_live():
+    """A replayed backward reads the parameters where the capture found them; one that moved
+    (FSDP's resharding) is detected instead of read."""
+    from rmt.ops import block_graphs
+    from rmt.ops.block import BlockSpec
+    params = [torch.randn(3, 4) for _ in range(18)]
+    table = torch.zeros(4, 4)
+    spec = BlockSpec(table, table, torch.zeros(2), 2, 0.5, "full", 1e-6, 1e-6)
+    x = torch.randn(1, 2, 2, 4)
+    signature = block_graphs._signature(x, None, None, spec, params, (True,) * 22)
+    assert not block_graphs._moved(params, signature)
+    assert block_graphs._signature(x, None, None, spec, params, (True,) * 22) == signature
+    params[7] = params[7].clone()
+    assert block_graphs._moved(params, signature)
+    assert block_graphs._signature(x, None, None, spec, params, (True,) * 22) != signature

@@ -246,6 +246,12 @@ def test_cuda_graph_option_names_what_it_needs(tmp_path):
         train(tiny_options(tmp_path, data, epochs=1, cuda_graph=True, accum_steps=2))
 
 
+def test_block_graphs_option_refuses_fsdp(tmp_path):
+    data = write_fashion_mnist_like(tmp_path / "data", n_train=32)
+    with pytest.raises(ValueError, match="--block-graphs .* --fsdp"):
+        train(tiny_options(tmp_path, data, epochs=1, block_graphs=True, fsdp=True))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_training_follows_the_eager_run(tmp_path):
     """Same seed and data: the replayed graph trains like eager steps (losses and weights close)."""

@@ -96,6 +96,9 @@ class Trainer:
         if cfg["threads"]:
             torch.set_num_threads(cfg["threads"])
         self.amp_dtype = amp_dtype_for(cfg["amp"], dev)
+        if cfg["block_graphs"] and cfg["fsdp"]:
+            raise ValueError("--block-graphs replays kernels that read each block's parameters where they "
+                             "were at capture; --fsdp reshards them between forward and backward: use one")
         if cfg["fsdp"] and not info.distributed:
             raise ValueError("--fsdp needs several processes: start the run with torchrun")
 

@@ -26,6 +26,7 @@ block also keeps static input, output and gradient buffers, so the peak is highe
 step's (RMT-S, batch 128 on an H100: 10.21 against 8.65 GiB). A backward whose forward was replayed over
 (``retain_graph=True``, then another forward, then the old graph's backward) raises. Module switches
 of :mod:`rmt.ops` changed after capture take effect after ``model.set_block_graphs(True)`` again.
+Not for FSDP, which moves parameters between forward and backward (the backward then raises).
 """
 import warnings
 import weakref
@@ -151,7 +152,7 @@ class _GraphedBlock(torch.autograd.Function):
         captured.forward.replay()
         graphs.generation += 1
         graphs.replays += 1
-        ctx.graphs, ctx.captured, ctx.generation = graphs, captured, graphs.generation
+        ctx.graphs, ctx.captured, ctx.generation, ctx.params = graphs, captured, graphs.generation, params
         ctx.token = _Token()
         graphs.live = weakref.ref(ctx.token)
         return captured.out.clone()  # the static output is overwritten by the next replay
@@ -165,6 +166,11 @@ class _GraphedBlock(torch.autograd.Function):
                 "forward of the same block has replaced (a backward with retain_graph=True, another "
                 "forward, then this graph's backward again). Train that loop without block graphs: "
                 "model.set_block_graphs(False).")
+        if _moved(ctx.params, captured.signature):
+            raise RuntimeError(
+                "RMT block graphs: a block's parameters moved between its forward and its backward (FSDP "
+                "resharding them?); the captured backward reads them where they were. Train without block "
+                "graphs: model.set_block_graphs(False).")
         captured.grad.copy_(grad)
         captured.backward.replay()
         graphs.live = None
@@ -179,8 +185,16 @@ def _saving_through_hooks() -> bool:
     return top is not None and top(True) is not None
 
 
+def _moved(params: Sequence[torch.Tensor], signature: tuple) -> bool:
+    """Whether any of ``params`` no longer lives where :func:`_signature` found it."""
+    return any(p.data_ptr() != entry[0] for p, entry in zip(params, signature[_PARAMS]))
+
+
 def _wants_grad(t: Optional[torch.Tensor]) -> bool:
     return t is not None and t.requires_grad
+
+
+_PARAMS = 5  # where _signature keeps the parameters' addresses
 
 
 def _signature(x: torch.Tensor, scale1: Optional[torch.Tensor], scale2: Optional[torch.Tensor],
@@ -189,7 +203,7 @@ def _signature(x: torch.Tensor, scale1: Optional[torch.Tensor], scale2: Optional
     def layout(t: Optional[torch.Tensor]):
         return None if t is None else (tuple(t.shape), t.stride(), t.dtype)
     return (x.device, layout(x), layout(scale1), layout(scale2), needs,
-            tuple((p.data_ptr(), p.dtype, tuple(p.shape)) for p in params),
+            tuple((p.data_ptr(), p.dtype, tuple(p.shape)) for p in params),  # index _PARAMS
             tuple((t.data_ptr(), tuple(t.shape)) for t in (spec.sin, spec.cos, spec.decay)),
             spec.num_heads, spec.scale, spec.form, spec.eps1, spec.eps2,
             torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None)
