@@ -62,14 +62,9 @@ def check_image(x: torch.Tensor, in_chans: int) -> None:
 
 
 # shape-dependent helpers stay opaque to torch.fx tracing (feature extraction by graph rewriting)
-register_notrace_function(check_image)
-register_notrace_function(stage_positions)
-register_notrace_function(cached_stage_positions)
-register_notrace_function(masa)
-register_notrace_function(dwconv_nhwc)
-register_notrace_function(ffn)
-register_notrace_function(ffn_tail)
-register_notrace_function(linear)
+for _fn in (check_image, stage_positions, cached_stage_positions, masa, dwconv_nhwc, ffn, ffn_tail, linear):
+    register_notrace_function(_fn)
+del _fn
 
 
 def _normalize_forms(forms: FormSpec, num_stages: int) -> Tuple[str, ...]:
