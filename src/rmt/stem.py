@@ -107,7 +107,7 @@ class Stem(nn.Sequential):
             x = stem_conv.conv_bn_gelu(x, layers[0], layers[1], type(layers[2]) is nn.GELU)
             i = 3
         while i < len(layers):
-            if i + 1 < len(layers) and folds_bias(x, layers[i], layers[i + 1]):
+            if i + 1 < len(layers) and isinstance(layers[i], nn.Conv2d):  # conv, BatchNorm: folded where it can
                 x = conv_norm(x, layers[i], layers[i + 1])
                 i += 2
             else:

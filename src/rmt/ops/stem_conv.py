@@ -29,8 +29,7 @@ if HAS_TRITON:
 
 # False: the stem's first conv, BatchNorm and GELU always run as modules
 FUSED_KERNELS = True
-MAX_IN_CHANNELS = 4     # meant for image inputs
-MAX_PATCH = 64          # c_in * k * k: a program holds its pixels' patches whole
+MAX_PATCH = 64          # c_in * k * k (image inputs): a program holds its pixels' patches whole
 MAX_OUT_CHANNELS = 128  # one program holds every output channel of its pixels
 BLOCK_PIXELS = 128      # output pixels per program on a GPU
 # pixels per program in Triton's CPU interpreter, whose cost is per program and op, not per element
@@ -125,8 +124,8 @@ if HAS_TRITON:
 def fuses(x: torch.Tensor, conv: nn.Module, norm: nn.Module, act: nn.Module, allowed: bool) -> bool:
     """Whether :func:`conv_bn_gelu` takes ``conv -> norm [-> act]`` for ``x``: the switch and the
     model's setting (``allowed``) on, a tensor the kernel runs on, no gradient to record, plain
-    hook-free modules of the expected kind (a square conv from at most :data:`MAX_IN_CHANNELS`
-    channels and :data:`MAX_PATCH` taps, an affine BatchNorm on its running statistics, an exact GELU)."""
+    hook-free modules of the expected kind (a square conv of at most :data:`MAX_PATCH` taps
+    (``c_in * k * k``), an affine BatchNorm on its running statistics, an exact GELU)."""
     if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing():  # symbolic tracing: the modules
         return False
     if (not (FUSED_KERNELS and allowed and HAS_TRITON) or not triton_runs_on(x) or x.dim() != 4
@@ -138,8 +137,7 @@ def fuses(x: torch.Tensor, conv: nn.Module, norm: nn.Module, act: nn.Module, all
         return False
     if (conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or isinstance(conv.padding, str)
             or conv.stride[0] != conv.stride[1] or conv.padding[0] != conv.padding[1]
-            or conv.kernel_size[0] != conv.kernel_size[1] or conv.in_channels > MAX_IN_CHANNELS
-            or conv.in_channels * conv.kernel_size[0] ** 2 > MAX_PATCH
+            or conv.kernel_size[0] != conv.kernel_size[1] or conv.in_channels * conv.kernel_size[0] ** 2 > MAX_PATCH
             or conv.out_channels > MAX_OUT_CHANNELS or x.shape[1] != conv.in_channels):
         return False
     if norm.training or norm.running_mean is None or norm.weight is None or norm.bias is None:
