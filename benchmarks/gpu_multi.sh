@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Two GPUs: DDP scaling (1 vs 2 GPUs, batch 128 per GPU), rank agreement, the loss curve at equal
 # global batch (1 GPU x 128 vs 2 GPUs x 64), and FSDP2 with rmt_large: train, checkpoint, resume.
-# MODES="eager graph" measures the scaling of eager steps and of steps replayed from CUDA graphs.
+# MODES="eager blocks graph" measures the scaling of eager steps, of eager steps whose blocks replay
+# CUDA graphs (rmt train's default on CUDA) and of whole steps replayed from CUDA graphs.
 set -uo pipefail
 OUT="${OUT:-benchmark-output}"; mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -13,7 +14,7 @@ CURVE="${CURVE:-1}"  # 0 skips the equal-global-batch loss-curve run
 MODES="${MODES:-eager}"
 {
 for mode in $MODES; do
-  flag=""; [ "$mode" = graph ] && flag="--cuda-graph"
+  case "$mode" in graph) flag="--cuda-graph";; blocks) flag="--block-graphs";; *) flag="--no-block-graphs";; esac
   echo "== $mode steps: 1 GPU, then 2 GPUs (batch 128 per GPU)"
   CUDA_VISIBLE_DEVICES=0 python3 benchmarks/multi_gpu.py --tag "1gpu_b128_$mode" --batch-size 128 --steps "$STEPS" $flag
   torchrun --standalone --nproc_per_node 2 benchmarks/multi_gpu.py --tag "2gpu_b128_$mode" --batch-size 128 \

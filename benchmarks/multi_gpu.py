@@ -56,8 +56,9 @@ def main() -> int:
                    help="train the depthwise convs through cuDNN instead of the fused Triton kernels")
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay each training step from a CUDA graph (rmt train --cuda-graph)")
-    p.add_argument("--block-graphs", action="store_true",
-                   help="replay each block's training kernels from CUDA graphs (rmt train --block-graphs)")
+    p.add_argument("--block-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay each block's training kernels from CUDA graphs (rmt train --block-graphs; "
+                        "default: rmt train's, on where it applies)")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run")
     p.add_argument("--out", default=os.environ.get("OUT", "benchmark-output"))
     args = p.parse_args()

@@ -109,7 +109,8 @@ def _set_switches(switches: List[str]) -> None:
 
 def measure(name: str, mode: str, batch: int, device: torch.device, warmup: int, iters: int) -> Dict:
     """img/s and peak GiB of one (model, mode); failures are reported in ``note``."""
-    row = dict(model=name, mode=mode, batch=batch, img_per_s=None, peak_gib=None, setup_s=None, note="")
+    row = dict(model=name, mode=mode, batch=batch, img_per_s=None, peak_gib=None, reserved_gib=None, setup_s=None,
+               note="")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -144,6 +145,7 @@ def measure(name: str, mode: str, batch: int, device: torch.device, warmup: int,
         sec = time_step(step, device, warmup, iters)
         row["img_per_s"] = round(batch / sec, 1)
         row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        row["reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
     except Exception as e:  # keep the table going
         row["note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
     finally:
@@ -242,13 +244,13 @@ def main() -> int:
                              args.iters), flush=True)
         return 0
     rows: List[Dict] = []
-    print(f"{'model':<30} {'mode':<9} {'batch':>5} {'img/s':>8} {'peak GiB':>8} {'setup s':>7}  note")
+    print(f"{'model':<30} {'mode':<9} {'batch':>5} {'img/s':>8} {'peak GiB':>8} {'reserved':>8} {'setup s':>7}  note")
     for name in filter(None, args.models.split(",")):
         for mode in filter(None, args.modes.split(",")):
             r = measure(name, mode, args.batch, device, args.warmup, args.iters)
             rows.append(r)
             print(f"{name:<30} {mode:<9} {r['batch']:>5} {r['img_per_s'] or '-':>8} {r['peak_gib'] or '-':>8} "
-                  f"{r['setup_s'] or '-':>7}  {r['note']}", flush=True)
+                  f"{r.get('reserved_gib') or '-':>8} {r['setup_s'] or '-':>7}  {r['note']}", flush=True)
     if args.profile:
         print(profile_model(args.profile, device, train_batch=args.batch, phases=("training step",),
                             sort_by=("self_cuda_time_total", "self_cpu_time_total")))

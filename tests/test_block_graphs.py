@@ -4,6 +4,7 @@ Capture and replay need CUDA; on CPU the tests check that the setting changes no
 it keeps (the block then runs eagerly, under Triton's interpreter).
 """
 import copy
+import warnings
 
 import pytest
 import timm
@@ -113,6 +114,17 @@ def test_replayed_steps_match_eager_steps_while_weights_change(autocast):
             opt.step()
     blocks = len(_blocks(model))
     assert _stats(model) == (blocks, 3 * blocks)
+    from rmt.ops.block_graphs import graphs_of
+    for stage in model.stages:  # the blocks of a stage share one output and one gradient buffer
+        captured = [graphs_of(b).captured for b in stage.blocks]
+        assert len({c.out.data_ptr() for c in captured}) == 1
+        assert len({c.grad.data_ptr() for c in captured}) == 1
+    # ... which holds the input gradient too where the dtypes agree (not where a float32 layer scale
+    # promoted the output of a bf16 block: the last two stages under autocast)
+    captured = [graphs_of(b).captured for b in _blocks(model)]
+    handed_on = [c.grads[0].data_ptr() == c.grad.data_ptr() for c in captured if c.grads[0] is not None]
+    assert all(same for c, same in zip(captured, handed_on) if c.grads[0].dtype == c.grad.dtype)
+    assert sum(handed_on) >= 3
 
 
 @needs_cuda
@@ -170,3 +182,25 @@ def test_signature_records_where_the_parameters_live():
     params[7] = params[7].clone()
     assert block_graphs._moved(params, signature)
     assert block_graphs._signature(x, None, None, spec, params, (True,) * 22) != signature
+
+
+@needs_cuda
+def test_capture_survives_a_garbage_collection_that_frees_another_models_graphs():
+    """A model dropped in a reference cycle is freed by the garbage collector at any allocation; its
+    graphs must not go while another model captures (freeing memory during a capture invalidates it)."""
+    import gc
+    old, _ = _twins()
+    _captured(old)
+    cycle = [old]
+    cycle.append(cycle)
+    del old, cycle
+    model, twin = _twins()
+    threshold = gc.get_threshold()
+    gc.set_threshold(1)  # a collection at nearly every allocation
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a failed capture warns
+            x = _captured(model)
+    finally:
+        gc.set_threshold(*threshold)
+    _assert_same(_step(model, x, 5), _step(twin, x, 5), 1e-5)

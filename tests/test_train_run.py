@@ -252,6 +252,18 @@ def test_block_graphs_option_refuses_fsdp(tmp_path):
         train(tiny_options(tmp_path, data, epochs=1, block_graphs=True, fsdp=True))
 
 
+def test_block_graphs_are_on_by_default_where_they_apply():
+    from rmt.classification.train import block_graphs_wanted
+    base = dict(block_graphs=None, fsdp=False, cuda_graph=False, compile=False, grad_checkpointing=False)
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert block_graphs_wanted(base, cuda) and not block_graphs_wanted(base, cpu)
+    for takes_over in ("fsdp", "cuda_graph", "compile", "grad_checkpointing"):
+        assert not block_graphs_wanted(dict(base, **{takes_over: True}), cuda), takes_over
+    assert not block_graphs_wanted(dict(base, block_graphs=False), cuda)
+    assert block_graphs_wanted(dict(base, block_graphs=True, compile=True), cuda)  # asked for explicitly
+    assert not block_graphs_wanted(dict(base, block_graphs=True), cpu)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_training_follows_the_eager_run(tmp_path):
     """Same seed and data: the replayed graph trains like eager steps (losses and weights close)."""

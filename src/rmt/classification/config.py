@@ -27,9 +27,11 @@ OPTIONS: Dict[str, List[Option]] = {
         ("grad_checkpointing", False, bool, "recompute activations in the backward pass to save memory"),
         ("channels_last", False, bool, "channels-last memory format for images and convolutions"),
         ("compile", False, bool, "torch.compile the model"),
-        ("block_graphs", False, bool, "replay each RMT block's training kernels from CUDA graphs "
-                                      "(model.set_block_graphs): most of --cuda-graph's gain in an otherwise "
-                                      "eager step, with other batch shapes run eagerly; CUDA only"),
+        ("block_graphs", None, bool, "replay each RMT block's training kernels from CUDA graphs "
+                                     "(model.set_block_graphs): most of --cuda-graph's gain in an otherwise "
+                                     "eager step, with other batch shapes run eagerly; CUDA only (default: on "
+                                     "where it applies: CUDA without --fsdp, --cuda-graph, --compile or "
+                                     "--grad-checkpointing)"),
         ("cuda_graph", False, bool, "capture the whole training step in a CUDA graph and replay it: no launch "
                                     "cost on the CPU (CUDA devices, one process or DDP, batches of one shape, "
                                     "AdamW, bf16 or fp32, no accumulation)"),

@@ -83,6 +83,16 @@ def check_cuda_graph_options(cfg: Dict[str, Any], info) -> None:
         raise ValueError("--cuda-graph needs " + ", ".join(problems))
 
 
+def block_graphs_wanted(cfg: Dict[str, Any], device: torch.device) -> bool:
+    """Whether the model's blocks replay CUDA graphs: as ``--block-graphs`` says, else (unset) on CUDA
+    unless FSDP (which moves parameters), a whole-step graph, compilation or checkpointing takes over."""
+    if device.type != "cuda":
+        return False
+    if cfg["block_graphs"] is not None:
+        return bool(cfg["block_graphs"])
+    return not (cfg["fsdp"] or cfg["cuda_graph"] or cfg["compile"] or cfg["grad_checkpointing"])
+
+
 class Trainer:
     def __init__(self, cfg: Dict[str, Any], info: DistInfo, run_dir: Path,
                  resumed: Optional[Dict[str, Any]] = None, t_begin: Optional[float] = None):
@@ -122,7 +132,7 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         if cfg["grad_checkpointing"]:
             model.set_grad_checkpointing(True)
-        if cfg["block_graphs"] and dev.type == "cuda" and hasattr(model, "set_block_graphs"):
+        if block_graphs_wanted(cfg, dev) and hasattr(model, "set_block_graphs"):
             model.set_block_graphs(True)
         if cfg["sync_bn"] and info.distributed:
             if dev.type != "cuda":

@@ -80,9 +80,11 @@ class BlockState(NamedTuple):
 
 
 def block_forward(x: torch.Tensor, scale1: Optional[torch.Tensor], scale2: Optional[torch.Tensor],
-                  spec: BlockSpec, params: Sequence[torch.Tensor], needs: Sequence[bool]):
+                  spec: BlockSpec, params: Sequence[torch.Tensor], needs: Sequence[bool],
+                  out: Optional[torch.Tensor] = None):
     """The block on ``x`` ``(b, h, w, c)`` without autograd: ``(out, BlockState)``. ``needs`` says which
-    of ``(x, scale1, scale2, spec, *params)`` want a gradient (``ctx.needs_input_grad``)."""
+    of ``(x, scale1, scale2, spec, *params)`` want a gradient (``ctx.needs_input_grad``); the output is
+    written into ``out`` where given (of the dtype :func:`output_dtype` names)."""
     (cpe_w, cpe_b, n1_w, n1_b, qkv_w, qkv_b, lepe_w, lepe_b, proj_w, proj_b, n2_w, n2_b,
      fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b) = params
     b, h, w, c = x.shape
@@ -104,13 +106,25 @@ def block_forward(x: torch.Tensor, scale1: Optional[torch.Tensor], scale2: Optio
     y2, mean2, rstd2 = layernorm._forward(x2n.view(-1, c), n2_w, n2_b, spec.eps2, dt)
     a = F.linear(y2.view(b, h, w, c), w1, b1)
     f = ffn_tail_forward(a, dw_w, dw_b, w2, b2)
-    out = x2 + f if scale2 is None else torch.addcmul(x2, f, scale2)
+    if scale2 is None:
+        out = torch.add(x2, f, out=out)
+    else:
+        out = torch.addcmul(x2, f, scale2, out=out)
 
     need1 = scale1 is not None and needs[1]
     need2 = scale2 is not None and needs[2]
     saved = (x, x1, y1, mean1, rstd1, qkv, o, a1 if need1 else None, x2n, y2, mean2, rstd2, a,
              f if need2 else None, scale1, scale2, wq, wp, w1, w2, cpe_w, n1_w, lepe_w, n2_w, dw_w, dw_b, *state)
     return out, BlockState(saved, (x1.dtype, a1.dtype, x2.dtype, f.dtype, qkv_w.dtype), (need1, need2))
+
+
+def output_dtype(x: torch.Tensor, scale1: Optional[torch.Tensor], scale2: Optional[torch.Tensor]) -> torch.dtype:
+    """The dtype of :func:`block_forward`'s output: ``x``'s, promoted by the scales (a float32 layer scale)."""
+    dtype = x.dtype
+    for scale in (scale1, scale2):
+        if scale is not None:
+            dtype = torch.promote_types(dtype, scale.dtype)
+    return dtype
 
 
 def block_backward(state: BlockState, spec: BlockSpec, needs: Sequence[bool], grad: torch.Tensor) -> tuple:

@@ -22,19 +22,20 @@ A block replays its graphs when
 
 Everything else runs the same kernels eagerly: an odd last batch, a changed shape, CPU tensors. The
 saved activations live in one CUDA-graph memory pool per model and stay allocated between steps; each
-block also keeps static input, output and gradient buffers, so the peak is higher than an eager
-step's (RMT-S, batch 128 on an H100: 10.21 against 8.65 GiB). A backward whose forward was replayed over
+block also keeps a static copy of its input (the eager block saves its input too) and its parameters'
+gradients, and the blocks of one shape share an output and a gradient buffer. A backward whose forward was replayed over
 (``retain_graph=True``, then another forward, then the old graph's backward) raises. Module switches
 of :mod:`rmt.ops` changed after capture take effect after ``model.set_block_graphs(True)`` again.
 Not for FSDP, which moves parameters between forward and backward (the backward then raises).
 """
+import gc
 import warnings
 import weakref
 from typing import Dict, NamedTuple, Optional, Sequence
 
 import torch
 
-from .block import BlockSpec, block_backward, block_forward
+from .block import BlockSpec, block_backward, block_forward, output_dtype
 
 # calls with one signature that run eagerly before the block is captured
 WARMUP_CALLS = 2
@@ -57,10 +58,24 @@ class _Token:
 
 
 class ModelGraphs:
-    """What the blocks of one model share: a CUDA-graph memory pool per device."""
+    """What the blocks of one model share: a CUDA-graph memory pool per device, and one output buffer
+    and one gradient buffer per block shape.
+
+    Sharing those two buffers among the blocks of a stage is safe because a block's output is copied
+    out right after its forward replay, and a block's backward reads its incoming gradient from the
+    gradient buffer before writing its input gradient there, which is the incoming gradient of the
+    block before it (so handing it on needs no copy)."""
 
     def __init__(self) -> None:
         self._pools: Dict[int, tuple] = {}
+        self._buffers: Dict[tuple, torch.Tensor] = {}
+
+    def buffer(self, role: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The shared contiguous tensor for ``role`` ("out" or "grad") of this shape and dtype."""
+        key = (role, tuple(shape), dtype, device)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+        return self._buffers[key]
 
     def pool(self, device: torch.device) -> tuple:
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -119,20 +134,30 @@ class BlockGraphs:
         self.captured = None  # the previous graphs' buffers go back to the pool first
         pool = self.shared.pool(x.device)
         inputs = tuple(None if t is None else torch.empty_like(t).copy_(t.detach()) for t in (x, scale1, scale2))
+        dtype = output_dtype(x, scale1, scale2)
+        out = self.shared.buffer("out", x.shape, dtype, x.device)
+        grad = self.shared.buffer("grad", x.shape, dtype, x.device)
+        collecting = gc.isenabled()
+        gc.disable()  # a garbage collection during capture could free another graph's memory: not allowed then
         try:
             forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
             with torch.no_grad(), torch.cuda.graph(forward, pool=pool, capture_error_mode="thread_local"):
-                out, state = block_forward(*inputs, spec, params, needs)
-            grad = torch.empty_like(out)
+                out, state = block_forward(*inputs, spec, params, needs, out=out)
             # autograd runs a backward without autocast
             with torch.no_grad(), torch.autocast("cuda", enabled=False):
                 with torch.cuda.graph(backward, pool=pool, capture_error_mode="thread_local"):
                     grads = block_backward(state, spec, needs, grad)
+                    if grads[0] is not None and grads[0].dtype == dtype:
+                        # the input gradient is the previous block's incoming gradient: hand it on in place
+                        grads = (grad.copy_(grads[0]), *grads[1:])
         except Exception as error:  # noqa: BLE001 - any capture failure: run this signature eagerly
             warnings.warn(f"RMT block graphs: capturing a block failed ({type(error).__name__}: {error}); "
                           "this input shape trains without them", RuntimeWarning, stacklevel=4)
             self.failed.add(signature)
             return None
+        finally:
+            if collecting:
+                gc.enable()
         # the saved activations stay referenced: freed, the pool would hand their memory to other captures
         self.captured = _Captured(signature, forward, backward, inputs, out, grad, tuple(grads),
                                   (spec, tuple(params), state))
@@ -171,7 +196,8 @@ class _GraphedBlock(torch.autograd.Function):
                 "RMT block graphs: a block's parameters moved between its forward and its backward (FSDP "
                 "resharding them?); the captured backward reads them where they were. Train without block "
                 "graphs: model.set_block_graphs(False).")
-        captured.grad.copy_(grad)
+        if grad.data_ptr() != captured.grad.data_ptr():  # (the next block's backward wrote it there)
+            captured.grad.copy_(grad)
         captured.backward.replay()
         graphs.live = None
         g = captured.grads
