@@ -65,14 +65,16 @@ class ModelGraphs:
     Sharing those two buffers among the blocks of a stage is safe because a block's output is copied
     out right after its forward replay, and a block's backward reads its incoming gradient from the
     gradient buffer before writing its input gradient there, which is the incoming gradient of the
-    block before it (so handing it on needs no copy)."""
+    block before it (so handing it on needs no copy). Where a float32 layer scale makes the output
+    float32 under autocast, the bf16 input gradient goes to a third buffer, which autograd's cast to
+    float32 reads before the block before it runs."""
 
     def __init__(self) -> None:
         self._pools: Dict[int, tuple] = {}
         self._buffers: Dict[tuple, torch.Tensor] = {}
 
     def buffer(self, role: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The shared contiguous tensor for ``role`` ("out" or "grad") of this shape and dtype."""
+        """The shared contiguous tensor for ``role`` ("out", "grad" or "input grad") of this shape and dtype."""
         key = (role, tuple(shape), dtype, device)
         if key not in self._buffers:
             self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
@@ -148,9 +150,12 @@ class BlockGraphs:
             with torch.no_grad(), torch.autocast("cuda", enabled=False):
                 with torch.cuda.graph(backward, pool=pool, capture_error_mode="thread_local"):
                     grads = block_backward(state, spec, needs, grad)
-                    if grads[0] is not None and grads[0].dtype == dtype:
-                        # the input gradient is the previous block's incoming gradient: hand it on in place
-                        grads = (grad.copy_(grads[0]), *grads[1:])
+                    if grads[0] is not None:
+                        # the input gradient is the previous block's incoming gradient: hand it on in place;
+                        # in another dtype (a float32 layer scale under autocast) autograd casts it first
+                        to = grad if grads[0].dtype == dtype else self.shared.buffer(
+                            "input grad", x.shape, grads[0].dtype, x.device)
+                        grads = (to.copy_(grads[0]), *grads[1:])
         except Exception as error:  # noqa: BLE001 - any capture failure: run this signature eagerly
             warnings.warn(f"RMT block graphs: capturing a block failed ({type(error).__name__}: {error}); "
                           "this input shape trains without them", RuntimeWarning, stacklevel=4)
