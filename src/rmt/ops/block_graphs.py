@@ -24,10 +24,11 @@ A block replays its graphs when
 Everything else runs the same kernels eagerly: an odd last batch, a changed shape, CPU tensors. The
 saved activations live in one CUDA-graph memory pool per model and stay allocated between steps; each
 block also keeps a static copy of its input (the eager block saves its input too) and its parameters'
-gradients, and the blocks of one shape share an output and a gradient buffer. A backward whose forward was replayed over
-(``retain_graph=True``, then another forward, then the old graph's backward) raises. Module switches
-of :mod:`rmt.ops` changed after capture take effect after ``model.set_block_graphs(True)`` again.
-Not for FSDP, which moves parameters between forward and backward (the backward then raises).
+gradients, and the blocks of one shape share their output and gradient buffers (see
+:class:`ModelGraphs`). A backward whose forward was replayed over (``retain_graph=True``, then another
+forward, then the old graph's backward) raises. Module switches of :mod:`rmt.ops` changed after
+capture take effect after ``model.set_block_graphs(True)`` again. Not for FSDP, which moves parameters
+between forward and backward (the backward then raises; ``rmt train`` leaves them off under ``--fsdp``).
 """
 import gc
 import warnings
@@ -59,10 +60,10 @@ class _Token:
 
 
 class ModelGraphs:
-    """What the blocks of one model share: a CUDA-graph memory pool per device, and one output buffer
-    and one gradient buffer per block shape.
+    """What the blocks of one model share: a CUDA-graph memory pool per device, and per block shape one
+    output buffer and one gradient buffer.
 
-    Sharing those two buffers among the blocks of a stage is safe because a block's output is copied
+    Sharing those buffers among the blocks of a stage is safe because a block's output is copied
     out right after its forward replay, and a block's backward reads its incoming gradient from the
     gradient buffer before writing its input gradient there, which is the incoming gradient of the
     block before it (so handing it on needs no copy). Where a float32 layer scale makes the output
