@@ -203,3 +203,19 @@ def test_capture_survives_a_garbage_collection_that_frees_another_models_graphs(
     finally:
         gc.set_threshold(*threshold)
     _assert_same(_step(model, x, 5), _step(twin, x, 5), 1e-5)
+
+
+def test_shared_buffers_live_as_long_as_a_capture_holds_them():
+    """Blocks of one shape get one buffer per role; a shape no capture holds any more frees its buffers
+    (training on many shapes must not keep one set per shape ever seen)."""
+    import gc
+    from rmt.ops.block_graphs import ModelGraphs
+    shared = ModelGraphs()
+    held = shared.buffer("out", torch.Size((2, 3, 4, 8)), torch.float32, torch.device("cpu"))
+    assert shared.buffer("out", torch.Size((2, 3, 4, 8)), torch.float32, torch.device("cpu")) is held
+    assert shared.buffer("grad", torch.Size((2, 3, 4, 8)), torch.float32, torch.device("cpu")) is not held
+    assert shared.buffer("out", torch.Size((2, 3, 4, 8)), torch.bfloat16, torch.device("cpu")) is not held
+    assert len(shared._buffers) == 1  # the other two went with their last reference
+    del held
+    gc.collect()
+    assert len(shared._buffers) == 0

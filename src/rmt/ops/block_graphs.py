@@ -72,14 +72,17 @@ class ModelGraphs:
 
     def __init__(self) -> None:
         self._pools: Dict[int, tuple] = {}
-        self._buffers: Dict[tuple, torch.Tensor] = {}
+        # held by the captures that use them: a shape no block replays any more frees its buffers
+        self._buffers: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
 
     def buffer(self, role: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The shared contiguous tensor for ``role`` ("out", "grad" or "input grad") of this shape and dtype."""
         key = (role, tuple(shape), dtype, device)
-        if key not in self._buffers:
-            self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
-        return self._buffers[key]
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = torch.empty(shape, dtype=dtype, device=device)
+            self._buffers[key] = buffer
+        return buffer
 
     def pool(self, device: torch.device) -> tuple:
         index = device.index if device.index is not None else torch.cuda.current_device()
