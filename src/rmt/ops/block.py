@@ -133,7 +133,6 @@ def block_backward(state: BlockState, spec: BlockSpec, needs: Sequence[bool], gr
     (x, x1, y1, mean1, rstd1, qkv, o, a1, x2n, y2, mean2, rstd2, a, f, scale1, scale2,
      wq, wp, w1, w2, cpe_w, n1_w, lepe_w, n2_w, dw_w, dw_b, *attn_state) = state.saved
     x1_dtype, a1_dtype, x2_dtype, f_dtype, pdt = state.dtypes
-    need = needs
     b, h, w, c = x.shape
     n = spec.num_heads
 
@@ -141,28 +140,28 @@ def block_backward(state: BlockState, spec: BlockSpec, needs: Sequence[bool], gr
     grad = grad.contiguous()
     g_f, g_scale2 = _residual_backward(grad, f, scale2, f_dtype, state.need_scales[1])
     g_a, g_dw_w, g_dw_b, g_fc2_w, g_fc2_b = ffn_tail_backward(
-        g_f, a, dw_w, dw_b, w2, pdt, pdt, True, need[18], need[19], need[20], need[21])
-    g_y2, g_fc1_w, g_fc1_b = linear_backward(g_a, y2, w1, pdt, pdt, True, need[16], need[17])
+        g_f, a, dw_w, dw_b, w2, pdt, pdt, True, needs[18], needs[19], needs[20], needs[21])
+    g_y2, g_fc1_w, g_fc1_b = linear_backward(g_a, y2, w1, pdt, pdt, True, needs[16], needs[17])
     g_x2, g_n2_w, g_n2_b = _norm_backward(g_y2, x2n, n2_w, mean2, rstd2, grad, x2_dtype)
 
     # attention branch: x2 = x1 + scale1 * proj(masa(q, k, v) + lepe(v))
     g_a1, g_scale1 = _residual_backward(g_x2, a1, scale1, a1_dtype, state.need_scales[0])
-    g_o, g_proj_w, g_proj_b = linear_backward(g_a1, o, wp, pdt, pdt, True, need[12], need[13])
+    g_o, g_proj_w, g_proj_b = linear_backward(g_a1, o, wp, pdt, pdt, True, needs[12], needs[13])
     g_o = g_o.contiguous()
     q, k, v = qkv.split(c, dim=-1)
     shape = (b, h, w, n, c // n)
     dq, dk, dv = attention_backward(g_o.view(shape), q.view(shape), k.view(shape), v.view(shape),
                                     tuple(attn_state), spec.sin, spec.cos, spec.decay, spec.scale, spec.form)
     g_v, g_lepe_w, g_lepe_b = dwconv._backward(eager_launch, g_o, v, lepe_w, False, False, True,
-                                               need[10], need[11])
+                                               needs[10], needs[11])
     g_qkv = torch.cat((dq.view(b, h, w, c), dk.view(b, h, w, c), dv.view(b, h, w, c).add_(g_v)), dim=-1)
     g_y1, g_qkv_w, g_qkv_b = linear_backward(g_qkv, y1.view(b, h, w, c), wq, pdt, pdt, True,
-                                             need[8], need[9])
+                                             needs[8], needs[9])
     g_x1, g_n1_w, g_n1_b = _norm_backward(g_y1, x1, n1_w, mean1, rstd1, g_x2, x1_dtype)
 
     # x1 = x + cpe(x)
-    g_x, g_cpe_w, g_cpe_b = dwconv._backward(eager_launch, g_x1, x, cpe_w, True, False, need[0],
-                                             need[4], need[5])
+    g_x, g_cpe_w, g_cpe_b = dwconv._backward(eager_launch, g_x1, x, cpe_w, True, False, needs[0],
+                                             needs[4], needs[5])
     return (g_x, g_scale1, g_scale2, None, as_dtype(g_cpe_w, pdt), as_dtype(g_cpe_b, pdt), as_dtype(g_n1_w, pdt),
             as_dtype(g_n1_b, pdt), g_qkv_w, g_qkv_b, as_dtype(g_lepe_w, pdt), as_dtype(g_lepe_b, pdt), g_proj_w,
             g_proj_b, as_dtype(g_n2_w, pdt), as_dtype(g_n2_b, pdt), g_fc1_w, g_fc1_b, g_dw_w, g_dw_b, g_fc2_w,
