@@ -97,14 +97,16 @@ def main() -> int:
 
     def dw_launch():
         dwconv._dwconv_nhwc_kernel[(16, 1, 2)](
-            img, dw_w, dw_b, img, out, out, 8, 8, 64, *img.stride()[:3], 0, 0, 0, 9, 3, 1, KS=3, TAPS_OUTER=False, FLIP=False,
-            HAS_BIAS=True, RESIDUAL=True, GELU_GRAD=False, COLUMN_SUMS=False, ROWS=1, BLOCK_W=8, BLOCK_C=32,
+            img, dw_w, dw_b, img, out, out, 8, 8, 64, *img.stride()[:3], 0, 0, 0, *out.stride()[:3], 9, 3, 1, KS=3,
+            TAPS_OUTER=False, FLIP=False, HAS_BIAS=True, RESIDUAL=True, GELU_GRAD=False, GRAD_GIVEN=False,
+            ACCUMULATE=False, COLUMN_SUMS=False, ROWS=1, BLOCK_W=8, BLOCK_C=32,
             num_warps=4)
 
     def dw_direct():
         eager_launch(dwconv._dwconv_nhwc_kernel)[(16, 1, 2)](
-            img, dw_w, dw_b, img, out, out, 8, 8, 64, *img.stride()[:3], 0, 0, 0, 9, 3, 1, KS=3, TAPS_OUTER=False, FLIP=False,
-            HAS_BIAS=True, RESIDUAL=True, GELU_GRAD=False, COLUMN_SUMS=False, ROWS=1, BLOCK_W=8, BLOCK_C=32,
+            img, dw_w, dw_b, img, out, out, 8, 8, 64, *img.stride()[:3], 0, 0, 0, *out.stride()[:3], 9, 3, 1, KS=3,
+            TAPS_OUTER=False, FLIP=False, HAS_BIAS=True, RESIDUAL=True, GELU_GRAD=False, GRAD_GIVEN=False,
+            ACCUMULATE=False, COLUMN_SUMS=False, ROWS=1, BLOCK_W=8, BLOCK_C=32,
             num_warps=4)
 
     class Identity(torch.autograd.Function):

@@ -23,6 +23,8 @@ is an execution mode with optional switches, e.g. ``graphed-torchln`` or ``eager
   (``rmt.ops.block.FUSED_BLOCK = False``);
 * switch ``tritonwgrad``: the depthwise weight gradients through the Triton kernel instead of cuDNN
   (``rmt.ops.dwconv.TRITON_WEIGHT_GRAD = True``);
+* switch ``gelugrad``: the FFN's input-gradient kernel evaluates GELU's derivative itself instead of
+  reading it from the recompute of GELU (``rmt.ops.ffn.DERIVATIVE_WITH_GELU = False``);
 * switch ``blockgraphs``: each block's training kernels replayed from CUDA graphs
   (``model.set_block_graphs(True)``, :mod:`rmt.ops.block_graphs`; not with ``--interleave``);
 * switch ``calling``: autograd runs the backward on the calling thread instead of its device thread
@@ -56,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import timm  # noqa: E402
 
 import rmt  # noqa: E402,F401
-from rmt.ops import block, dwconv, layernorm, triton_support  # noqa: E402
+from rmt.ops import block, dwconv, ffn, layernorm, triton_support  # noqa: E402
 from rmt.ops.masa import triton_masa  # noqa: E402
 from rmt.benchmark import environment, save_rows, time_step  # noqa: E402
 from rmt.engine.cuda_graph import GraphedTrainStep  # noqa: E402
@@ -93,7 +95,7 @@ def _on_calling_thread(step):
 
 
 SWITCHES = ("cudnn", "torchln", "twokernel", "oneseq", "unfused", "jitlaunch", "calling", "tritonwgrad",
-            "blockgraphs")
+            "gelugrad", "blockgraphs")
 
 
 def _set_switches(switches: List[str]) -> None:
@@ -105,6 +107,7 @@ def _set_switches(switches: List[str]) -> None:
     block.FUSED_BLOCK = "unfused" not in switches
     triton_support.DIRECT_LAUNCH = "jitlaunch" not in switches
     dwconv.TRITON_WEIGHT_GRAD = "tritonwgrad" in switches
+    ffn.DERIVATIVE_WITH_GELU = "gelugrad" not in switches
 
 
 def measure(name: str, mode: str, batch: int, device: torch.device, warmup: int, iters: int) -> Dict:

@@ -190,8 +190,13 @@ def test_custom_op_used_by_compile_matches_eager_function():
 
 
 @needs_triton
-def test_ffn_tail_recomputes_the_depthwise_output_and_matches_reference():
+@pytest.mark.parametrize("with_gelu", [True, False])
+def test_ffn_tail_recomputes_the_depthwise_output_and_matches_reference(with_gelu, monkeypatch):
+    """Both ways of the FFN's input gradient: GELU's derivative written beside the recomputed GELU
+    (the default) or evaluated inside the input-gradient kernel."""
+    from rmt.ops import ffn
     from rmt.ops.ffn import ffn_tail
+    monkeypatch.setattr(ffn, "DERIVATIVE_WITH_GELU", with_gelu)
     b, h, w, hidden, dim = 2, 5, 7, 24, 8
     a = torch.randn(b, h, w, hidden, device=DEVICE, requires_grad=True)
     dw_w = torch.randn(hidden, 1, 3, 3, device=DEVICE, requires_grad=True)
@@ -207,6 +212,43 @@ def test_ffn_tail_recomputes_the_depthwise_output_and_matches_reference():
     for name, x, e in zip(("a", "dw weight", "dw bias", "fc weight", "fc bias"),
                           torch.autograd.grad(got, args, g), torch.autograd.grad(want, args, g)):
         assert rel_err(x, e) <= 1e-5, name
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_and_derivative_match_autograd(dtype):
+    from rmt.ops.ffn import gelu_and_derivative
+    if dtype != torch.float32 and DEVICE == "cpu":
+        pytest.skip("bf16 Triton kernels are checked on CUDA only")
+    a = (3 * torch.randn(3, 5, 7, 11, device=DEVICE)).to(dtype)  # not a multiple of the block
+    g, d = gelu_and_derivative(a)
+    ref = a.float().requires_grad_()
+    want = torch.nn.functional.gelu(ref)
+    (want_d,) = torch.autograd.grad(want.sum(), ref)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert g.dtype == d.dtype == dtype and g.shape == d.shape == a.shape
+    assert rel_err(g.float(), want) <= tol and rel_err(d.float(), want_d) <= tol
+
+
+@needs_triton
+@pytest.mark.parametrize("ks", [3, 5])
+def test_input_gradient_added_in_place_to_a_strided_slice(ks):
+    """``add_to``: the input gradient is added to a slice of a wider tensor, the rest untouched."""
+    from rmt.ops import dwconv
+    from rmt.ops.triton_support import eager_launch
+    b, h, w, c = 2, 6, 9, 12
+    x = torch.randn(b, h, w, c, device=DEVICE)
+    weight = torch.randn(c, 1, ks, ks, device=DEVICE)
+    grad = torch.randn(b, h, w, c, device=DEVICE)
+    want, _, want_b = dwconv._backward(eager_launch, grad, x, weight, False, False, True, False, True)
+    wide = torch.randn(b, h, w, 3 * c, device=DEVICE)
+    before = wide.clone()
+    got, _, got_b = dwconv._backward(eager_launch, grad, x, weight, False, False, True, False, True,
+                                     add_to=wide[..., 2 * c:])
+    assert got.data_ptr() == wide[..., 2 * c:].data_ptr()
+    assert torch.equal(wide[..., :2 * c], before[..., :2 * c])
+    assert rel_err(wide[..., 2 * c:], before[..., 2 * c:] + want) <= 1e-6
+    assert torch.equal(got_b, want_b)
 
 
 def test_mlp_calls_fc2_module_when_it_has_hooks():

@@ -78,6 +78,33 @@ def test_triton_backward_single_tile_and_two_kernel_paths(single_tile, form, mon
 
 
 @needs_triton
+@pytest.mark.parametrize("single_tile", [True, False])
+@pytest.mark.parametrize("form", ["decomposed", "full"])
+def test_backward_writes_into_slices_of_the_qkv_gradient(single_tile, form, monkeypatch):
+    """``attention_backward(..., grads)`` writes dq, dk and dv into the three slices of one
+    ``(b, h, w, 3c)`` gradient (as the fused block's backward does) with the same values as into
+    tensors of their own, and leaves nothing else of that buffer written."""
+    from rmt.ops.masa import triton_masa
+    monkeypatch.setattr(triton_masa, "SINGLE_TILE_BACKWARD", single_tile)
+    b, h, w, n, d = 2, 5, 7, 2, 16
+    c = n * d
+    qkv = torch.randn(b, h, w, 3 * c, device=DEVICE)
+    q, k, v = (t.view(b, h, w, n, d) for t in qkv.split(c, dim=-1))
+    sin, cos = rotation_tables(h, w, d, device=DEVICE)
+    decay = head_decays(n, 2.0, 4.0, device=DEVICE)
+    out, state = triton_masa.attention_forward(q, k, v, sin, cos, decay, d ** -0.5, form)
+    grad = torch.randn_like(out)
+    want = triton_masa.attention_backward(grad, q, k, v, state, sin, cos, decay, d ** -0.5, form)
+    buffer = torch.full((b, h, w, 3 * c), float("nan"), device=DEVICE)
+    views = tuple(t.view(b, h, w, n, d) for t in buffer.split(c, dim=-1))
+    got = triton_masa.attention_backward(grad, q, k, v, state, sin, cos, decay, d ** -0.5, form, views)
+    for name, g, v_, e in zip("qkv", got, views, want):
+        assert g.data_ptr() == v_.data_ptr(), name
+        assert rel_err(v_, e) <= 1e-6, name
+    assert not buffer.isnan().any()
+
+
+@needs_triton
 @pytest.mark.parametrize("seqs", [1, 2, 8])
 @pytest.mark.parametrize("mode", ["row", "col"])
 def test_triton_forward_several_sequences_per_program(seqs, mode):

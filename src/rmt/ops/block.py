@@ -150,11 +150,15 @@ def block_backward(state: BlockState, spec: BlockSpec, needs: Sequence[bool], gr
     g_o = g_o.contiguous()
     q, k, v = qkv.split(c, dim=-1)
     shape = (b, h, w, n, c // n)
-    dq, dk, dv = attention_backward(g_o.view(shape), q.view(shape), k.view(shape), v.view(shape),
-                                    tuple(attn_state), spec.sin, spec.cos, spec.decay, spec.scale, spec.form)
-    g_v, g_lepe_w, g_lepe_b = dwconv._backward(eager_launch, g_o, v, lepe_w, False, False, True,
-                                               needs[10], needs[11])
-    g_qkv = torch.cat((dq.view(b, h, w, c), dk.view(b, h, w, c), dv.view(b, h, w, c).add_(g_v)), dim=-1)
+    # the MaSA kernels write dq, dk and dv straight into the slices of qkv's gradient, and the LePE
+    # input gradient is added to the dv slice in place (no concatenation, no separate additions)
+    g_qkv = torch.empty((b, h, w, 3 * c), dtype=qkv.dtype, device=qkv.device)
+    dq, dk, dv = g_qkv.split(c, dim=-1)
+    attention_backward(g_o.view(shape), q.view(shape), k.view(shape), v.view(shape), tuple(attn_state),
+                       spec.sin, spec.cos, spec.decay, spec.scale, spec.form,
+                       (dq.view(shape), dk.view(shape), dv.view(shape)))
+    _, g_lepe_w, g_lepe_b = dwconv._backward(eager_launch, g_o, v, lepe_w, False, False, True,
+                                             needs[10], needs[11], add_to=dv)
     g_y1, g_qkv_w, g_qkv_b = linear_backward(g_qkv, y1.view(b, h, w, c), wq, pdt, pdt, True,
                                              needs[8], needs[9])
     g_x1, g_n1_w, g_n1_b = _norm_backward(g_y1, x1, n1_w, mean1, rstd1, g_x2, x1_dtype)

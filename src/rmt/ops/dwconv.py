@@ -128,30 +128,40 @@ if HAS_TRITON:
         return acc0, acc1, acc2, acc3, sums
 
     @triton.jit
-    def _finish_row(acc, r, b, offs_w, offs_c, mask_c, B, Z, Y, H, W, C, z_sb, z_sh, z_sw,
-                    HAS_BIAS: tl.constexpr, GELU_GRAD: tl.constexpr):
-        """Bias, GELU derivative and store of output row ``r`` (skipped past the last row)."""
+    def _finish_row(acc, r, b, offs_w, offs_c, mask_c, B, Z, Y, H, W, C, z_sb, z_sh, z_sw, y_sb, y_sh, y_sw,
+                    HAS_BIAS: tl.constexpr, GELU_GRAD: tl.constexpr, GRAD_GIVEN: tl.constexpr,
+                    ACCUMULATE: tl.constexpr):
+        """Bias, GELU derivative (of ``Z``, or ``Z`` itself with ``GRAD_GIVEN``) and store (or with
+        ``ACCUMULATE`` addition to ``Y``) of output row ``r`` (skipped past the last row)."""
         mask = ((offs_w < W)[:, None] & mask_c[None, :]) & (r < H)
         if HAS_BIAS:
             acc += tl.load(B + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
         if GELU_GRAD:
             z = tl.load(Z + b * z_sb + r * z_sh + offs_w[:, None] * z_sw + offs_c[None, :],
                         mask=mask, other=0.0).to(tl.float32)
-            acc = acc * _gelu_grad(z)
-        tl.store(Y + ((b * H + r) * W + offs_w[:, None]) * C + offs_c[None, :],
-                 acc.to(Y.dtype.element_ty), mask=mask)
+            if GRAD_GIVEN:
+                acc = acc * z
+            else:
+                acc = acc * _gelu_grad(z)
+        y = Y + b * y_sb + r * y_sh + offs_w[:, None] * y_sw + offs_c[None, :]
+        if ACCUMULATE:
+            acc += tl.load(y, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y, acc.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _dwconv_nhwc_kernel(X, WT, B, Z, Y, DB_PART, H, W, C, x_sb, x_sh, x_sw, z_sb, z_sh, z_sw,
-                            w_sc, w_sh, w_sw, KS: tl.constexpr, TAPS_OUTER: tl.constexpr,
+                            y_sb, y_sh, y_sw, w_sc, w_sh, w_sw, KS: tl.constexpr, TAPS_OUTER: tl.constexpr,
                             FLIP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            RESIDUAL: tl.constexpr, GELU_GRAD: tl.constexpr, COLUMN_SUMS: tl.constexpr,
-                            ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+                            RESIDUAL: tl.constexpr, GELU_GRAD: tl.constexpr, GRAD_GIVEN: tl.constexpr,
+                            ACCUMULATE: tl.constexpr, COLUMN_SUMS: tl.constexpr, ROWS: tl.constexpr,
+                            BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
         """Grid ``(b * cdiv(h, ROWS), cdiv(w, BLOCK_W), cdiv(c, BLOCK_C))``: the same segment of
         ``ROWS`` (1-4) consecutive token rows per program.
 
-        ``Y = [gelu'(Z) *] ([X +] sum_taps X[shifted] * WT[tap] [+ B])``; ``FLIP`` mirrors the kernel
-        (the input gradient). ``Y`` is contiguous. Each shifted input row is loaded once and added to
+        ``Y = [gelu'(Z) *] ([X +] sum_taps X[shifted] * WT[tap] [+ B])``, or ``Z *`` with ``GRAD_GIVEN``
+        (``Z`` then holds GELU's derivative, computed beforehand), written to ``Y`` through its strides
+        ``y_*`` (unit channel stride) or with ``ACCUMULATE`` added to it; ``FLIP`` mirrors the kernel
+        (the input gradient). Each shifted input row is loaded once and added to
         every output row it reaches, so a program loads ``(ROWS + KS - 1) * KS`` tiles for ``ROWS``
         rows instead of ``KS * KS`` per row: the loads, not the memory traffic, limit this kernel.
         ``TAPS_OUTER`` loops over the horizontal taps outside the input rows (fewer weights live at
@@ -190,16 +200,16 @@ if HAS_TRITON:
             part = pid * tl.num_programs(1) + tl.program_id(1)
             tl.store(DB_PART + part.to(tl.int64) * C + offs_c, sums, mask=mask_c)
         _finish_row(acc0, r0, b, offs_w, offs_c, mask_c, B, Z, Y, H, W, C, z_sb, z_sh, z_sw,
-                    HAS_BIAS, GELU_GRAD)
+                    y_sb, y_sh, y_sw, HAS_BIAS, GELU_GRAD, GRAD_GIVEN, ACCUMULATE)
         if ROWS > 1:
             _finish_row(acc1, r0 + 1, b, offs_w, offs_c, mask_c, B, Z, Y, H, W, C, z_sb, z_sh, z_sw,
-                        HAS_BIAS, GELU_GRAD)
+                        y_sb, y_sh, y_sw, HAS_BIAS, GELU_GRAD, GRAD_GIVEN, ACCUMULATE)
         if ROWS > 2:
             _finish_row(acc2, r0 + 2, b, offs_w, offs_c, mask_c, B, Z, Y, H, W, C, z_sb, z_sh, z_sw,
-                        HAS_BIAS, GELU_GRAD)
+                        y_sb, y_sh, y_sw, HAS_BIAS, GELU_GRAD, GRAD_GIVEN, ACCUMULATE)
         if ROWS > 3:
             _finish_row(acc3, r0 + 3, b, offs_w, offs_c, mask_c, B, Z, Y, H, W, C, z_sb, z_sh, z_sw,
-                        HAS_BIAS, GELU_GRAD)
+                        y_sb, y_sh, y_sw, HAS_BIAS, GELU_GRAD, GRAD_GIVEN, ACCUMULATE)
 
     @triton.jit
     def _dwconv_wgrad_kernel(G, X, PART, H, W, C, ROWS_PER_PROGRAM, g_sb, g_sh, g_sw, x_sb, x_sh, x_sw,
@@ -360,23 +370,28 @@ def _forward(launch, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     block_w, block_c, warps, rows = tile or _blocks(w, c, weight.shape[-1])
     launch(_dwconv_nhwc_kernel)[(b * cdiv(h, rows), cdiv(w, block_w), cdiv(c, block_c))](
         x, weight, bias if bias is not None else weight, x, y, y, h, w, c,
-        x.stride(0), x.stride(1), x.stride(2), 0, 0, 0, weight.stride(0), weight.stride(2), weight.stride(3),
+        x.stride(0), x.stride(1), x.stride(2), 0, 0, 0, y.stride(0), y.stride(1), y.stride(2),
+        weight.stride(0), weight.stride(2), weight.stride(3),
         KS=weight.shape[-1], TAPS_OUTER=_taps_outer(w, weight.shape[-1]), FLIP=False, HAS_BIAS=bias is not None,
         RESIDUAL=residual,
-        GELU_GRAD=False, COLUMN_SUMS=False, ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
+        GELU_GRAD=False, GRAD_GIVEN=False, ACCUMULATE=False, COLUMN_SUMS=False, ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
     return y
 
 
 def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, residual: bool,
               gelu: bool, need_input: bool, need_weight: bool, need_bias: bool = True,
-              activated: Optional[torch.Tensor] = None, tile: Optional[Tuple[int, int, int, int]] = None
+              activated: Optional[torch.Tensor] = None, tile: Optional[Tuple[int, int, int, int]] = None,
+              derivative: Optional[torch.Tensor] = None, add_to: Optional[torch.Tensor] = None
               ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients of ``x`` (its dtype), of ``weight`` ``(c, 1, k, k)`` (float32 from the weight-gradient
     kernel, the dtype of ``x`` from cuDNN) and of the bias ``(c,)`` (float32 when a kernel summed it,
     else the dtype of ``x``).
     ``activated``: ``gelu(x)`` when the caller has it, else it is recomputed for the weight gradient.
     ``tile``: the input-gradient kernel's ``(BLOCK_W, BLOCK_C, num_warps, ROWS)`` instead of
-    :func:`_backward_blocks`.
+    :func:`_backward_blocks`. ``derivative``: ``gelu'(x)`` when the caller has it (then the kernel
+    multiplies by it instead of evaluating ``erf`` and ``exp`` per element). ``add_to``: a
+    ``(b, h, w, c)`` tensor (unit channel stride, say a slice of a larger gradient) that the input
+    gradient is added to in place and returned as it.
 
     The bias gradient is the sum of ``grad`` over batch and space: the input-gradient kernel, which
     reads ``grad`` anyway, writes one partial sum per program, so no separate pass over ``grad``.
@@ -388,14 +403,16 @@ def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     grid = (b * cdiv(h, rows), cdiv(w, block_w), cdiv(c, block_c))
     gx = gw = gb = None
     if need_input:
-        gx = torch.empty((b, h, w, c), dtype=x.dtype, device=x.device)
+        gx = add_to if add_to is not None else torch.empty((b, h, w, c), dtype=x.dtype, device=x.device)
         parts = (torch.empty((grid[0] * grid[1], c), dtype=torch.float32, device=x.device)
                  if need_bias else gx)
+        z = derivative if gelu and derivative is not None else x
         launch(_dwconv_nhwc_kernel)[grid](
-            grad, weight, weight, x, gx, parts, h, w, c, grad.stride(0), grad.stride(1), grad.stride(2),
-            x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(2), weight.stride(3),
+            grad, weight, weight, z, gx, parts, h, w, c, grad.stride(0), grad.stride(1), grad.stride(2),
+            z.stride(0), z.stride(1), z.stride(2), gx.stride(0), gx.stride(1), gx.stride(2),
+            weight.stride(0), weight.stride(2), weight.stride(3),
             KS=ks, TAPS_OUTER=_taps_outer(w, ks), FLIP=True, HAS_BIAS=False, RESIDUAL=residual,
-            GELU_GRAD=gelu, COLUMN_SUMS=need_bias, ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
+            GELU_GRAD=gelu, GRAD_GIVEN=z is not x, ACCUMULATE=add_to is not None, COLUMN_SUMS=need_bias, ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
         if need_bias:
             gb = column_sum(parts)
     if need_weight or (need_bias and gb is None):

@@ -20,7 +20,38 @@ import torch.nn.functional as F
 from . import dwconv
 from .dwconv import dwconv_nhwc, triton_dwconv_supported
 from .linear import gelu_epilogue_applies, linear, linear_backward, linear_gelu
-from .triton_support import as_dtype, eager_launch
+from .triton_support import HAS_TRITON, as_dtype, cdiv, eager_launch
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .dwconv import _gelu_grad
+
+# False: the backward recomputes GELU alone and the input-gradient kernel evaluates GELU's
+# derivative itself (benchmarks/training_step.py's switch "gelugrad" compares the two)
+DERIVATIVE_WITH_GELU = True
+
+if HAS_TRITON:
+    @triton.jit
+    def _gelu_and_derivative_kernel(A, G, D, N, BLOCK: tl.constexpr):
+        """``G = gelu(A)`` and ``D = gelu'(A)`` (exact GELU) over ``N`` contiguous elements."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        a = tl.load(A + offs, mask=mask, other=0.0).to(tl.float32)
+        cdf = 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476))
+        tl.store(G + offs, (a * cdf).to(G.dtype.element_ty), mask=mask)
+        tl.store(D + offs, _gelu_grad(a).to(D.dtype.element_ty), mask=mask)
+
+
+def gelu_and_derivative(a: torch.Tensor):
+    """``(gelu(a), gelu'(a))`` in the dtype of ``a`` from one pass over it (any shape; Triton)."""
+    a = a.contiguous()
+    g, d = torch.empty_like(a), torch.empty_like(a)
+    block = 1024
+    eager_launch(_gelu_and_derivative_kernel)[(cdiv(a.numel(), block),)](a, g, d, a.numel(), BLOCK=block,
+                                                                        num_warps=4)
+    return g, d
 
 
 def ffn_tail_forward(a: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torch.Tensor],
@@ -38,14 +69,16 @@ def ffn_tail_backward(grad: torch.Tensor, a: torch.Tensor, dw_weight: torch.Tens
     """Gradients of :func:`ffn_tail_forward` for its five inputs (``None`` where not needed), the
     depthwise output recomputed from ``a``; the parameters' in their own dtypes."""
     grad = grad.contiguous()
-    g = F.gelu(a)  # recomputed once, for u and for the depthwise weight gradient
+    # GELU recomputed once, for u and for the depthwise weight gradient; with it its derivative
+    # (for the input gradient), which is cheaper to write here than to evaluate in that kernel
+    g, d = gelu_and_derivative(a) if DERIVATIVE_WITH_GELU and need_input else (F.gelu(a), None)
     u = dwconv._forward(eager_launch, g, dw_weight, dw_bias, True, False)
     _, grad_w, grad_b = linear_backward(grad, u, w, weight_dtype, bias_dtype, False,
                                         need_weight, need_bias)
     grad_u = grad.matmul(w)
     grad_a, grad_dw, grad_db = dwconv._backward(
         eager_launch, grad_u, a, dw_weight, True, True, need_input, need_dw_weight,
-        dw_bias is not None and need_dw_bias, g)
+        dw_bias is not None and need_dw_bias, g, derivative=d)
     grad_db = as_dtype(grad_db, dw_bias.dtype) if dw_bias is not None else None
     return grad_a, as_dtype(grad_dw, dw_weight.dtype), grad_db, grad_w, grad_b
 

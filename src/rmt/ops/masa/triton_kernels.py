@@ -259,13 +259,15 @@ def masa_bwd_dq_kernel(
 def masa_bwd_tile_kernel(
         Q, K, V, O, DO, LSE, DQ, DK, DV, SIN, COS, DECAY,
         q_sb, q_sh, q_sw, q_sn, k_sb, k_sh, k_sw, k_sn, v_sb, v_sh, v_sw, v_sn,
-        g_sb, g_sh, g_sw, g_sn,
+        g_sb, g_sh, g_sw, g_sn, d_sb, d_sh, d_sw, d_sn, e_sb, e_sh, e_sw, e_sn,
         NH, W, SEQ, TOKENS, scale,
         MODE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        ACCUMULATE_QK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid ``(1, sequences * NH, b)`` for sequences of at most ``BLOCK`` tokens: all of dq, dk and
     dv of one sequence from one tile, so the logits and probabilities are formed once (the dq and
-    dk/dv kernels each form them again). ``O``, ``DO``, ``DQ``, ``DK``, ``DV`` share the strides ``g_*``.
+    dk/dv kernels each form them again). ``O`` and ``DO`` share the strides ``g_*``, ``DQ`` and ``DK``
+    the strides ``d_*`` (slices of one gradient buffer, say), ``DV`` has the strides ``e_*``.
+    ``ACCUMULATE_QK`` adds dq and dk to what ``DQ`` and ``DK`` hold instead of overwriting it.
     """
     scale = tl.cast(scale, tl.float32)  # torch.compile passes a Python float as float64
     b, head, seq_id, decay = _program(NH, DECAY)
@@ -294,9 +296,14 @@ def masa_bwd_tile_kernel(
     dk = tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
     dq = _rotate(dq, rows, cols, mask, W, SIN, COS, BLOCK, HEAD_DIM, BLOCK_D, True)
     dk = _rotate(dk, rows, cols, mask, W, SIN, COS, BLOCK, HEAD_DIM, BLOCK_D, True) * scale
-    _store_tokens(DQ + base, dq.to(DQ.dtype.element_ty), rows, cols, mask, g_sh, g_sw, HEAD_DIM, BLOCK_D)
-    _store_tokens(DK + base, dk.to(DK.dtype.element_ty), rows, cols, mask, g_sh, g_sw, HEAD_DIM, BLOCK_D)
-    _store_tokens(DV + base, dv.to(DV.dtype.element_ty), rows, cols, mask, g_sh, g_sw, HEAD_DIM, BLOCK_D)
+    dbase = b * d_sb + head * d_sn
+    if ACCUMULATE_QK:
+        dq += _load_tokens(DQ + dbase, rows, cols, mask, d_sh, d_sw, HEAD_DIM, BLOCK_D).to(tl.float32)
+        dk += _load_tokens(DK + dbase, rows, cols, mask, d_sh, d_sw, HEAD_DIM, BLOCK_D).to(tl.float32)
+    _store_tokens(DQ + dbase, dq.to(DQ.dtype.element_ty), rows, cols, mask, d_sh, d_sw, HEAD_DIM, BLOCK_D)
+    _store_tokens(DK + dbase, dk.to(DK.dtype.element_ty), rows, cols, mask, d_sh, d_sw, HEAD_DIM, BLOCK_D)
+    _store_tokens(DV + b * e_sb + head * e_sn, dv.to(DV.dtype.element_ty), rows, cols, mask, e_sh, e_sw,
+                  HEAD_DIM, BLOCK_D)
 
 
 @triton.jit

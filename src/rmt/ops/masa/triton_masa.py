@@ -132,23 +132,43 @@ def _attend(launch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torc
 
 def _attend_backward(launch, grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                      v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sin: torch.Tensor,
-                     cos: torch.Tensor, decay: torch.Tensor, scale: float, mode: int
-                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of the raw (unrotated, unscaled) q, k and of v, each ``(b, h, w, n, d)``."""
+                     cos: torch.Tensor, decay: torch.Tensor, scale: float, mode: int,
+                     grads: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+                     accumulate_qk: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the raw (unrotated, unscaled) q, k and of v, each ``(b, h, w, n, d)``.
+
+    ``grads``: ``(dq, dk, dv)`` to write them to (unit channel stride; dq and dk with equal strides,
+    e.g. slices of one qkv gradient); with ``accumulate_qk`` dq and dk are added to what they hold."""
     b, h, w, n, d = q.shape
     grad_out = grad_out.contiguous()
-    dq = torch.empty((b, h, w, n, d), dtype=q.dtype, device=q.device)
-    dk = torch.empty((b, h, w, n, d), dtype=k.dtype, device=q.device)
-    dv = torch.empty((b, h, w, n, d), dtype=v.dtype, device=q.device)
     seq, nseq = _geometry(q.shape, mode)
     block_m, block_n, warps = _launch_config(seq, d)
-    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
     if SINGLE_TILE_BACKWARD and seq <= block_m:  # every sequence fits one tile: one kernel for all three
+        if grads is None:
+            grads = tuple(torch.empty((b, h, w, n, d), dtype=t.dtype, device=q.device) for t in (q, k, v))
+            accumulate_qk = False
+        dq, dk, dv = grads
+        if dq.stride() != dk.stride():
+            raise ValueError("attention_backward: dq and dk must have equal strides")
+        strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq), *_strides(dv))
         launch(masa_bwd_tile_kernel)[(1, nseq * n, b)](
             q, k, v, out, grad_out, lse, dq, dk, dv, sin, cos, decay, *strides,
             n, w, seq, h * w, scale, MODE=mode, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK=block_m,
-            DOT_PRECISION=_dot_precision(q.dtype), num_warps=max(warps, 4))  # four [BLOCK, BLOCK] tiles live
+            ACCUMULATE_QK=accumulate_qk, DOT_PRECISION=_dot_precision(q.dtype),
+            num_warps=max(warps, 4))  # four [BLOCK, BLOCK] tiles live
         return dq, dk, dv
+    if grads is not None:  # the two-kernel path writes contiguous gradients; add or copy them over
+        parts = _attend_backward(launch, grad_out, q, k, v, out, lse, sin, cos, decay, scale, mode)
+        for i, (dst, part) in enumerate(zip(grads, parts)):
+            if accumulate_qk and i < 2:
+                dst.add_(part)
+            else:
+                dst.copy_(part)
+        return grads
+    dq = torch.empty((b, h, w, n, d), dtype=q.dtype, device=q.device)
+    dk = torch.empty((b, h, w, n, d), dtype=k.dtype, device=q.device)
+    dv = torch.empty((b, h, w, n, d), dtype=v.dtype, device=q.device)
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
     common = dict(MODE=mode, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=block_m, BLOCK_N=block_n,
                   DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps)
     # dq first: it also writes delta = rowsum(dO * O), which the dk/dv kernel reads
@@ -178,19 +198,27 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: to
 
 def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        state: Tuple[torch.Tensor, ...], sin: torch.Tensor, cos: torch.Tensor,
-                       decay: torch.Tensor, scale: float, form: str
+                       decay: torch.Tensor, scale: float, form: str,
+                       grads: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` of :func:`attention_forward` (the decomposed form's dq and dk are the
-    sums of the row and column passes' parts)."""
+    sums of the row and column passes' parts), written to ``grads`` where given (``(b, h, w, n, d)``
+    views with equal strides, such as the three slices of the fused qkv projection's gradient)."""
     if form == "full":
         out, lse = state
-        return _attend_backward(eager_launch, grad_out, q, k, v, out, lse, sin, cos, decay, scale, MODE_FULL)
+        return _attend_backward(eager_launch, grad_out, q, k, v, out, lse, sin, cos, decay, scale, MODE_FULL,
+                                grads)
     out, lse, rows, lse_rows = state
-    dq, dk, drows = _attend_backward(eager_launch, grad_out, q, k, rows, out, lse, sin, cos, decay,
-                                     scale, MODE_COL)
-    dq_rows, dk_rows, dv = _attend_backward(eager_launch, drows, q, k, v, rows, lse_rows, sin, cos, decay,
-                                            scale, MODE_ROW)
-    return dq.add_(dq_rows), dk.add_(dk_rows), dv
+    if grads is None:
+        grads = (torch.empty_like(q, memory_format=torch.contiguous_format),
+                 torch.empty_like(k, memory_format=torch.contiguous_format), None)
+    # the column pass writes dq and dk; the row pass adds its parts to them and writes dv
+    drows = torch.empty_like(v, memory_format=torch.contiguous_format)
+    _attend_backward(eager_launch, grad_out, q, k, rows, out, lse, sin, cos, decay, scale, MODE_COL,
+                     (grads[0], grads[1], drows))
+    dv = grads[2] if grads[2] is not None else torch.empty_like(drows)
+    return _attend_backward(eager_launch, drows, q, k, v, rows, lse_rows, sin, cos, decay, scale, MODE_ROW,
+                            (grads[0], grads[1], dv), accumulate_qk=True)
 
 
 # --- torch.compile: custom ops that Inductor sees through -----------------------------------------
