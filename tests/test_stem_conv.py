@@ -3,6 +3,8 @@
 On CUDA the kernel runs natively; without CUDA in Triton's interpreter (TRITON_INTERPRET=1, set in
 conftest.py) at small sizes.
 """
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -159,6 +161,50 @@ def test_conv_bias_folded_into_the_norm_shift_at_inference(monkeypatch):
     got = torch.autograd.grad(stem.conv_norm(x, conv, norm), params, g)
     ref = torch.autograd.grad(norm(conv(x)), params, g)
     assert all(rel_err(a, e) <= 1e-5 for a, e in zip(got, ref))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_conv_bias_left_out_with_batch_statistics(affine, monkeypatch):
+    """Training mode: the same output, gradients (the bias's exactly zero), running statistics and
+    batch count as the modules, over two steps; a momentum of None (cumulative average) and a hooked
+    norm run as the modules."""
+    from rmt import stem
+    monkeypatch.setattr(stem, "FOLD_DEVICES", ("cuda", "cpu"))
+    conv, norm, _ = _layers(cin=8, cout=16, stride=2, device="cpu")
+    norm = nn.BatchNorm2d(16, affine=affine).train()
+    if affine:
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_()
+    twin = copy.deepcopy(norm)
+    with torch.no_grad():
+        conv.bias.normal_()
+    x = torch.randn(3, 8, 11, 10, requires_grad=True)
+    assert stem.folds_bias_in_training(x, conv, norm)
+    params = [x, conv.weight, conv.bias] + ([norm.weight, norm.bias] if affine else [])
+    twin_params = [x, conv.weight, conv.bias] + ([twin.weight, twin.bias] if affine else [])
+    for _ in range(2):
+        got = stem.conv_norm(x, conv, norm)
+        want = twin(conv(x))
+        assert rel_err(got, want) <= 1e-5
+        g = torch.randn_like(want)
+        grads = torch.autograd.grad(got, params, g)
+        ref = torch.autograd.grad(want, twin_params, g)
+        for name, a, e in zip(("input", "conv weight", "norm weight", "norm bias"),
+                              grads[:2] + grads[3:], ref[:2] + ref[3:]):
+            assert rel_err(a, e) <= 1e-4, name
+        # the modules' bias gradient is rounding noise around the exact zero
+        assert torch.equal(grads[2], torch.zeros_like(conv.bias))
+        assert ref[2].abs().max() <= 1e-5 * ref[1].abs().max()
+        assert rel_err(norm.running_mean, twin.running_mean) <= 1e-6
+        assert rel_err(norm.running_var, twin.running_var) <= 1e-6
+        assert norm.num_batches_tracked.item() == twin.num_batches_tracked.item()
+    norm.momentum = None
+    assert not stem.folds_bias_in_training(x, conv, norm)
+    norm.momentum = 0.1
+    handle = norm.register_forward_hook(lambda *_: None)
+    assert not stem.folds_bias_in_training(x, conv, norm)
+    handle.remove()
 
 
 def test_downsample_and_stem_fold_match_the_modules_in_eval(monkeypatch):

@@ -9,7 +9,12 @@ At inference, with each BatchNorm on its running statistics, two things save pas
   conv bias to a channels-last output in a pass of its own, with a kernel that is not vectorised
   (0.69 ms of GPU time for RMT-S's six such layers at batch 256 on an H200, 2.9% of a batch).
 
-In training the layers run as they are.
+In training (BatchNorm on batch statistics) the conv bias is left out too, since the batch mean
+absorbs it: ``bn(conv(x) + b)`` equals ``bn(conv(x))``, and the gradient of ``b`` is exactly zero
+(the gradients of a batch-normalised input sum to zero over each channel). The bias still takes
+part, with that zero gradient (so optimizers and DDP see it as used), and the running mean gets
+``momentum * b`` added, as it would have. This saves the bias pass in the forward and a reduction
+over the output gradient in the backward (about 1 ms of an RMT-S step at batch 128 on an H200).
 """
 import weakref
 from typing import Tuple
@@ -41,6 +46,31 @@ def folds_bias(x: torch.Tensor, conv: nn.Module, norm: nn.Module) -> bool:
             and conv.bias is not None and conv.padding_mode == "zeros" and hook_free(conv) and hook_free(norm))
 
 
+def folds_bias_in_training(x: torch.Tensor, conv: nn.Module, norm: nn.Module) -> bool:
+    """Whether :func:`conv_norm` leaves the bias of ``conv`` out while ``norm`` normalises with batch
+    statistics: as :func:`folds_bias`, for a norm in training mode with a fixed ``momentum`` below 1."""
+    if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    return (FOLD_CONV_BIAS and x.device.type in FOLD_DEVICES and type(conv) is nn.Conv2d
+            and type(norm) is nn.BatchNorm2d and norm.training and norm.momentum is not None and norm.momentum < 1.0
+            and conv.bias is not None and conv.padding_mode == "zeros" and hook_free(conv) and hook_free(norm))
+
+
+def _conv_norm_batch_statistics(x: torch.Tensor, conv: nn.Module, norm: nn.Module) -> torch.Tensor:
+    """``norm(conv(x))`` in training mode without the conv bias (see the module docstring)."""
+    y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    # the bias enters with weight zero: its gradient is the exact one, zeros
+    shift = conv.bias * 0.0 if norm.bias is None else torch.add(norm.bias, conv.bias, alpha=0.0)
+    if norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+    if norm.running_mean is not None:
+        # the running mean of conv(x) + b, as BatchNorm would keep it: (1 - m) * r + m * (mean + b) is
+        # the update below of r + b * m / (1 - m). Adjusted before the norm, which saves the tensor
+        with torch.no_grad():
+            norm.running_mean.add_(conv.bias.to(norm.running_mean.dtype), alpha=norm.momentum / (1.0 - norm.momentum))
+    return F.batch_norm(y, norm.running_mean, norm.running_var, norm.weight, shift, True, norm.momentum, norm.eps)
+
+
 # norm -> (its inputs (detached: their storage stays alive, so no new tensor takes their address),
 # their versions, the shift): inference computes each shift once
 _SHIFTS: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
@@ -67,8 +97,11 @@ def _shift(conv: nn.Module, norm: nn.Module) -> torch.Tensor:
 def conv_norm(x: torch.Tensor, conv: nn.Module, norm: nn.Module) -> torch.Tensor:
     """``norm(conv(x))``; where :func:`folds_bias`, the conv without its bias and the bias moved into
     the BatchNorm's shift (differentiable in every parameter), so no pass over the output adds it.
-    ``x`` NCHW (any memory format)."""
+    ``x`` NCHW (any memory format). In training mode (batch statistics) the bias is left out where
+    :func:`folds_bias_in_training`."""
     if not folds_bias(x, conv, norm):
+        if folds_bias_in_training(x, conv, norm):
+            return _conv_norm_batch_statistics(x, conv, norm)
         return norm(conv(x))
     y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
     return F.batch_norm(y, norm.running_mean, norm.running_var, norm.weight, _shift(conv, norm),

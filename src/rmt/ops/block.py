@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from . import dwconv, layernorm
 from .ffn import ffn_tail_backward, ffn_tail_forward
 from .linear import linear_backward
+from .residual import scaled_add
 from .masa.triton_masa import MAX_HEAD_DIM, attention_backward, attention_forward
 from .triton_support import SUPPORTED_DTYPES, as_dtype, eager_launch, fused_allowed, triton_runs_on
 
@@ -50,11 +51,11 @@ class BlockSpec(NamedTuple):
 def _residual_backward(grad: torch.Tensor, branch: Optional[torch.Tensor], scale: Optional[torch.Tensor],
                        branch_dtype: torch.dtype, need_scale: bool):
     """Gradients of ``x + scale * branch`` for the branch (in ``branch_dtype``) and for ``scale``
-    (summed to its shape), as autograd computes them for ``torch.addcmul``."""
+    (summed to its shape), as autograd computes them for ``torch.addcmul`` (:func:`scaled_add`)."""
     if scale is None:
         return as_dtype(grad, branch_dtype), None
     grad_scale = as_dtype((grad * branch).sum_to_size(scale.shape), scale.dtype) if need_scale else None
-    return as_dtype(grad * scale, branch_dtype), grad_scale
+    return scaled_add(None, grad, scale, dtype=branch_dtype), grad_scale
 
 
 def _norm_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
@@ -101,7 +102,7 @@ def block_forward(x: torch.Tensor, scale1: Optional[torch.Tensor], scale2: Optio
                                     spec.decay, spec.scale, spec.form)
     o = attn.view(b, h, w, c) + lepe
     a1 = F.linear(o, wp, bp)
-    x2 = x1 + a1 if scale1 is None else torch.addcmul(x1, a1, scale1)
+    x2 = x1 + a1 if scale1 is None else scaled_add(x1, a1, scale1)
     x2n = as_dtype(x2, dt)  # what the LayerNorm normalises (x2 is float32 when a layer scale promoted it)
     y2, mean2, rstd2 = layernorm._forward(x2n.view(-1, c), n2_w, n2_b, spec.eps2, dt)
     a = F.linear(y2.view(b, h, w, c), w1, b1)
@@ -109,7 +110,7 @@ def block_forward(x: torch.Tensor, scale1: Optional[torch.Tensor], scale2: Optio
     if scale2 is None:
         out = torch.add(x2, f, out=out)
     else:
-        out = torch.addcmul(x2, f, scale2, out=out)
+        out = scaled_add(x2, f, scale2, out=out)
 
     need1 = scale1 is not None and needs[1]
     need2 = scale2 is not None and needs[2]
