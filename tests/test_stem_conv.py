@@ -199,6 +199,13 @@ def test_conv_bias_left_out_with_batch_statistics(affine, monkeypatch):
         assert rel_err(norm.running_mean, twin.running_mean) <= 1e-6
         assert rel_err(norm.running_var, twin.running_var) <= 1e-6
         assert norm.num_batches_tracked.item() == twin.num_batches_tracked.item()
+    # two forward passes before one backward pass (the running mean changes in between)
+    got = stem.conv_norm(x, conv, norm) + stem.conv_norm(2 * x, conv, norm)
+    want = twin(conv(x)) + twin(conv(2 * x))
+    g = torch.randn_like(want)
+    assert rel_err(got, want) <= 1e-5
+    assert rel_err(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0]) <= 1e-4
+    assert rel_err(norm.running_mean, twin.running_mean) <= 1e-6
     norm.momentum = None
     assert not stem.folds_bias_in_training(x, conv, norm)
     norm.momentum = 0.1

@@ -65,9 +65,10 @@ def _conv_norm_batch_statistics(x: torch.Tensor, conv: nn.Module, norm: nn.Modul
         norm.num_batches_tracked.add_(1)
     if norm.running_mean is not None:
         # the running mean of conv(x) + b, as BatchNorm would keep it: (1 - m) * r + m * (mean + b) is
-        # the update below of r + b * m / (1 - m). Adjusted before the norm, which saves the tensor
-        with torch.no_grad():
-            norm.running_mean.add_(conv.bias.to(norm.running_mean.dtype), alpha=norm.momentum / (1.0 - norm.momentum))
+        # the update below of r + b * m / (1 - m). Through ``.data``, as the norm's own update: autograd
+        # saves the running mean with each forward pass, and a version bump would fail their backward
+        norm.running_mean.data.add_(conv.bias.detach().to(norm.running_mean.dtype),
+                                    alpha=norm.momentum / (1.0 - norm.momentum))
     return F.batch_norm(y, norm.running_mean, norm.running_var, norm.weight, shift, True, norm.momentum, norm.eps)
 
 
