@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from rmt.ops.triton_support import HAS_TRITON
 
@@ -40,9 +41,10 @@ def test_kernel_tiles_weight_gradient_sweep_has_a_cudnn_baseline(tmp_path):
     assert all(r["default_us"] > 0 and r["baseline_us"] > 0 for r in rows)
 
 
-def _kernel_ncu():
+def _load(name: str):
+    """The benchmark script ``benchmarks/<name>.py`` as a module."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("kernel_ncu", ROOT / "benchmarks" / "kernel_ncu.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -60,7 +62,7 @@ NCU_CSV = '''==PROF== Connected to process 123
 
 
 def test_kernel_ncu_parses_raw_csv_and_pairs_rows_with_launch_labels():
-    ncu = _kernel_ncu()
+    ncu = _load("kernel_ncu")
     rows = ncu.parse_ncu_csv(NCU_CSV.splitlines())
     assert [r["kernel"] for r in rows] == ["_dwconv_nhwc_kernel", "cublas_gemv_kernel", "_ln_fwd_kernel"]
     first = rows[0]
@@ -87,7 +89,7 @@ def test_kernel_ncu_workload_labels_each_triton_launch(tmp_path):
     column passes), one for the full form."""
     import torch
     from rmt.ops import triton_support
-    ncu = _kernel_ncu()
+    ncu = _load("kernel_ncu")
     labels = ncu.run_workload(1, str(tmp_path / "labels.json"), torch.device("cpu"),
                               [(5, 32, 2, "decomposed"), (3, 32, 2, "full")])
     assert json.loads((tmp_path / "labels.json").read_text()) == labels
@@ -139,3 +141,36 @@ def test_inference_pieces_smoke_run_prints_every_piece():
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "inference_pieces.py"), "--device", "cpu",
                           "--parts", "gemm"], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode != 0 and "unknown parts ['gemm']" in bad.stderr
+
+
+def test_step_breakdown_books_each_kernel_to_its_innermost_range():
+    """Kernels go to the innermost labelled range around them (per piece and token grid), device
+    copies of the ranges themselves are not counted, unlabelled kernels are listed as such; the
+    wrappers are installed and removed again."""
+    from types import SimpleNamespace as Event
+
+    step_breakdown = _load("step_breakdown")
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def event(name, start, end, device):
+        return Event(name=name, time_range=Event(start=start, end=end), device_type=device)
+    events = [event("rmt/block fwd other|56x56", 0, 100, cpu), event("rmt/cpe fwd|56x56", 10, 30, cpu),
+              event("rmt/cpe fwd|56x56", 10, 31, cuda),          # the range's own device-side copy
+              event("aten::add", 40, 45, cpu),
+              event("_dwconv_nhwc_kernel", 12, 20, cuda), event("add_kernel", 40, 50, cuda),
+              event("rmt/masa bwd|28x28", 200, 300, cpu), event("masa_bwd_tile_kernel", 210, 290, cuda),
+              event("stray_kernel", 400, 404, cuda)]
+    table = step_breakdown._table(events, 2)
+    rows = {line.split()[0] + " " + line.split()[1]: line.split() for line in table.splitlines()[2:6]}
+    assert table.splitlines()[0].startswith("GPU time of one step: 0.10 ms in 4 kernels")
+    assert rows["masa bwd"][2:6] == ["0.000", "0.080", "0.000", "0.080"]   # 56x56, 28x28, -, total
+    assert rows["cpe fwd"][2:6] == ["0.008", "0.000", "0.000", "0.008"]
+    assert rows["block fwd"][3] == "0.010"                               # the add outside the cpe range
+    assert "unlabelled: stray_kernel 0.004" in table
+    from rmt.ops import dwconv
+    original = dwconv._forward
+    saved = step_breakdown.install()
+    assert dwconv._forward is not original
+    for owner, attr, fn in saved:
+        setattr(owner, attr, fn)
+    assert dwconv._forward is original
