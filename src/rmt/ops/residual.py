@@ -5,6 +5,8 @@ product, the sum) and four launches (with the mask and its scaling). :func:`add_
 per-sample drop-path factor and the per-channel ``gamma`` into one small ``(b, 1, ..., c)`` factor of
 a single ``torch.addcmul``; the mask is drawn exactly as timm's ``DropPath`` draws it (same shape,
 dtype and order of random numbers), so training runs see the same masks as with the modules.
+The fused block (:mod:`rmt.ops.block`) computes the same addition, and its gradient
+``grad * scale``, with :func:`scaled_add`, one Triton pass.
 """
 from typing import Optional
 
@@ -51,7 +53,7 @@ def scaled_add(x: Optional[torch.Tensor], y: torch.Tensor, scale: torch.Tensor,
         dtype = torch.promote_types(y.dtype, scale.dtype)
         if x is not None:
             dtype = torch.promote_types(dtype, x.dtype)
-    usable = (y.dim() == 4 and y.is_contiguous() and triton_runs_on(y) and scale.dim() <= 4
+    usable = (y.dim() == 4 and y.is_contiguous() and triton_runs_on(y) and scale.dim() <= 4 and scale.device == y.device
               and (x is None or (x.shape == y.shape and x.is_contiguous() and x.device == y.device))
               and (out is None or (out.shape == y.shape and out.is_contiguous() and out.dtype == dtype)))
     if usable:
