@@ -69,7 +69,8 @@ def _seconds(fn: Callable[[], object], device: torch.device, iters: int, graph: 
 def dwconv_rows(batch: int, device: torch.device, iters: int, smoke: bool,
                 backward: bool = False) -> Iterator[Dict]:
     """Forward kernel of the CPE (3x3 + residual), LePE (5x5) and FFN (3x3 + residual, 3x width) convs;
-    with ``backward`` their input-gradient kernel (the FFN's with GELU's derivative) and bias sums."""
+    with ``backward`` their input-gradient kernel (the FFN's times GELU's derivative, read from a
+    tensor as training does since run R) and bias sums."""
     widths = [8, 16, 32, 64]
     channels = [32, 64, 128]
     rows_per_program = [1, 2, 4]
@@ -80,13 +81,15 @@ def dwconv_rows(batch: int, device: torch.device, iters: int, smoke: bool,
         w = torch.randn(ch, 1, ks, ks, device=device)
         b = torch.randn(ch, device=device)
         gelu = backward and name == "ffn"
-        # read x, write y; the input gradient also reads the pre-activation for GELU's derivative
+        # read x, write y; the input gradient also reads GELU's derivative
         moved = x.numel() * 2 * (3 if gelu else 2)
         dy = torch.randn_like(x)
+        derivative = torch.rand_like(x) if gelu else None
 
         def run(tile=None):
             if backward:
-                return dwconv._backward(eager_launch, dy, x, w, residual, gelu, True, False, True, tile=tile)
+                return dwconv._backward(eager_launch, dy, x, w, residual, gelu, True, False, True, tile=tile,
+                                        derivative=derivative)
             return dwconv._forward(eager_launch, x, w, b, residual, False, tile)
         default = dwconv._backward_blocks(side, ch, ks, gelu) if backward else dwconv._blocks(side, ch, ks)
         timed = {default: _seconds(lambda: run(default), device, iters)}
