@@ -130,6 +130,12 @@ def _attend(launch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torc
     return out, lse
 
 
+def _one_tile_backward(shape: Tuple[int, ...], mode: int) -> bool:
+    """Whether the backward pass of ``mode`` on a ``(b, h, w, n, d)`` input takes the single-tile kernel."""
+    seq, _ = _geometry(shape, mode)
+    return SINGLE_TILE_BACKWARD and seq <= _launch_config(seq, shape[-1])[0]
+
+
 def _attend_backward(launch, grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                      v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sin: torch.Tensor,
                      cos: torch.Tensor, decay: torch.Tensor, scale: float, mode: int,
@@ -143,7 +149,7 @@ def _attend_backward(launch, grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
     grad_out = grad_out.contiguous()
     seq, nseq = _geometry(q.shape, mode)
     block_m, block_n, warps = _launch_config(seq, d)
-    if SINGLE_TILE_BACKWARD and seq <= block_m:  # every sequence fits one tile: one kernel for all three
+    if _one_tile_backward(q.shape, mode):  # every sequence fits one tile: one kernel for all three
         if grads is None:
             grads = tuple(torch.empty((b, h, w, n, d), dtype=t.dtype, device=q.device) for t in (q, k, v))
             accumulate_qk = False
@@ -209,10 +215,23 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         return _attend_backward(eager_launch, grad_out, q, k, v, out, lse, sin, cos, decay, scale, MODE_FULL,
                                 grads)
     out, lse, rows, lse_rows = state
+    if not (_one_tile_backward(q.shape, MODE_COL) and _one_tile_backward(q.shape, MODE_ROW)):
+        # the two-kernel path writes its own contiguous gradients: the parts are added, then copied
+        dq, dk, drows = _attend_backward(eager_launch, grad_out, q, k, rows, out, lse, sin, cos, decay,
+                                         scale, MODE_COL)
+        dq_rows, dk_rows, dv = _attend_backward(eager_launch, drows, q, k, v, rows, lse_rows, sin, cos,
+                                                decay, scale, MODE_ROW)
+        result = (dq.add_(dq_rows), dk.add_(dk_rows), dv)
+        if grads is None:
+            return result
+        for dst, src in zip(grads, result):
+            dst.copy_(src)
+        return grads
     if grads is None:
         grads = (torch.empty_like(q, memory_format=torch.contiguous_format),
                  torch.empty_like(k, memory_format=torch.contiguous_format), None)
-    # the column pass writes dq and dk; the row pass adds its parts to them and writes dv
+    # one tile per sequence: the column pass writes dq and dk; the row pass adds its parts to them
+    # (no separate additions) and writes dv
     drows = torch.empty_like(v, memory_format=torch.contiguous_format)
     _attend_backward(eager_launch, grad_out, q, k, rows, out, lse, sin, cos, decay, scale, MODE_COL,
                      (grads[0], grads[1], drows))
