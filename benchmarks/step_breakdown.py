@@ -69,6 +69,14 @@ def _linear_role(weight: torch.Tensor) -> str:
     return "fc1" if out > inp else "fc2"
 
 
+def _conv_namer(kind: str, x_at: int, gelu_at: int):
+    """Label of a depthwise-conv call whose input and ``gelu`` flag are positional ``x_at``/``gelu_at``."""
+    def name(*args, **kwargs):
+        x, weight = args[x_at], args[x_at + 1]
+        return f"{_conv_role(x, weight, args[gelu_at])} {kind}|{_grid(x)}"
+    return name
+
+
 def _block_namer(kind: str):
     def name(*args, **kwargs):
         x = args[0] if kind == "fwd" else args[0].saved[0]
@@ -82,9 +90,8 @@ def install() -> List[Tuple[object, str, Callable]]:
     patches = [
         (block, "block_forward", _block_namer("fwd")),
         (block, "block_backward", _block_namer("bwd")),
-        (dwconv, "_forward", lambda launch, x, w, *a, **k: f"{_conv_role(x, w, a[2] if len(a) > 2 else k.get('gelu'))}"
-                                                            f" fwd|{_grid(x)}"),
-        (dwconv, "_backward", lambda launch, g, x, w, res, gelu, *a, **k: f"{_conv_role(x, w, gelu)} bwd|{_grid(x)}"),
+        (dwconv, "_forward", _conv_namer("fwd", 1, 5)),     # (launch, x, weight, bias, residual, gelu, ...)
+        (dwconv, "_backward", _conv_namer("bwd", 2, 5)),    # (launch, grad, x, weight, residual, gelu, ...)
         (layernorm, "_forward", lambda x, *a, **k: f"norm fwd|{_dim_grid(x)}"),
         (layernorm, "_backward", lambda g, x, *a, **k: f"norm bwd|{_dim_grid(x)}"),
         (block, "attention_forward", lambda q, *a, **k: f"masa fwd|{_grid(q)}"),

@@ -52,7 +52,8 @@ def folds_bias_in_training(x: torch.Tensor, conv: nn.Module, norm: nn.Module) ->
     if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
     return (FOLD_CONV_BIAS and x.device.type in FOLD_DEVICES and type(conv) is nn.Conv2d
-            and type(norm) is nn.BatchNorm2d and norm.training and norm.momentum is not None and norm.momentum < 1.0
+            and type(norm) is nn.BatchNorm2d and norm.training
+            and norm.momentum is not None and norm.momentum < 1.0
             and conv.bias is not None and conv.padding_mode == "zeros" and hook_free(conv) and hook_free(norm))
 
 

@@ -374,7 +374,8 @@ def _forward(launch, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         weight.stride(0), weight.stride(2), weight.stride(3),
         KS=weight.shape[-1], TAPS_OUTER=_taps_outer(w, weight.shape[-1]), FLIP=False, HAS_BIAS=bias is not None,
         RESIDUAL=residual,
-        GELU_GRAD=False, GRAD_GIVEN=False, ACCUMULATE=False, COLUMN_SUMS=False, ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
+        GELU_GRAD=False, GRAD_GIVEN=False, ACCUMULATE=False, COLUMN_SUMS=False, ROWS=rows, BLOCK_W=block_w,
+        BLOCK_C=block_c, num_warps=warps)
     return y
 
 
@@ -412,7 +413,8 @@ def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
             z.stride(0), z.stride(1), z.stride(2), gx.stride(0), gx.stride(1), gx.stride(2),
             weight.stride(0), weight.stride(2), weight.stride(3),
             KS=ks, TAPS_OUTER=_taps_outer(w, ks), FLIP=True, HAS_BIAS=False, RESIDUAL=residual,
-            GELU_GRAD=gelu, GRAD_GIVEN=z is not x, ACCUMULATE=add_to is not None, COLUMN_SUMS=need_bias, ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
+            GELU_GRAD=gelu, GRAD_GIVEN=z is not x, ACCUMULATE=add_to is not None, COLUMN_SUMS=need_bias,
+            ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
         if need_bias:
             gb = column_sum(parts)
     if need_weight or (need_bias and gb is None):

@@ -53,7 +53,8 @@ def scaled_add(x: Optional[torch.Tensor], y: torch.Tensor, scale: torch.Tensor,
         dtype = torch.promote_types(y.dtype, scale.dtype)
         if x is not None:
             dtype = torch.promote_types(dtype, x.dtype)
-    usable = (y.dim() == 4 and y.is_contiguous() and triton_runs_on(y) and scale.dim() <= 4 and scale.device == y.device
+    usable = (y.dim() == 4 and y.is_contiguous() and triton_runs_on(y)
+              and scale.dim() <= 4 and scale.device == y.device
               and (x is None or (x.shape == y.shape and x.is_contiguous() and x.device == y.device))
               and (out is None or (out.shape == y.shape and out.is_contiguous() and out.dtype == dtype)))
     if usable:
