@@ -12,6 +12,8 @@ A mode is ``eager`` or ``compiled`` (``torch.compile(model)``, default mode) wit
   kernel (``rmt.ops.stem_conv.FUSED_KERNELS``);
 * ``exactgelu``: fc1's exact GELU as its own pass instead of cuBLASLt's GEMM epilogue
   (``rmt.ops.linear.GELU_EPILOGUE``);
+* ``unfusedinfer``: blocks module by module instead of :func:`rmt.ops.block_infer.block_infer`
+  (``rmt.ops.block_infer.FUSED_INFERENCE``);
 * ``reference``: the whole model on the reference MaSA path (``masa_impl="reference"``).
 
 Timing is ``rmt benchmark``'s harness (bf16 autocast, channels-last random batch, median of CUDA
@@ -36,9 +38,9 @@ import timm  # noqa: E402
 
 import rmt  # noqa: E402,F401
 from rmt.benchmark import environment, save_rows, time_step  # noqa: E402
-from rmt.ops import dwconv, layernorm, linear, stem_conv  # noqa: E402
+from rmt.ops import block_infer, dwconv, layernorm, linear, stem_conv  # noqa: E402
 
-SWITCHES = ("convref", "torchln", "reference", "exactgelu", "convstem")
+SWITCHES = ("convref", "torchln", "reference", "exactgelu", "convstem", "unfusedinfer")
 
 
 @contextlib.contextmanager
@@ -46,11 +48,13 @@ def _switches(switches: List[str]):
     """Turn the fast-path pieces named in ``switches`` off while the model is built and run."""
     saved = [(dwconv, "FUSED_KERNELS", dwconv.FUSED_KERNELS), (layernorm, "FUSED_KERNELS", layernorm.FUSED_KERNELS),
              (linear, "GELU_EPILOGUE", linear.GELU_EPILOGUE),
-             (stem_conv, "FUSED_KERNELS", stem_conv.FUSED_KERNELS)]
+             (stem_conv, "FUSED_KERNELS", stem_conv.FUSED_KERNELS),
+             (block_infer, "FUSED_INFERENCE", block_infer.FUSED_INFERENCE)]
     dwconv.FUSED_KERNELS = "convref" not in switches
     layernorm.FUSED_KERNELS = "torchln" not in switches
     linear.GELU_EPILOGUE = "exactgelu" not in switches
     stem_conv.FUSED_KERNELS = "convstem" not in switches
+    block_infer.FUSED_INFERENCE = "unfusedinfer" not in switches
     try:
         yield
     finally:

@@ -103,7 +103,7 @@ def install() -> List[Tuple[object, str, Callable]]:
         (F, "gelu", lambda a, *r, **k: f"gelu|{_grid(a) if a.dim() == 4 else '-'}"),
         (block, "ffn_tail_backward", lambda g, a, *r, **k: f"ffn tail bwd other|{_grid(a)}"),
         (block, "_residual_backward", lambda g, *r, **k: f"residual bwd|{_grid(g)}"),
-        (block, "_cast_together", lambda *a, **k: "weight casts|-"),
+        (block, "cast_together", lambda *a, **k: "weight casts|-"),
     ]
     saved = []
     for owner, attr, namer in patches:

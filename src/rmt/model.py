@@ -24,63 +24,32 @@ from timm.models._features import feature_take_indices
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .head import ClassifierHead
+from .inputs import MIN_INPUT_SIZE, FormSpec, check_image, normalize_forms
 from .norm import LayerNorm
 from .ops.dwconv import dwconv_nhwc
 from .ops.ffn import ffn, ffn_tail
 from .ops.linear import linear
-from .ops.masa import FORMS, IMPLS, masa
+from .ops.masa import IMPLS, masa
 from .ops.masa.positions import cached_stage_positions, stage_positions
-from .ops.residual import add_branch, branch_scale, hook_free, plain_residual
+from .ops.residual import add_branch, branch_scale, drop_path_active, hook_free, plain_residual
 from .ops.triton_support import HAS_TRITON, cpu_path_allowed, fused_allowed
 from .stem import Downsample, Stem
 
 if HAS_TRITON:
     from .ops import block as block_ops
-    from .ops import block_graphs
+    from .ops import block_graphs, block_infer
 
 __all__ = ["RMT", "MaSA", "RMTBlock", "RMTStage", "MIN_INPUT_SIZE"]
-
-MIN_INPUT_SIZE = 32
-FormSpec = Union[str, Sequence[str]]
 
 
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
 
-@torch.jit.ignore
-def check_image(x: torch.Tensor, in_chans: int) -> None:
-    """Raise ValueError unless ``x`` is ``(b, in_chans, H, W)`` with ``H, W >= MIN_INPUT_SIZE``."""
-    if x.ndim != 4 or x.shape[1] != in_chans:
-        raise ValueError(
-            f"RMT expects images of shape (batch, {in_chans}, height, width), got {tuple(x.shape)}; "
-            f"convert the images to {in_chans} channels or create the model with a matching in_chans")
-    if x.shape[-2] < MIN_INPUT_SIZE or x.shape[-1] < MIN_INPUT_SIZE:
-        raise ValueError(
-            f"RMT needs inputs of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels (output stride 32), "
-            f"got {x.shape[-2]}x{x.shape[-1]}; resize or pad the image")
-
-
 # shape-dependent helpers stay opaque to torch.fx tracing (feature extraction by graph rewriting)
 for _fn in (check_image, stage_positions, cached_stage_positions, masa, dwconv_nhwc, ffn, ffn_tail, linear):
     register_notrace_function(_fn)
 del _fn
-
-
-def _normalize_forms(forms: FormSpec, num_stages: int) -> Tuple[str, ...]:
-    """Accept ``"full"``, ``"decomposed"``, a per-stage sequence, or a string like ``"TTFF"``."""
-    if isinstance(forms, str):
-        if forms in FORMS:
-            return (forms,) * num_stages
-        if len(forms) == num_stages and set(forms) <= {"T", "F"}:
-            return tuple("decomposed" if f == "T" else "full" for f in forms)
-        raise ValueError(
-            f"attention form {forms!r} not understood: use 'decomposed', 'full', a string of "
-            f"{num_stages} letters T/F (T = decomposed), or a sequence of {num_stages} forms")
-    forms = tuple(forms)
-    if len(forms) != num_stages or any(f not in FORMS for f in forms):
-        raise ValueError(f"expected {num_stages} attention forms from {FORMS}, got {forms!r}")
-    return forms
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,8 +158,12 @@ class RMTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
                 decay: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self._trains_fused(x):
-            return self._forward_fused(x, sin, cos, decay)
+        if not torch.jit.is_scripting():
+            route = self._fused_route(x)
+            if route == "train":
+                return self._forward_fused(x, sin, cos, decay)
+            if route == "infer":
+                return block_infer.block_infer(x, self._spec(sin, cos, decay), self._params(), self.impl)
         x = dwconv_nhwc(x, self.cpe.weight, self.cpe.bias, True, fused_allowed(self.impl, x), False,
                         cpu_path_allowed(self.impl, x))
         branch = self.attn(self.norm1(x), sin, cos, decay)
@@ -204,45 +177,64 @@ class RMTBlock(nn.Module):
         return self._add_branch(x, branch, "ls2")
 
     @torch.jit.ignore
-    def _trains_fused(self, x: torch.Tensor) -> bool:
-        """Whether this call trains through :func:`rmt.ops.block.block_train` (one autograd node for
-        the block): eager training on the fast path, with every submodule the plain, hook-free module
-        the block was built with (a replaced or hooked layer, e.g. LoRA, keeps the module path)."""
+    def _fused_route(self, x: torch.Tensor) -> str:
+        """``"train"``: this call trains through :func:`rmt.ops.block.block_train` (one autograd node for
+        the block; eager training on the fast path); ``"infer"``: it runs through
+        :func:`rmt.ops.block_infer.block_infer` (no gradients to record, no layer scale, drop path
+        inactive; eager or compiled); ``""``: module by module. Both need every submodule to be the
+        plain, hook-free module the block was built with (a replaced or hooked layer, e.g. LoRA, keeps
+        the module path)."""
         attn, mlp = self.attn, self.mlp
-        if not (HAS_TRITON and attn.impl == mlp.impl == self.norm1.impl == self.norm2.impl == self.impl
-                and block_ops.kernels_apply(x, self.impl, attn.head_dim, attn.form)):
-            return False
+        if not (HAS_TRITON and not isinstance(x, torch.fx.Proxy)
+                and attn.impl == mlp.impl == self.norm1.impl == self.norm2.impl == self.impl
+                and fused_allowed(self.impl, x)):
+            return ""
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            route = "train" if block_ops.kernels_apply(x, self.impl, attn.head_dim, attn.form) else ""
+        else:
+            route = "infer" if (block_infer.inference_applies(x, self.impl, attn.head_dim, attn.form)
+                                and not drop_path_active(self.drop_path)
+                                and type(self.ls1) is nn.Identity and type(self.ls2) is nn.Identity) else ""
         linears = (attn.qkv, attn.proj, mlp.fc1, mlp.fc2)
         convs = (self.cpe, attn.lepe, mlp.dwconv)
         norms = (self.norm1, self.norm2)
-        if not (all(type(m) is nn.Linear for m in linears) and all(type(m) is nn.Conv2d for m in convs)
+        if not (route and all(type(m) is nn.Linear for m in linears) and all(type(m) is nn.Conv2d for m in convs)
                 and all(type(m) is LayerNorm and m.weight is not None for m in norms)
                 and type(attn) is MaSA and type(mlp) is Mlp
                 and all(hook_free(m) and m.bias is not None for m in linears + convs + norms)
                 and hook_free(attn) and hook_free(mlp)
                 and plain_residual(self.ls1, self.drop_path) and plain_residual(self.ls2, self.drop_path)):
-            return False
-        return x.requires_grad or any(p.requires_grad for p in self.parameters())
+            return ""
+        return route
+
+    @torch.jit.ignore
+    def _spec(self, sin: torch.Tensor, cos: torch.Tensor, decay: torch.Tensor):
+        """The stage's position tables with this block's attention and norm settings (a ``BlockSpec``)."""
+        attn = self.attn
+        return block_ops.BlockSpec(sin.float().contiguous(), cos.float().contiguous(), decay.float().contiguous(),
+                                   attn.num_heads, attn.scale, attn.form, self.norm1.eps, self.norm2.eps)
+
+    @torch.jit.ignore
+    def _params(self) -> Tuple[torch.Tensor, ...]:
+        """The block's 18 weights and biases in :func:`rmt.ops.block.block_forward`'s order."""
+        attn, mlp = self.attn, self.mlp
+        return (self.cpe.weight, self.cpe.bias, self.norm1.weight, self.norm1.bias, attn.qkv.weight,
+                attn.qkv.bias, attn.lepe.weight, attn.lepe.bias, attn.proj.weight, attn.proj.bias,
+                self.norm2.weight, self.norm2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.dwconv.weight,
+                mlp.dwconv.bias, mlp.fc2.weight, mlp.fc2.bias)
 
     @torch.jit.ignore
     def _forward_fused(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
                        decay: torch.Tensor) -> torch.Tensor:
-        """The block as one autograd node (see :meth:`_trains_fused`); the same numbers as the modules,
+        """The block as one autograd node (see :meth:`_fused_route`); the same numbers as the modules,
         drop-path masks included (drawn in the same order)."""
         device = x.device.type
         if torch.is_autocast_enabled(device):
             x = x.to(torch.get_autocast_dtype(device))
         scale1 = branch_scale(x, self.ls1, self.drop_path)
         scale2 = branch_scale(x, self.ls2, self.drop_path)
-        attn, mlp = self.attn, self.mlp
-        spec = block_ops.BlockSpec(sin.float().contiguous(), cos.float().contiguous(),
-                                   decay.float().contiguous(), attn.num_heads, attn.scale, attn.form,
-                                   self.norm1.eps, self.norm2.eps)
-        params = (self.cpe.weight, self.cpe.bias, self.norm1.weight, self.norm1.bias, attn.qkv.weight,
-                  attn.qkv.bias, attn.lepe.weight, attn.lepe.bias, attn.proj.weight, attn.proj.bias,
-                  self.norm2.weight, self.norm2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.dwconv.weight,
-                  mlp.dwconv.bias, mlp.fc2.weight, mlp.fc2.bias)
-        return block_ops.block_train(x, scale1, scale2, spec, params, block_graphs.graphs_of(self))
+        return block_ops.block_train(x, scale1, scale2, self._spec(sin, cos, decay), self._params(),
+                                     block_graphs.graphs_of(self))
 
     @torch.jit.ignore
     def _add_branch(self, x: torch.Tensor, branch: torch.Tensor, ls: str) -> torch.Tensor:
@@ -342,7 +334,7 @@ class RMT(nn.Module):
         num_stages = len(depths)
         if masa_impl not in IMPLS:
             raise ValueError(f"masa_impl must be one of {IMPLS}, got {masa_impl!r}")
-        forms = _normalize_forms(attn_forms, num_stages)
+        forms = normalize_forms(attn_forms, num_stages)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.embed_dims = tuple(embed_dims)
@@ -392,7 +384,7 @@ class RMT(nn.Module):
         ``forms``: ``"decomposed"``, ``"full"``, a per-stage sequence, or a string like ``"TTFF"``
         (T = decomposed, F = full), one letter per stage.
         """
-        for stage, form in zip(self.stages, _normalize_forms(forms, len(self.stages))):
+        for stage, form in zip(self.stages, normalize_forms(forms, len(self.stages))):
             stage.set_form(form)
 
     def set_masa_impl(self, impl: str) -> None:

@@ -93,7 +93,7 @@ def block_forward(x: torch.Tensor, scale1: Optional[torch.Tensor], scale2: Optio
     n = spec.num_heads
     x1 = dwconv._forward(eager_launch, x, cpe_w, cpe_b, True, False)
     y1, mean1, rstd1 = layernorm._forward(x1.view(-1, c), n1_w, n1_b, spec.eps1, dt)
-    wq, bq, wp, bp, w1, b1, w2, b2 = _cast_together((qkv_w, qkv_b, proj_w, proj_b, fc1_w, fc1_b, fc2_w, fc2_b), dt)
+    wq, bq, wp, bp, w1, b1, w2, b2 = cast_together((qkv_w, qkv_b, proj_w, proj_b, fc1_w, fc1_b, fc2_w, fc2_b), dt)
     qkv = F.linear(y1.view(b, h, w, c), wq, bq)
     q, k, v = qkv.split(c, dim=-1)
     lepe = dwconv._forward(eager_launch, v, lepe_w, lepe_b, False, False)
@@ -210,7 +210,7 @@ def kernels_apply(x: torch.Tensor, impl: str, head_dim: int, form: str) -> bool:
             and head_dim <= MAX_HEAD_DIM and x.shape[-1] <= layernorm.MAX_CHANNELS and form in ("decomposed", "full"))
 
 
-def _cast_together(params: Sequence[torch.Tensor], dtype: torch.dtype) -> List[torch.Tensor]:
+def cast_together(params: Sequence[torch.Tensor], dtype: torch.dtype) -> List[torch.Tensor]:
     """``[p.to(dtype) for p in params]`` in two launches (one concatenation, one cast) instead of one
     per tensor; the results are views of one buffer."""
     if all(p.dtype == dtype for p in params):

@@ -21,6 +21,7 @@ import functools
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .linear import column_sum
 from .triton_support import HAS_TRITON, SUPPORTED_DTYPES, cdiv, eager_launch, next_power_of_2, triton_runs_on
@@ -37,6 +38,16 @@ MAX_CHANNELS = 4096
 
 if HAS_TRITON:
     @triton.jit
+    def _normalize(x, mask, cols, mask_c, W, B, C, eps):
+        """``(y, mean, rstd)`` of the float32 rows ``x`` ``[BLOCK_M, BLOCK_C]`` (``C`` valid columns)."""
+        mean = tl.sum(x, axis=1) / C
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
+        w = tl.load(W + cols, mask=mask_c, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=mask_c, other=0.0).to(tl.float32)
+        return xc * rstd[:, None] * w[None, :] + b[None, :], mean, rstd
+
+    @triton.jit
     def _ln_fwd_kernel(X, W, B, Y, MEAN, RSTD, M, C, eps,
                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
         """Grid ``(cdiv(M, BLOCK_M),)``: ``BLOCK_M`` rows of ``C`` channels per program."""
@@ -46,15 +57,28 @@ if HAS_TRITON:
         mask = mask_r[:, None] & mask_c[None, :]
         offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=1) / C
-        xc = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
-        w = tl.load(W + cols, mask=mask_c, other=0.0).to(tl.float32)
-        b = tl.load(B + cols, mask=mask_c, other=0.0).to(tl.float32)
-        y = xc * rstd[:, None] * w[None, :] + b[None, :]
+        y, mean, rstd = _normalize(x, mask, cols, mask_c, W, B, C, eps)
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
         tl.store(MEAN + rows, mean, mask=mask_r)
         tl.store(RSTD + rows, rstd, mask=mask_r)
+
+    @triton.jit
+    def _add_ln_fwd_kernel(X, R, SHIFT, W, B, S, Y, M, C, eps,
+                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Grid ``(cdiv(M, BLOCK_M),)``: ``s = X + R`` (rounded to the dtype of ``S``), then
+        ``S = s + SHIFT`` (per channel) and ``Y = LayerNorm(s)``; no statistics kept (inference)."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_C)
+        mask_r, mask_c = rows < M, cols < C
+        mask = mask_r[:, None] & mask_c[None, :]
+        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        s = (tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+             + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32))
+        s = s.to(S.dtype.element_ty).to(tl.float32)  # the sum as the residual stream holds it
+        shift = tl.load(SHIFT + cols, mask=mask_c, other=0.0).to(tl.float32)
+        tl.store(S + offs, (s + shift[None, :]).to(S.dtype.element_ty), mask=mask)
+        y, _, _ = _normalize(s, mask, cols, mask_c, W, B, C, eps)
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _ln_bwd_kernel(DY, X, W, MEAN, RSTD, DX, PARTS, RES, M, C, rows_per_program,
@@ -126,6 +150,27 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: flo
     eager_launch(_ln_fwd_kernel)[(cdiv(m, block_m),)](
         x, weight, bias, y, mean, rstd, m, c, eps, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
     return y, mean, rstd
+
+
+def add_layer_norm(x: torch.Tensor, r: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(s + shift, layer_norm(s))`` with ``s = x + r`` for ``x``, ``r`` ``(..., c)`` of one dtype and
+    ``shift`` ``(c,)``, both results in that dtype, without autograd: one pass where the Triton kernel
+    takes the tensors (contiguous, in a supported dtype), else the same ops in PyTorch (which
+    Inductor fuses into one kernel under ``torch.compile``)."""
+    c = x.shape[-1]
+    if (FUSED_KERNELS and not torch.compiler.is_compiling() and triton_runs_on(x)
+            and x.dtype in SUPPORTED_DTYPES and r.dtype == x.dtype and x.is_contiguous() and r.is_contiguous()
+            and weight.dtype in SUPPORTED_DTYPES and 0 < c <= MAX_CHANNELS):
+        m = x.numel() // c
+        s, y = torch.empty_like(x), torch.empty_like(x)
+        block_m, block_c, warps = _tile(c)
+        eager_launch(_add_ln_fwd_kernel)[(cdiv(m, block_m),)](
+            x, r, shift, weight, bias, s, y, m, c, eps, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+        return s, y
+    s = x + r
+    y = F.layer_norm(s.float(), (c,), weight.float(), bias.float(), eps).to(s.dtype)
+    return (s.float() + shift.float()).to(s.dtype), y
 
 
 def _backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,

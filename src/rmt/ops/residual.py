@@ -94,11 +94,16 @@ def layer_scale_gamma(layer_scale: nn.Module) -> Optional[torch.Tensor]:
     return layer_scale.gamma if type(layer_scale) is LayerScale else None
 
 
+def drop_path_active(drop_path: nn.Module) -> bool:
+    """Whether ``drop_path`` (``nn.Identity`` or timm's ``DropPath``) would drop samples now."""
+    return type(drop_path) is DropPath and drop_path.training and drop_path.drop_prob > 0.0
+
+
 def drop_path_mask(branch: torch.Tensor, drop_path: nn.Module) -> Optional[torch.Tensor]:
     """The ``(b, 1, ..., 1)`` per-sample factor (0 or ``1 / keep``) that timm's ``DropPath`` would
     apply to ``branch`` now, drawn as it draws it; ``None`` when nothing is dropped (evaluation,
     ``drop_prob == 0`` or ``nn.Identity``)."""
-    if not (type(drop_path) is DropPath and drop_path.training and drop_path.drop_prob > 0.0):
+    if not drop_path_active(drop_path):
         return None
     keep = 1.0 - drop_path.drop_prob
     mask = branch.new_empty((branch.shape[0],) + (1,) * (branch.ndim - 1)).bernoulli_(keep)
