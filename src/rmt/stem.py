@@ -34,27 +34,34 @@ FOLD_CONV_BIAS = True
 FOLD_DEVICES = ("cuda",)
 
 
-def folds_bias(x: torch.Tensor, conv: nn.Module, norm: nn.Module) -> bool:
-    """Whether :func:`conv_norm` folds the bias of ``conv`` into ``norm`` for ``x``: eager PyTorch on
-    CUDA (not ``torch.compile``, whose generated kernel adds the bias with the norm anyway, nor a
-    tracer; on CPU oneDNN adds the bias inside the conv), both plain hook-free modules, the norm on
-    its running statistics, a bias to fold."""
+def _foldable(x: torch.Tensor, conv: nn.Module, norm: nn.Module) -> bool:
+    """What both folds need: eager PyTorch on CUDA (not ``torch.compile``, whose generated kernel adds
+    the bias with the norm anyway, nor a tracer; on CPU oneDNN adds the bias inside the conv), both
+    plain hook-free modules, a bias to fold."""
     if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
     return (FOLD_CONV_BIAS and x.device.type in FOLD_DEVICES and type(conv) is nn.Conv2d and type(norm) is nn.BatchNorm2d
-            and not norm.training and norm.running_mean is not None and norm.running_var is not None
             and conv.bias is not None and conv.padding_mode == "zeros" and hook_free(conv) and hook_free(norm))
+
+
+def _on_running_statistics(norm: nn.Module) -> bool:
+    return not norm.training and norm.running_mean is not None and norm.running_var is not None
+
+
+def _on_batch_statistics(norm: nn.Module) -> bool:
+    return norm.training and norm.momentum is not None and norm.momentum < 1.0
+
+
+def folds_bias(x: torch.Tensor, conv: nn.Module, norm: nn.Module) -> bool:
+    """Whether :func:`conv_norm` folds the bias of ``conv`` into ``norm`` for ``x``: :func:`_foldable`
+    and the norm on its running statistics."""
+    return _foldable(x, conv, norm) and _on_running_statistics(norm)
 
 
 def folds_bias_in_training(x: torch.Tensor, conv: nn.Module, norm: nn.Module) -> bool:
     """Whether :func:`conv_norm` leaves the bias of ``conv`` out while ``norm`` normalises with batch
-    statistics: as :func:`folds_bias`, for a norm in training mode with a fixed ``momentum`` below 1."""
-    if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return False
-    return (FOLD_CONV_BIAS and x.device.type in FOLD_DEVICES and type(conv) is nn.Conv2d
-            and type(norm) is nn.BatchNorm2d and norm.training
-            and norm.momentum is not None and norm.momentum < 1.0
-            and conv.bias is not None and conv.padding_mode == "zeros" and hook_free(conv) and hook_free(norm))
+    statistics: :func:`_foldable`, the norm in training mode with a fixed ``momentum`` below 1."""
+    return _foldable(x, conv, norm) and _on_batch_statistics(norm)
 
 
 def _conv_norm_batch_statistics(x: torch.Tensor, conv: nn.Module, norm: nn.Module) -> torch.Tensor:
@@ -101,10 +108,10 @@ def conv_norm(x: torch.Tensor, conv: nn.Module, norm: nn.Module) -> torch.Tensor
     the BatchNorm's shift (differentiable in every parameter), so no pass over the output adds it.
     ``x`` NCHW (any memory format). In training mode (batch statistics) the bias is left out where
     :func:`folds_bias_in_training`."""
-    if not folds_bias(x, conv, norm):
-        if folds_bias_in_training(x, conv, norm):
-            return _conv_norm_batch_statistics(x, conv, norm)
+    if not _foldable(x, conv, norm):
         return norm(conv(x))
+    if not _on_running_statistics(norm):
+        return _conv_norm_batch_statistics(x, conv, norm) if _on_batch_statistics(norm) else norm(conv(x))
     y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
     return F.batch_norm(y, norm.running_mean, norm.running_var, norm.weight, _shift(conv, norm),
                         False, 0.0, norm.eps)

@@ -204,6 +204,13 @@ def kernels_apply(x: torch.Tensor, impl: str, head_dim: int, form: str) -> bool:
     if not (dwconv.FUSED_KERNELS and dwconv.TRAINING_KERNELS and layernorm.FUSED_KERNELS
             and layernorm.TRAINING_KERNELS):
         return False
+    return block_input_fits(x, head_dim, form)
+
+
+def block_input_fits(x: torch.Tensor, head_dim: int, form: str) -> bool:
+    """Whether the fused block kernels take ``x`` ``(b, h, w, c)`` as it is: unit channel stride, a
+    supported compute dtype (the autocast dtype under autocast, else that of ``x``), head width and
+    channels within the kernels' limits, a known attention form."""
     autocast = torch.is_autocast_enabled(x.device.type)
     dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
     return (x.dim() == 4 and x.stride(-1) == 1 and dtype in SUPPORTED_DTYPES and (autocast or dtype == x.dtype)

@@ -25,13 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from ..norm import layer_norm
-from .block import BlockSpec, cast_together
+from .block import BlockSpec, block_input_fits, cast_together
 from .dwconv import dwconv_nhwc
 from .layernorm import add_layer_norm
 from .linear import gelu_epilogue_applies, linear_gelu
 from .masa import masa
-from .masa.triton_masa import MAX_HEAD_DIM
-from .triton_support import SUPPORTED_DTYPES, fused_allowed, triton_runs_on
+from .triton_support import fused_allowed, triton_runs_on
 
 # False: blocks infer module by module (benchmarks/inference_modes.py's switch "unfusedinfer")
 FUSED_INFERENCE = True
@@ -58,14 +57,11 @@ def _(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
 def inference_applies(x: torch.Tensor, impl: str, head_dim: int, form: str) -> bool:
     """Whether a block set to ``impl`` runs ``x`` ``(b, h, w, c)`` through :func:`block_infer`: no
     gradients to record (the caller checks its parameters), the fused kernels allowed for ``x``
-    (CUDA, or CPU under Triton's interpreter), unit channel stride, a supported compute dtype."""
+    (CUDA, or CPU under Triton's interpreter), an input the kernels take (:func:`block_input_fits`)."""
     if (not (FUSED_INFERENCE and fused_allowed(impl, x) and triton_runs_on(x)) or x.requires_grad
             or torch.compiler.is_exporting()):   # an exported graph keeps the modules' plain ops
         return False
-    autocast = torch.is_autocast_enabled(x.device.type)
-    dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-    return (x.dim() == 4 and x.stride(-1) == 1 and dtype in SUPPORTED_DTYPES and (autocast or dtype == x.dtype)
-            and head_dim <= MAX_HEAD_DIM and form in ("decomposed", "full"))
+    return block_input_fits(x, head_dim, form)
 
 
 def block_infer(x: torch.Tensor, spec: BlockSpec, params: Sequence[torch.Tensor], impl: str) -> torch.Tensor:
