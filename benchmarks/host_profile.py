@@ -1,6 +1,9 @@
 """Where the host (CPU) time of eager training steps goes, by source line, from stack samples.
 
     python benchmarks/host_profile.py --model rmt_small --batch 16 --steps 40
+    python benchmarks/host_profile.py --model rmt_small --batch 16 --steps 40 --infer
+
+``--infer`` samples inference forward passes instead (``torch.inference_mode``, eval mode).
 
 An eager step waits on the CPU when its kernels finish faster than Python and PyTorch issue them.
 cProfile (``training_step.py --cprofile``) instruments every Python call and so inflates Python-heavy
@@ -71,9 +74,9 @@ class StackSampler:
             f = frame
             while f is not None:
                 name = f.f_code.co_filename
-                if ours is None and name.startswith(REPO) and f.f_code.co_name != "timed_steps":
+                if ours is None and name.startswith(REPO) and f.f_code.co_name not in STEPS:
                     ours = f"{Path(name).relative_to(REPO)}:{f.f_lineno} {f.f_code.co_name}"
-                if f.f_code.co_name == "timed_steps":
+                if f.f_code.co_name in STEPS:
                     phase = PHASES.get(f.f_lineno, "other")
                 f = f.f_back
             self.ours[ours or "(outside this repository)"] += 1
@@ -81,6 +84,7 @@ class StackSampler:
 
 
 PHASES: dict = {}
+STEPS = ("timed_steps", "timed_inference")
 
 
 def timed_steps(model, x, y, opt, steps: int) -> None:
@@ -93,12 +97,20 @@ def timed_steps(model, x, y, opt, steps: int) -> None:
         opt.zero_grad(set_to_none=True)  # PHASE zero_grad
 
 
+def timed_inference(model, x, steps: int) -> None:
+    """The harness's eager inference step (bf16 autocast under inference mode)."""
+    for _ in range(steps):
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            model(x)  # PHASE forward
+
+
 def _register_phases() -> None:
     import inspect
-    lines, start = inspect.getsourcelines(timed_steps)
-    for i, line in enumerate(lines):
-        if "# PHASE " in line:
-            PHASES[start + i] = line.split("# PHASE ")[1].strip()
+    for fn in (timed_steps, timed_inference):
+        lines, start = inspect.getsourcelines(fn)
+        for i, line in enumerate(lines):
+            if "# PHASE " in line:
+                PHASES[start + i] = line.split("# PHASE ")[1].strip()
 
 
 def _table(title: str, counter: collections.Counter, total: int, ms_per_sample: float, rows: int) -> str:
@@ -115,6 +127,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--interval-ms", type=float, default=0.5)
     p.add_argument("--rows", type=int, default=45)
+    p.add_argument("--infer", action="store_true", help="sample inference forward passes instead of training steps")
     p.add_argument("--threaded", action="store_true",
                    help="keep the backward on autograd's device thread (its frames are then not sampled)")
     args = p.parse_args()
@@ -123,20 +136,27 @@ def main() -> int:
         return 2
     _register_phases()
     dev = torch.device("cuda")
-    model = timm.create_model(args.model).to(device=dev, memory_format=torch.channels_last).train()
+    model = timm.create_model(args.model).to(device=dev, memory_format=torch.channels_last)
+    model.train(not args.infer)
     x = torch.randn(args.batch, 3, 224, 224, device=dev).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (args.batch,), device=dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    if args.infer:
+        def steps(n: int) -> None:
+            timed_inference(model, x, n)
+    else:
+        def steps(n: int) -> None:
+            timed_steps(model, x, y, opt, n)
     with torch.autograd.set_multithreading_enabled(args.threaded):
-        sec = time_step(lambda: timed_steps(model, x, y, opt, 1), dev, 5, 20)
-        print(f"{args.model} batch {args.batch}: {sec * 1e3:.1f} ms per step unsampled "
-              f"({args.batch / sec:.0f} img/s), backward on "
-              f"{'autograd threads' if args.threaded else 'the calling thread'}")
+        sec = time_step(lambda: steps(1), dev, 5, 20)
+        print(f"{args.model} batch {args.batch}: {sec * 1e3:.1f} ms per {'forward' if args.infer else 'step'} "
+              f"unsampled ({args.batch / sec:.0f} img/s)"
+              + ("" if args.infer else f", backward on {'autograd threads' if args.threaded else 'the calling thread'}"))
         sampler = StackSampler(threading.get_ident(), args.interval_ms / 1e3)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with sampler:
-            timed_steps(model, x, y, opt, args.steps)
+            steps(args.steps)
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     ms_per_step = wall / args.steps * 1e3

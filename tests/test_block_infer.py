@@ -140,6 +140,42 @@ def test_accumulating_linear_op_adds_in_place_under_compile():
     assert rel_err(torch.compile(f, fullgraph=True, backend="aot_eager")(acc, x, w), want) <= 1e-6
 
 
+def test_compiled_blocks_take_the_inference_path_where_dynamo_misreports_export(monkeypatch):
+    """Under ``torch.compile`` the blocks trace through :func:`block_infer`, also on torch < 2.14,
+    whose Dynamo folded ``torch.compiler.is_exporting()`` to ``True`` under compile (emulated here);
+    the export paths stay for ``torch.export``. Runs on CPU: the Triton ops, which do not trace in the
+    interpreter, are swapped for their references (the routing is what is checked)."""
+    from rmt import compat
+    from rmt.ops import block_infer, dwconv, layernorm, stem_conv
+    import rmt.norm
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: torch.compiler.is_compiling())
+    for module in (dwconv, layernorm, stem_conv):
+        monkeypatch.setattr(module, "FUSED_KERNELS", False)
+    monkeypatch.setattr(rmt.norm, "triton_layer_norm_supported", lambda *args: False)
+    masa = block_infer.masa
+    monkeypatch.setattr(block_infer, "masa", lambda *args: masa(*args[:8], "reference", *args[9:]))
+    model = _model(layerscales=(False,) * 4).cpu()
+    calls = _count_calls(monkeypatch)
+    seen = []
+
+    def probe(x):
+        seen.append(compat.is_exporting())
+        return x + 1.0
+    torch._dynamo.reset()
+    x = torch.randn(1, 3, 40, 36)
+    with torch.no_grad():
+        got, want = torch.compile(model, fullgraph=True, backend="eager")(x), model(x)
+        torch.compile(probe, fullgraph=True, backend="eager")(x)
+    assert len(calls) == 2 * sum(SMALL_ARGS["depths"]) and rel_err(got, want) <= 1e-5
+    assert seen == [False]
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            return x + 1.0 if compat.is_exporting() else x - 1.0
+    program = torch.export.export(Probe(), (x,))
+    assert torch.equal(program.module()(x), x + 1.0) and torch.equal(Probe()(x), x - 1.0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="Triton's ops trace under torch.compile on CUDA only (not in the interpreter)")
 def test_inference_block_under_torch_compile_fullgraph(monkeypatch):

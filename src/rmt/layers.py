@@ -32,6 +32,7 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.layers._fx import register_notrace_module
 
+from .compat import is_exporting
 from .ops.masa import FORMS, IMPLS, head_decays, masa, rotation_tables
 
 __all__ = ["MaSALayer"]
@@ -133,7 +134,7 @@ class MaSALayer(nn.Module):
         sin, cos, decay = self.position_tables(h, w, x.device)
         shape = (b, h, w, self.num_heads, self.head_dim)
         q, k, v_heads = q.reshape(shape), k.reshape(shape), v.reshape(shape)
-        impl = "reference" if torch.compiler.is_exporting() else self.impl   # plain ops export
+        impl = "reference" if is_exporting() else self.impl   # plain ops export
         out = masa(q, k, v_heads, sin, cos, decay, self.scale, form=self.form, impl=impl)
         out = out.view(b, h, w, c)
         if self.lepe is not None:

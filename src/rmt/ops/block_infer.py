@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..compat import is_exporting
 from ..norm import layer_norm
 from .block import BlockSpec, block_input_fits, cast_together
 from .dwconv import dwconv_nhwc
@@ -59,7 +60,7 @@ def inference_applies(x: torch.Tensor, impl: str, head_dim: int, form: str) -> b
     gradients to record (the caller checks its parameters), the fused kernels allowed for ``x``
     (CUDA, or CPU under Triton's interpreter), an input the kernels take (:func:`block_input_fits`)."""
     if (not (FUSED_INFERENCE and fused_allowed(impl, x) and triton_runs_on(x)) or x.requires_grad
-            or torch.compiler.is_exporting()):   # an exported graph keeps the modules' plain ops
+            or is_exporting()):   # an exported graph keeps the modules' plain ops
         return False
     return block_input_fits(x, head_dim, form)
 

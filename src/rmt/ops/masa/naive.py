@@ -21,6 +21,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ...compat import is_exporting
+
+
 def rotation_angles(head_dim: int, device: Optional[torch.device] = None) -> torch.Tensor:
     """Per-channel rotation frequencies ``[t0, t0, t1, t1, ...]`` of length ``head_dim`` (float32).
 
@@ -85,7 +88,7 @@ def full_form_row_blocks(b: int, h: int, w: int, n: int, max_logits: int, device
     """
     L = h * w
     rows, cols = grid_coordinates(h, w, device)
-    if torch.compiler.is_exporting():
+    if is_exporting():
         bounds = [(0, L)]
     else:
         block = max(1, min(L, max_logits // max(1, b * n * L)))
