@@ -14,6 +14,8 @@ A mode is ``eager`` or ``compiled`` (``torch.compile(model)``, default mode) wit
   (``rmt.ops.linear.GELU_EPILOGUE``);
 * ``unfusedinfer``: blocks module by module instead of :func:`rmt.ops.block_infer.block_infer`
   (``rmt.ops.block_infer.FUSED_INFERENCE``);
+* ``graphtables``: compiled CUDA models compute MaSA's position tables in the graph instead of
+  through the op ``rmt::stage_positions`` (``rmt.ops.masa.positions.TABLE_OP``);
 * ``reference``: the whole model on the reference MaSA path (``masa_impl="reference"``).
 
 Timing is ``rmt benchmark``'s harness (bf16 autocast, channels-last random batch, median of CUDA
@@ -39,8 +41,9 @@ import timm  # noqa: E402
 import rmt  # noqa: E402,F401
 from rmt.benchmark import environment, save_rows, time_step  # noqa: E402
 from rmt.ops import block_infer, dwconv, layernorm, linear, stem_conv  # noqa: E402
+from rmt.ops.masa import positions  # noqa: E402
 
-SWITCHES = ("convref", "torchln", "reference", "exactgelu", "convstem", "unfusedinfer")
+SWITCHES = ("convref", "torchln", "reference", "exactgelu", "convstem", "unfusedinfer", "graphtables")
 
 
 @contextlib.contextmanager
@@ -49,12 +52,14 @@ def _switches(switches: List[str]):
     saved = [(dwconv, "FUSED_KERNELS", dwconv.FUSED_KERNELS), (layernorm, "FUSED_KERNELS", layernorm.FUSED_KERNELS),
              (linear, "GELU_EPILOGUE", linear.GELU_EPILOGUE),
              (stem_conv, "FUSED_KERNELS", stem_conv.FUSED_KERNELS),
-             (block_infer, "FUSED_INFERENCE", block_infer.FUSED_INFERENCE)]
+             (block_infer, "FUSED_INFERENCE", block_infer.FUSED_INFERENCE),
+             (positions, "TABLE_OP", positions.TABLE_OP)]
     dwconv.FUSED_KERNELS = "convref" not in switches
     layernorm.FUSED_KERNELS = "torchln" not in switches
     linear.GELU_EPILOGUE = "exactgelu" not in switches
     stem_conv.FUSED_KERNELS = "convstem" not in switches
     block_infer.FUSED_INFERENCE = "unfusedinfer" not in switches
+    positions.TABLE_OP = "graphtables" not in switches
     try:
         yield
     finally:

@@ -143,7 +143,7 @@ def test_accumulating_linear_op_adds_in_place_under_compile():
 def test_compiled_blocks_take_the_inference_path_where_dynamo_misreports_export(monkeypatch):
     """Under ``torch.compile`` the blocks trace through :func:`block_infer`, also on torch < 2.14,
     whose Dynamo folded ``torch.compiler.is_exporting()`` to ``True`` under compile (emulated here);
-    the export paths stay for ``torch.export``. Runs on CPU: the Triton ops, which do not trace in the
+    the export paths stay for ``torch.export``. The Triton ops, which do not trace in the CPU
     interpreter, are swapped for their references (the routing is what is checked)."""
     from rmt import compat
     from rmt.ops import block_infer, dwconv, layernorm, stem_conv
@@ -154,7 +154,7 @@ def test_compiled_blocks_take_the_inference_path_where_dynamo_misreports_export(
     monkeypatch.setattr(rmt.norm, "triton_layer_norm_supported", lambda *args: False)
     masa = block_infer.masa
     monkeypatch.setattr(block_infer, "masa", lambda *args: masa(*args[:8], "reference", *args[9:]))
-    model = _model(layerscales=(False,) * 4).cpu()
+    model = _model(layerscales=(False,) * 4)
     calls = _count_calls(monkeypatch)
     seen = []
 
@@ -162,7 +162,7 @@ def test_compiled_blocks_take_the_inference_path_where_dynamo_misreports_export(
         seen.append(compat.is_exporting())
         return x + 1.0
     torch._dynamo.reset()
-    x = torch.randn(1, 3, 40, 36)
+    x = torch.randn(1, 3, 40, 36, device=DEVICE)
     with torch.no_grad():
         got, want = torch.compile(model, fullgraph=True, backend="eager")(x), model(x)
         torch.compile(probe, fullgraph=True, backend="eager")(x)

@@ -243,6 +243,31 @@ def test_position_tables_cached_once_and_usable_after_inference_mode():
         assert torch.equal(model(x), cached)
 
 
+
+def test_position_table_op_under_compile_with_dynamic_grids():
+    """``rmt::stage_positions`` (the tables compiled CUDA models read) returns the eager tables as
+    fresh tensors, passes PyTorch's op checks and traces with symbolic grid sizes."""
+    from rmt.ops.masa.positions import cached_stage_positions, stage_positions, stage_positions_op
+
+    cpu = torch.device("cpu")
+    args = (5, 7, 16, 4, 2.0, 4.0, cpu)
+    got, want = stage_positions_op(*args), stage_positions(*args)
+    assert all(torch.equal(g, t) for g, t in zip(got, want))
+    assert all(g.data_ptr() != c.data_ptr() for g, c in zip(got, cached_stage_positions(*args)))
+    torch.library.opcheck(stage_positions_op, args, test_utils=("test_schema", "test_faketensor"))
+
+    def tables(x):
+        sin, cos, decay = stage_positions_op(x.shape[0], x.shape[1], 16, 4, 2.0, 4.0, cpu)
+        return x[..., None] * sin + cos, decay
+
+    torch._dynamo.reset()
+    compiled = torch.compile(tables, fullgraph=True, dynamic=True, backend="aot_eager")
+    for h, w in ((3, 4), (6, 5), (2, 9)):
+        x = torch.randn(h, w)
+        sin, cos, decay = stage_positions(h, w, 16, 4, 2.0, 4.0, cpu)
+        out, d = compiled(x)
+        assert torch.equal(out, x[..., None] * sin + cos) and torch.equal(d, decay)
+
 @pytest.mark.parametrize("impl", ["auto", "reference", "triton"])
 def test_empty_batch_runs_forward_and_backward(impl):
     """A batch of zero images gives zero rows of logits on every path (no empty kernel launches)."""
