@@ -102,6 +102,24 @@ def test_training_hooks_and_active_drop_path_keep_other_paths(monkeypatch):
     assert len(calls) == no_drop < sum(SMALL_ARGS["depths"]) and rel_err(outs[0], outs[1]) <= 1e-5
 
 
+def test_replaced_layers_keep_the_module_path(monkeypatch):
+    """Blocks whose norm, attention or Linear layer was swapped for another module (PyTorch's
+    LayerNorm, a wrapper) run module by module with that module, and the other blocks stay fused."""
+    model = _model(layerscales=(False,) * 4)
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    blocks = [blk for st in model.stages for blk in st.blocks]
+    with torch.no_grad():
+        want = model(x)
+        norm = blocks[0].norm1
+        plain = torch.nn.LayerNorm(norm.normalized_shape, eps=norm.eps).to(DEVICE)
+        plain.load_state_dict(norm.state_dict())
+        blocks[0].norm1 = plain
+        blocks[1].attn.proj = torch.nn.Sequential(blocks[1].attn.proj)
+        calls = _count_calls(monkeypatch)
+        got = model(x)
+    assert len(calls) == len(blocks) - 2 and rel_err(got, want) <= 1e-5
+
+
 def test_add_layer_norm_kernel_matches_torch(monkeypatch):
     from rmt.ops import layernorm
     torch.manual_seed(0)

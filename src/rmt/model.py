@@ -183,45 +183,55 @@ class RMTBlock(nn.Module):
         :func:`rmt.ops.block_infer.block_infer` (no gradients to record, no layer scale, drop path
         inactive; eager or compiled); ``""``: module by module. Both need every submodule to be the
         plain, hook-free module the block was built with (a replaced or hooked layer, e.g. LoRA, keeps
-        the module path)."""
-        attn, mlp = self.attn, self.mlp
-        if not (HAS_TRITON and not isinstance(x, torch.fx.Proxy)
-                and attn.impl == mlp.impl == self.norm1.impl == self.norm2.impl == self.impl
+        the module path). Reads the module dicts: ``nn.Module.__getattr__`` costs ~1 us a lookup."""
+        m = self._modules
+        attn, mlp, norm1, norm2 = m["attn"], m["mlp"], m["norm1"], m["norm2"]
+        if not (HAS_TRITON and not isinstance(x, torch.fx.Proxy) and type(attn) is MaSA and type(mlp) is Mlp
+                and type(norm1) is LayerNorm and type(norm2) is LayerNorm
+                and attn.impl == mlp.impl == norm1.impl == norm2.impl == self.impl
                 and fused_allowed(self.impl, x)):
             return ""
+        ls1, ls2, drop_path = m["ls1"], m["ls2"], m["drop_path"]
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             route = "train" if block_ops.kernels_apply(x, self.impl, attn.head_dim, attn.form) else ""
         else:
             route = "infer" if (block_infer.inference_applies(x, self.impl, attn.head_dim, attn.form)
-                                and not drop_path_active(self.drop_path)
-                                and type(self.ls1) is nn.Identity and type(self.ls2) is nn.Identity) else ""
-        linears = (attn.qkv, attn.proj, mlp.fc1, mlp.fc2)
-        convs = (self.cpe, attn.lepe, mlp.dwconv)
-        norms = (self.norm1, self.norm2)
-        if not (route and all(type(m) is nn.Linear for m in linears) and all(type(m) is nn.Conv2d for m in convs)
-                and all(type(m) is LayerNorm and m.weight is not None for m in norms)
-                and type(attn) is MaSA and type(mlp) is Mlp
-                and all(hook_free(m) and m.bias is not None for m in linears + convs + norms)
+                                and not drop_path_active(drop_path)
+                                and type(ls1) is nn.Identity and type(ls2) is nn.Identity) else ""
+        if not route:
+            return ""
+        layers = self._layers()
+        cpe, _, qkv, lepe, proj, _, fc1, dwconv, fc2 = layers
+        if not (all(type(layer) is nn.Linear for layer in (qkv, proj, fc1, fc2))
+                and all(type(layer) is nn.Conv2d for layer in (cpe, lepe, dwconv))
+                and all(hook_free(layer) and layer._parameters.get("weight") is not None
+                        and layer._parameters.get("bias") is not None for layer in layers)
                 and hook_free(attn) and hook_free(mlp)
-                and plain_residual(self.ls1, self.drop_path) and plain_residual(self.ls2, self.drop_path)):
+                and plain_residual(ls1, drop_path) and plain_residual(ls2, drop_path)):
             return ""
         return route
 
     @torch.jit.ignore
+    def _layers(self) -> Tuple[nn.Module, ...]:
+        """The nine layers with weights, in :func:`rmt.ops.block.block_forward`'s order: cpe, norm1, qkv,
+        lepe, proj, norm2, fc1, dwconv, fc2 (``attn`` and ``mlp`` must be this package's modules)."""
+        m = self._modules
+        attn, mlp = m["attn"]._modules, m["mlp"]._modules
+        return (m["cpe"], m["norm1"], attn["qkv"], attn["lepe"], attn["proj"], m["norm2"],
+                mlp["fc1"], mlp["dwconv"], mlp["fc2"])
+
+    @torch.jit.ignore
     def _spec(self, sin: torch.Tensor, cos: torch.Tensor, decay: torch.Tensor):
         """The stage's position tables with this block's attention and norm settings (a ``BlockSpec``)."""
-        attn = self.attn
+        m = self._modules
+        attn = m["attn"]
         return block_ops.BlockSpec(sin.float().contiguous(), cos.float().contiguous(), decay.float().contiguous(),
-                                   attn.num_heads, attn.scale, attn.form, self.norm1.eps, self.norm2.eps)
+                                   attn.num_heads, attn.scale, attn.form, m["norm1"].eps, m["norm2"].eps)
 
     @torch.jit.ignore
     def _params(self) -> Tuple[torch.Tensor, ...]:
         """The block's 18 weights and biases in :func:`rmt.ops.block.block_forward`'s order."""
-        attn, mlp = self.attn, self.mlp
-        return (self.cpe.weight, self.cpe.bias, self.norm1.weight, self.norm1.bias, attn.qkv.weight,
-                attn.qkv.bias, attn.lepe.weight, attn.lepe.bias, attn.proj.weight, attn.proj.bias,
-                self.norm2.weight, self.norm2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.dwconv.weight,
-                mlp.dwconv.bias, mlp.fc2.weight, mlp.fc2.bias)
+        return tuple(layer._parameters[name] for layer in self._layers() for name in ("weight", "bias"))
 
     @torch.jit.ignore
     def _forward_fused(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
