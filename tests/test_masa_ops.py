@@ -296,3 +296,20 @@ def test_cpu_path_pads_short_key_rows_without_changing_results(shape, form, monk
     monkeypatch.setattr(masa_cpu, "PAD_KEYS", False)
     assert masa_cpu._key_padding(14) == 0
     assert rel_err(padded, masa(*args, form=form, impl="cpu", add=extra)) <= 1e-6
+
+
+@pytest.mark.parametrize("impl,shape", [("reference", (2, 4, 16, 2, 16)), ("cpu", (2, 4, 16, 2, 16)),
+                                        ("cpu", (1, 9, 14, 2, 16))])
+def test_decomposed_form_compiles_with_inductor_on_cpu(impl, shape):
+    """Inductor itself (not only the tracing backends) compiles the decomposed form's 5-D attention
+    on the reference and CPU paths: its attention-fusion pass used to match it and then fail to
+    build a 4-D replacement. Rows of 14 and 9 keys make the CPU path pad its keys."""
+    _, args, extra = _inputs(shape, device="cpu")
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+
+    def run(*inputs):
+        return masa(*inputs, form="decomposed", impl=impl, add=extra.detach())
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got, want = torch.compile(run, fullgraph=True)(*args), run(*args)
+    assert rel_err(got, want) <= 1e-5

@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .naive import _distance_1d, full_form_row_blocks, masa_decomposed_reference, masa_full_reference
+from .naive import (_distance_1d, axis_attention, full_form_row_blocks, masa_decomposed_reference,
+                    masa_full_reference)
 
 # False: no padding of short key rows (benchmarks/infer_switches.py compares the two)
 PAD_KEYS = True
@@ -62,6 +63,15 @@ def _axis_bias(decay: torch.Tensor, n: int, pad: int, device: torch.device) -> t
     return F.pad(bias, (0, pad), value=float("-inf")) if pad else bias
 
 
+def _axis_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """:func:`.naive.axis_attention` with the bias added to the logits in place (eager mode)."""
+    if torch.compiler.is_compiling():
+        return axis_attention(q, k, v, bias)
+    logits = q @ k.transpose(-1, -2)
+    logits.add_(bias)
+    return torch.softmax(logits, dim=-1).to(v.dtype) @ v
+
+
 def masa_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
              decay: torch.Tensor, scale: float, form: str, add: Optional[torch.Tensor] = None,
              max_logits: int = 1 << 24) -> torch.Tensor:
@@ -76,15 +86,12 @@ def masa_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tenso
     kr = _rotate_complex(k, sin, cos, scale).to(dtype)
     vv = v.permute(0, 3, 1, 2, 4)                                       # (b, n, h, w, d)
     if form == "decomposed":
-        pad = _key_padding(w)
-        logits = qr @ _pad_keys(kr, pad).transpose(-1, -2)              # (b, n, h, w, w + pad)
-        logits.add_(_axis_bias(decay, w, pad, q.device)[None])
-        rows = torch.softmax(logits, dim=-1).to(dtype) @ _pad_keys(vv, pad)   # (b, n, h, w, d)
-        pad = _key_padding(h)
-        qh, kh = qr.transpose(2, 3), _pad_keys(kr.transpose(2, 3), pad)  # (b, n, w, h [+ pad], d)
-        logits = qh @ kh.transpose(-1, -2)                              # (b, n, w, h, h + pad)
-        logits.add_(_axis_bias(decay, h, pad, q.device)[None])
-        out = torch.softmax(logits, dim=-1).to(dtype) @ _pad_keys(rows.transpose(2, 3), pad)
+        pad = _key_padding(w)                                           # logits (b, n, h, w, w + pad)
+        rows = _axis_attention(qr, _pad_keys(kr, pad), _pad_keys(vv, pad),
+                               _axis_bias(decay, w, pad, q.device)[None])      # (b, n, h, w, d)
+        pad = _key_padding(h)                                           # logits (b, n, w, h, h + pad)
+        out = _axis_attention(qr.transpose(2, 3), _pad_keys(kr.transpose(2, 3), pad),
+                              _pad_keys(rows.transpose(2, 3), pad), _axis_bias(decay, h, pad, q.device)[None])
         out = out.permute(0, 3, 2, 1, 4)                                # (b, h, w, n, d)
     else:
         L = h * w

@@ -106,6 +106,22 @@ def _rotate_qk(q: torch.Tensor, k: torch.Tensor, sin: torch.Tensor, cos: torch.T
     return rotate(q, sin, cos), rotate(k, sin, cos)
 
 
+def axis_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``softmax(q @ k^T + bias) @ v`` for ``q``/``k``/``v`` ``(b, n, s, rows, d)`` (``k``/``v`` with their
+    own row count) and ``bias`` broadcasting to the logits ``(b, n, s, rows, keys)``.
+
+    Under ``torch.compile`` the two leading axes are merged first, so that the chain is 4-D: Inductor's
+    attention-fusion pass also matches it in 5-D and then fails to build its 4-D replacement
+    ("Attempting to permute a tensor of rank 5, but received a permutation of length 4", torch 2.14).
+    """
+    if torch.compiler.is_compiling() and q.dim() == 5:
+        b, n = torch.broadcast_shapes(q.shape[:2], k.shape[:2], v.shape[:2], bias.shape[:2])
+        q, k, v, bias = (t.expand(b, n, *t.shape[2:]).reshape(b * n, *t.shape[2:]) for t in (q, k, v, bias))
+        out = axis_attention(q, k, v, bias)
+        return out.view(b, n, *out.shape[1:])
+    return torch.softmax(q @ k.transpose(-1, -2) + bias, dim=-1).to(v.dtype) @ v
+
+
 def masa_decomposed_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               sin: torch.Tensor, cos: torch.Tensor, decay: torch.Tensor,
                               scale: float) -> torch.Tensor:
@@ -125,13 +141,9 @@ def masa_decomposed_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     bias_w = decay[:, None, None] * _distance_1d(w, q.device)  # (n, w, w)
     bias_h = decay[:, None, None] * _distance_1d(h, q.device)  # (n, h, h)
 
-    logits_w = qr @ kr.transpose(-1, -2) + bias_w[None, :, None]   # (b, n, h, w, w)
-    v = torch.softmax(logits_w, dim=-1).to(v.dtype) @ v            # (b, n, h, w, d)
-
-    qr_h = qr.transpose(2, 3)                                       # (b, n, w, h, d)
-    kr_h = kr.transpose(2, 3)
-    logits_h = qr_h @ kr_h.transpose(-1, -2) + bias_h[None, :, None]  # (b, n, w, h, h)
-    out = torch.softmax(logits_h, dim=-1).to(v.dtype) @ v.transpose(2, 3)  # (b, n, w, h, d)
+    v = axis_attention(qr, kr, v, bias_w[None, :, None])            # along rows: (b, n, h, w, d)
+    out = axis_attention(qr.transpose(2, 3), kr.transpose(2, 3), v.transpose(2, 3),
+                         bias_h[None, :, None])                     # along columns: (b, n, w, h, d)
     return out.permute(0, 3, 2, 1, 4).contiguous()
 
 
