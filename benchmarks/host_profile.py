@@ -132,7 +132,7 @@ def main() -> int:
                    help="keep the backward on autograd's device thread (its frames are then not sampled)")
     args = p.parse_args()
     if not torch.cuda.is_available():
-        print("host_profile.py profiles CUDA training steps; no CUDA device here", file=sys.stderr)
+        print("host_profile.py profiles CUDA steps; no CUDA device here", file=sys.stderr)
         return 2
     _register_phases()
     dev = torch.device("cuda")
@@ -140,18 +140,20 @@ def main() -> int:
     model.train(not args.infer)
     x = torch.randn(args.batch, 3, 224, 224, device=dev).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (args.batch,), device=dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     if args.infer:
         def steps(n: int) -> None:
             timed_inference(model, x, n)
     else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
         def steps(n: int) -> None:
             timed_steps(model, x, y, opt, n)
     with torch.autograd.set_multithreading_enabled(args.threaded):
         sec = time_step(lambda: steps(1), dev, 5, 20)
-        print(f"{args.model} batch {args.batch}: {sec * 1e3:.1f} ms per {'forward' if args.infer else 'step'} "
-              f"unsampled ({args.batch / sec:.0f} img/s)"
-              + ("" if args.infer else f", backward on {'autograd threads' if args.threaded else 'the calling thread'}"))
+        what = "forward" if args.infer else "step, backward on " + (
+            "autograd threads" if args.threaded else "the calling thread")
+        print(f"{args.model} batch {args.batch}: {sec * 1e3:.1f} ms per {what} unsampled "
+              f"({args.batch / sec:.0f} img/s)")
         sampler = StackSampler(threading.get_ident(), args.interval_ms / 1e3)
         torch.cuda.synchronize()
         t0 = time.perf_counter()

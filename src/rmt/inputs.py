@@ -22,7 +22,6 @@ def check_image(x: torch.Tensor, in_chans: int) -> None:
             f"got {x.shape[-2]}x{x.shape[-1]}; resize or pad the image")
 
 
-
 def normalize_forms(forms: FormSpec, num_stages: int) -> Tuple[str, ...]:
     """Accept ``"full"``, ``"decomposed"``, a per-stage sequence, or a string like ``"TTFF"``."""
     if isinstance(forms, str):

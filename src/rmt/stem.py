@@ -40,8 +40,9 @@ def _foldable(x: torch.Tensor, conv: nn.Module, norm: nn.Module) -> bool:
     plain hook-free modules, a bias to fold."""
     if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
-    return (FOLD_CONV_BIAS and x.device.type in FOLD_DEVICES and type(conv) is nn.Conv2d and type(norm) is nn.BatchNorm2d
-            and conv.bias is not None and conv.padding_mode == "zeros" and hook_free(conv) and hook_free(norm))
+    return (FOLD_CONV_BIAS and x.device.type in FOLD_DEVICES
+            and type(conv) is nn.Conv2d and type(norm) is nn.BatchNorm2d and conv.bias is not None
+            and conv.padding_mode == "zeros" and hook_free(conv) and hook_free(norm))
 
 
 def _on_running_statistics(norm: nn.Module) -> bool:
