@@ -47,11 +47,14 @@ def _both(model, x, monkeypatch, autocast: bool = False):
 
 def test_inference_block_matches_modules_fp32(monkeypatch):
     """Without layer scale every block takes the fused inference path; outputs agree in float32.
-    Odd grids (9x10 down to 2x2) and both attention forms."""
+    Odd grids (9x10 down to 2x2) and both attention forms; each block's CPE writes its LayerNorm too."""
+    from rmt.ops import block_infer
     model = _model(layerscales=(False,) * 4)
     x = torch.randn(2, 3, 33, 40, device=DEVICE)
+    with_norm, original = [], block_infer.dwconv_layer_norm
+    monkeypatch.setattr(block_infer, "dwconv_layer_norm", lambda *a: with_norm.append(1) or original(*a))
     fused, plain, calls = _both(model, x, monkeypatch)
-    assert calls == sum(SMALL_ARGS["depths"])
+    assert calls == len(with_norm) == sum(SMALL_ARGS["depths"])
     assert fused.dtype == plain.dtype == torch.float32 and rel_err(fused, plain) <= 1e-5
 
 
@@ -137,6 +140,8 @@ def test_add_layer_norm_kernel_matches_torch(monkeypatch):
         s2, y2 = layernorm.add_layer_norm(x, r, shift.to(dtype), w, b, 1e-6)
         monkeypatch.setattr(layernorm, "FUSED_KERNELS", True)
         assert rel_err(s2.float(), s.float()) <= tol and rel_err(y2.float(), y.float()) <= tol
+        s3, y3 = layernorm.add_layer_norm_op(x, r, shift.to(dtype), w, b, 1e-6)   # under torch.compile
+        assert torch.equal(s3, s) and torch.equal(y3, y)
 
 
 def test_accumulating_linear_op_adds_in_place_under_compile():

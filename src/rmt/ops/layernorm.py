@@ -13,9 +13,11 @@ traffic. The kernels here normalise a tile of ``BLOCK_M`` rows per program:
   small reduction turns into the weight and bias gradients.
 
 :func:`rmt.norm.layer_norm_autocast` is the reference and the path elsewhere. The kernels launch
-from an ``autograd.Function`` in eager mode only: under ``torch.compile`` Inductor generates its
-own multi-row LayerNorm kernels and fuses the residual additions around them into those, which a
-custom op would prevent.
+from an ``autograd.Function`` in eager mode: under ``torch.compile`` Inductor generates its own
+multi-row LayerNorm kernels and fuses the residual additions around them into those, which a custom
+op would prevent. The exception is the inference blocks' add+LayerNorm (:func:`add_layer_norm`),
+whose neighbours are custom ops and GEMMs that Inductor cannot fuse into: it runs this module's
+kernel under ``torch.compile`` too, as the op ``rmt::add_layer_norm``.
 """
 import functools
 from typing import Optional, Tuple
@@ -29,11 +31,15 @@ from .triton_support import HAS_TRITON, SUPPORTED_DTYPES, cdiv, eager_launch, ne
 if HAS_TRITON:
     import triton
     import triton.language as tl
+    from torch.library import triton_op, wrap_triton
 
 # False: only inference uses the kernels; training runs PyTorch's LayerNorm and autograd instead
 TRAINING_KERNELS = True
 # False: PyTorch's LayerNorm everywhere (benchmarks/inference_modes.py compares the two)
 FUSED_KERNELS = True
+# False: under torch.compile the inference blocks' add+LayerNorm is left to Inductor instead of the
+# kernel here (benchmarks/inference_modes.py's switch "inductorln")
+COMPILED_KERNELS = True
 MAX_CHANNELS = 4096
 
 if HAS_TRITON:
@@ -152,22 +158,41 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: flo
     return y, mean, rstd
 
 
+def _add_layer_norm(launch, x: torch.Tensor, r: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`add_layer_norm` through the kernel (``x``, ``r`` contiguous)."""
+    c = x.shape[-1]
+    m = x.numel() // c
+    s, y = torch.empty_like(x), torch.empty_like(x)
+    block_m, block_c, warps = _tile(c)
+    launch(_add_ln_fwd_kernel)[(cdiv(m, block_m),)](
+        x, r, shift, weight, bias, s, y, m, c, eps, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+    return s, y
+
+
+if HAS_TRITON:
+    @triton_op("rmt::add_layer_norm", mutates_args={})
+    def add_layer_norm_op(x: torch.Tensor, r: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
+                          bias: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Graph-capturable :func:`add_layer_norm` (inference: no autograd formula)."""
+        return _add_layer_norm(wrap_triton, x, r, shift, weight, bias, eps)
+
+
 def add_layer_norm(x: torch.Tensor, r: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(s + shift, layer_norm(s))`` with ``s = x + r`` for ``x``, ``r`` ``(..., c)`` of one dtype and
     ``shift`` ``(c,)``, both results in that dtype, without autograd: one pass where the Triton kernel
-    takes the tensors (contiguous, in a supported dtype), else the same ops in PyTorch (which
-    Inductor fuses into one kernel under ``torch.compile``)."""
+    takes the tensors (contiguous, in a supported dtype; under ``torch.compile`` as the op
+    ``rmt::add_layer_norm`` unless ``COMPILED_KERNELS`` is off), else the same ops in PyTorch (which
+    Inductor fuses into one kernel)."""
     c = x.shape[-1]
-    if (FUSED_KERNELS and not torch.compiler.is_compiling() and triton_runs_on(x)
+    compiling = torch.compiler.is_compiling()
+    if (FUSED_KERNELS and (COMPILED_KERNELS or not compiling) and triton_runs_on(x)
             and x.dtype in SUPPORTED_DTYPES and r.dtype == x.dtype and x.is_contiguous() and r.is_contiguous()
             and weight.dtype in SUPPORTED_DTYPES and 0 < c <= MAX_CHANNELS):
-        m = x.numel() // c
-        s, y = torch.empty_like(x), torch.empty_like(x)
-        block_m, block_c, warps = _tile(c)
-        eager_launch(_add_ln_fwd_kernel)[(cdiv(m, block_m),)](
-            x, r, shift, weight, bias, s, y, m, c, eps, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
-        return s, y
+        if compiling:
+            return add_layer_norm_op(x, r, shift, weight, bias, eps)
+        return _add_layer_norm(eager_launch, x, r, shift, weight, bias, eps)
     s = x + r
     y = F.layer_norm(s.float(), (c,), weight.float(), bias.float(), eps).to(s.dtype)
     return (s.float() + shift.float()).to(s.dtype), y
