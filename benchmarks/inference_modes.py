@@ -16,8 +16,6 @@ A mode is ``eager`` or ``compiled`` (``torch.compile(model)``, default mode) wit
   (``rmt.ops.block_infer.FUSED_INFERENCE``);
 * ``graphtables``: compiled CUDA models compute MaSA's position tables in the graph instead of
   through the op ``rmt::stage_positions`` (``rmt.ops.masa.positions.TABLE_OP``);
-* ``separatenorm``: each block's first LayerNorm in a pass of its own instead of in the CPE kernel
-  (``rmt.ops.dwconv.NORM_EPILOGUE``);
 * ``inductorln``: under ``torch.compile`` the blocks' add+LayerNorm from Inductor instead of the
   Triton kernel (``rmt.ops.layernorm.COMPILED_KERNELS``);
 * ``reference``: the whole model on the reference MaSA path (``masa_impl="reference"``).
@@ -48,7 +46,7 @@ from rmt.ops import block_infer, dwconv, layernorm, linear, stem_conv  # noqa: E
 from rmt.ops.masa import positions  # noqa: E402
 
 SWITCHES = ("convref", "torchln", "reference", "exactgelu", "convstem", "unfusedinfer", "graphtables",
-            "separatenorm", "inductorln")
+            "inductorln")
 
 
 @contextlib.contextmanager
@@ -58,15 +56,13 @@ def _switches(switches: List[str]):
              (linear, "GELU_EPILOGUE", linear.GELU_EPILOGUE),
              (stem_conv, "FUSED_KERNELS", stem_conv.FUSED_KERNELS),
              (block_infer, "FUSED_INFERENCE", block_infer.FUSED_INFERENCE),
-             (positions, "TABLE_OP", positions.TABLE_OP), (dwconv, "NORM_EPILOGUE", dwconv.NORM_EPILOGUE),
-             (layernorm, "COMPILED_KERNELS", layernorm.COMPILED_KERNELS)]
+             (positions, "TABLE_OP", positions.TABLE_OP), (layernorm, "COMPILED_KERNELS", layernorm.COMPILED_KERNELS)]
     dwconv.FUSED_KERNELS = "convref" not in switches
     layernorm.FUSED_KERNELS = "torchln" not in switches
     linear.GELU_EPILOGUE = "exactgelu" not in switches
     stem_conv.FUSED_KERNELS = "convstem" not in switches
     block_infer.FUSED_INFERENCE = "unfusedinfer" not in switches
     positions.TABLE_OP = "graphtables" not in switches
-    dwconv.NORM_EPILOGUE = "separatenorm" not in switches
     layernorm.COMPILED_KERNELS = "inductorln" not in switches
     try:
         yield

@@ -8,9 +8,8 @@ For every stage of RMT-S (token grids 56/28/14/7, widths 64/128/256/512, FFN hid
 (kernel, shape): the time of the tile the code picks today, the fastest tile found, and the
 effective bandwidth of each (bytes the kernel must move at least, divided by its time). Rows for
 PyTorch's LayerNorm and cuDNN's depthwise convolution give the baselines (none for MaSA).
-``--kernels`` also takes ``dwconv_bwd`` (the input-gradient kernel), ``dwconv_wgrad`` (the
-weight-gradient kernel, against cuDNN's weight gradient) and ``dwconv_norm`` (the CPE kernel with the
-LayerNorm epilogue, against the CPE kernel and the LayerNorm kernel one after the other).
+``--kernels`` also takes ``dwconv_bwd`` (the input-gradient kernel) and ``dwconv_wgrad`` (the
+weight-gradient kernel, against cuDNN's weight gradient).
 Timing: on CUDA, ten calls captured in a CUDA graph and the replays timed (median of CUDA-event
 timings, divided by ten), so the CPU cost of launching does not hide the GPU time of small kernels.
 """
@@ -145,38 +144,6 @@ def dwconv_wgrad_rows(batch: int, device: torch.device, iters: int, smoke: bool)
                    default_gbs=moved / timed[default] / 1e9, best_gbs=moved / timed[best] / 1e9)
 
 
-def dwconv_norm_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> Iterator[Dict]:
-    """The CPE's forward kernel with the LayerNorm epilogue (inference), tiles of all channels,
-    against the CPE kernel followed by the LayerNorm kernel (the baseline column)."""
-    for side, c in (SMOKE_STAGES if smoke else _stages()):
-        x = torch.randn(batch, side, side, c, device=device, dtype=torch.bfloat16)
-        w, b = torch.randn(c, 1, 3, 3, device=device), torch.randn(c, device=device)
-        ln_w, ln_b = torch.randn(c, device=device), torch.randn(c, device=device)
-        bc = next_power_of_2(c)
-
-        def run(tile=None):
-            out = torch.empty_like(x)
-            return dwconv._forward(eager_launch, x, w, b, True, False, tile, norm=(ln_w, ln_b, 1e-6, out))
-
-        def separate():
-            y = dwconv._forward(eager_launch, x, w, b, True, False)
-            return layernorm._forward(y.view(-1, c), ln_w, ln_b, 1e-6, y.dtype)
-        default = dwconv._norm_blocks(side, c)
-        timed = {default: _seconds(lambda: run(default), device, iters)}
-        for bw, rows, nw in itertools.product((1, 2, 4, 8, 16, 32, 64), (1, 2, 4), (2, 4, 8)):
-            tile = (bw, bc, nw, rows)
-            if (smoke or bw > next_power_of_2(side) or not 512 <= bw * bc <= 8192 or tile in timed
-                    or nw == 2 and bw * bc > 2048 or nw == 8 and bw * bc < 4096):
-                continue
-            timed[tile] = _seconds(lambda: run(tile), device, iters)
-        best = min(timed, key=timed.get)
-        moved = x.numel() * 2 * 3  # read x; write the CPE output and its norm
-        yield dict(kernel="dwconv cpe+norm 3x3", shape=f"{batch}x{side}x{side}x{c}", default=str(default),
-                   default_us=timed[default] * 1e6, best=str(best), best_us=timed[best] * 1e6,
-                   baseline_us=_seconds(separate, device, iters) * 1e6,
-                   default_gbs=moved / timed[default] / 1e9, best_gbs=moved / timed[best] / 1e9)
-
-
 def layernorm_rows(batch: int, device: torch.device, iters: int, smoke: bool) -> Iterator[Dict]:
     """Forward and backward LayerNorm kernels against PyTorch's, bf16 tokens, float32 parameters."""
     for side, c in (SMOKE_STAGES if smoke else _stages()):
@@ -285,8 +252,7 @@ def main() -> int:
     SELECTED.clear()
     SELECTED.update(int(i) - 1 for i in args.stages.split(","))
     sweeps = {"dwconv": dwconv_rows, "dwconv_bwd": functools.partial(dwconv_rows, backward=True),
-              "dwconv_wgrad": dwconv_wgrad_rows, "dwconv_norm": dwconv_norm_rows, "layernorm": layernorm_rows,
-              "masa": masa_rows}
+              "dwconv_wgrad": dwconv_wgrad_rows, "layernorm": layernorm_rows, "masa": masa_rows}
     unknown = set(args.kernels.split(",")) - set(sweeps)
     if unknown:
         print(f"unknown --kernels {sorted(unknown)}: choose from {sorted(sweeps)}", file=sys.stderr)

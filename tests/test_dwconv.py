@@ -190,35 +190,6 @@ def test_custom_op_used_by_compile_matches_eager_function():
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape,tile", [((2, 7, 9, 20), None), ((1, 1, 1, 8), None), ((2, 3, 11, 33), None),
-                                        ((1, 5, 6, 64), (4, 64, 4, 3)), ((2, 9, 5, 16), (8, 16, 4, 1))])
-def test_cpe_with_layer_norm_epilogue_matches_reference(dtype, shape, tile, monkeypatch):
-    """The CPE kernel that also writes the LayerNorm of its output (inference): both outputs against
-    F.conv2d and F.layer_norm of the rounded CPE output, on a strided input, with 1-4 rows per program
-    and channels that fill part of a tile; the op ``torch.compile`` takes gives the same bits."""
-    from rmt.ops import dwconv
-    if tile is not None:
-        monkeypatch.setattr(dwconv, "_norm_blocks", lambda w, c: tile)
-    torch.manual_seed(0)
-    c = shape[-1]
-    _, x, weight, bias = _inputs(shape, 3, dtype=dtype)
-    x, weight, bias = x.detach(), weight.detach(), bias.detach()
-    ln_w, ln_b = torch.randn(c, device=DEVICE), torch.randn(c, device=DEVICE)
-    assert dwconv.dwconv_norm_applies(x, weight)
-    y, y_norm = dwconv.dwconv_layer_norm(x, weight, bias, ln_w, ln_b, 1e-6)
-    want = dwconv_nhwc_reference(x.float(), weight, bias, True)
-    want_norm = torch.nn.functional.layer_norm(want.to(dtype).float(), (c,), ln_w, ln_b, 1e-6)
-    tol = 1e-6 if dtype == torch.float32 else 8e-3
-    assert y.dtype == y_norm.dtype == dtype and y.shape == y_norm.shape == shape and y_norm.is_contiguous()
-    assert rel_err(y.float(), want) <= tol and rel_err(y_norm.float(), want_norm) <= tol
-    via_op = dwconv.dwconv_layer_norm_op(x, weight, bias, ln_w, ln_b, 1e-6)
-    assert torch.equal(via_op[0], y) and torch.equal(via_op[1], y_norm)
-    monkeypatch.setattr(dwconv, "NORM_EPILOGUE", False)
-    assert not dwconv.dwconv_norm_applies(x, weight)
-
-
-@needs_triton
 @pytest.mark.parametrize("with_gelu", [True, False])
 def test_ffn_tail_recomputes_the_depthwise_output_and_matches_reference(with_gelu, monkeypatch):
     """Both ways of the FFN's input gradient: GELU's derivative written beside the recomputed GELU

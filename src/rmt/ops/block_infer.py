@@ -6,8 +6,8 @@ bias in a launch of its own. Under ``torch.compile`` Inductor fuses the first ad
 LayerNorm after it, but not the second: the next op is the next block's depthwise-conv kernel, which
 it cannot see into. :func:`block_infer` computes the same block as::
 
-    x1, y1  = x + cpe(x), norm1(x1)                   (one pass: rmt.ops.dwconv.dwconv_layer_norm)
-    q, k, v = split(qkv(y1))
+    x1      = x + cpe(x)
+    q, k, v = split(qkv(norm1(x1)))
     s       = x1 + proj(masa(q, k, v) + lepe(v))
     x2, y   = s + fc2.bias, norm2(s)                  (one pass: rmt.ops.layernorm.add_layer_norm)
     x2     += fc2.weight @ (g + dwconv(g)),  g = gelu(fc1(y))   (the GEMM adds into x2: beta = 1)
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..compat import is_exporting
 from ..norm import layer_norm
 from .block import BlockSpec, block_input_fits, cast_together
-from .dwconv import dwconv_layer_norm, dwconv_nhwc, dwconv_norm_applies
+from .dwconv import dwconv_nhwc
 from .layernorm import add_layer_norm
 from .linear import gelu_epilogue_applies, linear_gelu
 from .masa import masa
@@ -82,12 +82,8 @@ def block_infer(x: torch.Tensor, spec: BlockSpec, params: Sequence[torch.Tensor]
         wq, bq, wp, bp, w1, b1, w2 = qkv_w, qkv_b, proj_w, proj_b, fc1_w, fc1_b, fc2_w.to(dt)
     # intermediates are released as soon as they are used up (the modules release them on return),
     # so that the FFN's wide tensors do not meet the attention's in memory
-    x = x.to(dt)
-    if dwconv_norm_applies(x, cpe_w):
-        x1, y1 = dwconv_layer_norm(x, cpe_w, cpe_b, n1_w, n1_b, spec.eps1)
-    else:
-        x1 = dwconv_nhwc(x, cpe_w, cpe_b, True, True)
-        y1 = layer_norm(x1, [c], n1_w, n1_b, spec.eps1, True)
+    x1 = dwconv_nhwc(x.to(dt), cpe_w, cpe_b, True, True)
+    y1 = layer_norm(x1, [c], n1_w, n1_b, spec.eps1, True)
     q, k, v = F.linear(y1, wq, bq).split(c, dim=-1)
     del y1
     lepe = dwconv_nhwc(v, lepe_w, lepe_b, False, True)

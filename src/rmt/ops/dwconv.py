@@ -50,10 +50,6 @@ FUSED_KERNELS = True
 TRITON_WEIGHT_GRAD = False
 # False: the CPU path adds the residual in its own pass (benchmarks/infer_switches.py compares the two)
 FOLD_RESIDUAL_ON_CPU = True
-# False: at inference the CPE's LayerNorm runs in a pass of its own instead of in the CPE kernel
-# (benchmarks/inference_modes.py's switch "separatenorm")
-NORM_EPILOGUE = True
-MAX_NORM_CHANNELS = 1024
 
 
 def dwconv_nhwc_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -132,13 +128,11 @@ if HAS_TRITON:
         return acc0, acc1, acc2, acc3, sums
 
     @triton.jit
-    def _finish_row(acc, r, b, offs_w, offs_c, mask_c, B, Z, Y, LW, LB, YN, eps, H, W, C, z_sb, z_sh, z_sw,
-                    y_sb, y_sh, y_sw, HAS_BIAS: tl.constexpr, GELU_GRAD: tl.constexpr, GRAD_GIVEN: tl.constexpr,
-                    ACCUMULATE: tl.constexpr, NORM: tl.constexpr):
+    def _finish_row(acc, r, b, offs_w, offs_c, mask_c, B, Z, Y, H, W, C, z_sb, z_sh, z_sw, y_sb, y_sh, y_sw,
+                    HAS_BIAS: tl.constexpr, GELU_GRAD: tl.constexpr, GRAD_GIVEN: tl.constexpr,
+                    ACCUMULATE: tl.constexpr):
         """Bias, GELU derivative (of ``Z``, or ``Z`` itself with ``GRAD_GIVEN``) and store (or with
-        ``ACCUMULATE`` addition to ``Y``) of output row ``r`` (skipped past the last row); with ``NORM``
-        (the program holds all ``C`` channels) also the LayerNorm of the stored row, with weight ``LW``
-        and bias ``LB``, to ``YN`` (``Y``'s strides)."""
+        ``ACCUMULATE`` addition to ``Y``) of output row ``r`` (skipped past the last row)."""
         mask = ((offs_w < W)[:, None] & mask_c[None, :]) & (r < H)
         if HAS_BIAS:
             acc += tl.load(B + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
@@ -152,26 +146,15 @@ if HAS_TRITON:
         y = Y + b * y_sb + r * y_sh + offs_w[:, None] * y_sw + offs_c[None, :]
         if ACCUMULATE:
             acc += tl.load(y, mask=mask, other=0.0).to(tl.float32)
-        out = acc.to(Y.dtype.element_ty)
-        tl.store(y, out, mask=mask)
-        if NORM:  # the row as stored, normalised over its channels (zero beyond C)
-            s = out.to(tl.float32)
-            mean = tl.sum(s, axis=1) / C
-            sc = tl.where(mask_c[None, :], s - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(sc * sc, axis=1) / C + eps)
-            lw = tl.load(LW + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-            lb = tl.load(LB + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-            yn = sc * rstd[:, None] * lw[None, :] + lb[None, :]
-            tl.store(YN + b * y_sb + r * y_sh + offs_w[:, None] * y_sw + offs_c[None, :],
-                     yn.to(YN.dtype.element_ty), mask=mask)
+        tl.store(y, acc.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _dwconv_nhwc_kernel(X, WT, B, Z, Y, DB_PART, LW, LB, YN, eps, H, W, C, x_sb, x_sh, x_sw, z_sb, z_sh, z_sw,
+    def _dwconv_nhwc_kernel(X, WT, B, Z, Y, DB_PART, H, W, C, x_sb, x_sh, x_sw, z_sb, z_sh, z_sw,
                             y_sb, y_sh, y_sw, w_sc, w_sh, w_sw, KS: tl.constexpr, TAPS_OUTER: tl.constexpr,
                             FLIP: tl.constexpr, HAS_BIAS: tl.constexpr,
                             RESIDUAL: tl.constexpr, GELU_GRAD: tl.constexpr, GRAD_GIVEN: tl.constexpr,
-                            ACCUMULATE: tl.constexpr, COLUMN_SUMS: tl.constexpr, NORM: tl.constexpr,
-                            ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+                            ACCUMULATE: tl.constexpr, COLUMN_SUMS: tl.constexpr, ROWS: tl.constexpr,
+                            BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
         """Grid ``(b * cdiv(h, ROWS), cdiv(w, BLOCK_W), cdiv(c, BLOCK_C))``: the same segment of
         ``ROWS`` (1-4) consecutive token rows per program.
 
@@ -186,7 +169,6 @@ if HAS_TRITON:
         ``w_sh`` and ``w_sw`` (tap row and column). ``COLUMN_SUMS`` also writes the program's sum
         of ``X`` over its tokens to row ``pid(0) * cdiv(w, BLOCK_W) + pid(1)`` of ``DB_PART``
         (float32, ``C`` wide): with ``X`` the output gradient, the parts of the bias gradient.
-        ``NORM`` (forward, ``BLOCK_C >= C``) also writes ``YN = LayerNorm(Y)`` (see :func:`_finish_row`).
         """
         pid = tl.program_id(0)
         row_blocks = (H + ROWS - 1) // ROWS
@@ -217,17 +199,17 @@ if HAS_TRITON:
         if COLUMN_SUMS:
             part = pid * tl.num_programs(1) + tl.program_id(1)
             tl.store(DB_PART + part.to(tl.int64) * C + offs_c, sums, mask=mask_c)
-        _finish_row(acc0, r0, b, offs_w, offs_c, mask_c, B, Z, Y, LW, LB, YN, eps, H, W, C, z_sb, z_sh, z_sw,
-                    y_sb, y_sh, y_sw, HAS_BIAS, GELU_GRAD, GRAD_GIVEN, ACCUMULATE, NORM)
+        _finish_row(acc0, r0, b, offs_w, offs_c, mask_c, B, Z, Y, H, W, C, z_sb, z_sh, z_sw,
+                    y_sb, y_sh, y_sw, HAS_BIAS, GELU_GRAD, GRAD_GIVEN, ACCUMULATE)
         if ROWS > 1:
-            _finish_row(acc1, r0 + 1, b, offs_w, offs_c, mask_c, B, Z, Y, LW, LB, YN, eps, H, W, C, z_sb, z_sh,
-                        z_sw, y_sb, y_sh, y_sw, HAS_BIAS, GELU_GRAD, GRAD_GIVEN, ACCUMULATE, NORM)
+            _finish_row(acc1, r0 + 1, b, offs_w, offs_c, mask_c, B, Z, Y, H, W, C, z_sb, z_sh, z_sw,
+                        y_sb, y_sh, y_sw, HAS_BIAS, GELU_GRAD, GRAD_GIVEN, ACCUMULATE)
         if ROWS > 2:
-            _finish_row(acc2, r0 + 2, b, offs_w, offs_c, mask_c, B, Z, Y, LW, LB, YN, eps, H, W, C, z_sb, z_sh,
-                        z_sw, y_sb, y_sh, y_sw, HAS_BIAS, GELU_GRAD, GRAD_GIVEN, ACCUMULATE, NORM)
+            _finish_row(acc2, r0 + 2, b, offs_w, offs_c, mask_c, B, Z, Y, H, W, C, z_sb, z_sh, z_sw,
+                        y_sb, y_sh, y_sw, HAS_BIAS, GELU_GRAD, GRAD_GIVEN, ACCUMULATE)
         if ROWS > 3:
-            _finish_row(acc3, r0 + 3, b, offs_w, offs_c, mask_c, B, Z, Y, LW, LB, YN, eps, H, W, C, z_sb, z_sh,
-                        z_sw, y_sb, y_sh, y_sw, HAS_BIAS, GELU_GRAD, GRAD_GIVEN, ACCUMULATE, NORM)
+            _finish_row(acc3, r0 + 3, b, offs_w, offs_c, mask_c, B, Z, Y, H, W, C, z_sb, z_sh, z_sw,
+                        y_sb, y_sh, y_sw, HAS_BIAS, GELU_GRAD, GRAD_GIVEN, ACCUMULATE)
 
     @triton.jit
     def _dwconv_wgrad_kernel(G, X, PART, H, W, C, ROWS_PER_PROGRAM, g_sb, g_sh, g_sw, x_sb, x_sh, x_sw,
@@ -374,48 +356,26 @@ def _weight_grad(launch, grad: torch.Tensor, g: torch.Tensor, ks: int, with_bias
     return sums[:, :ks * ks].reshape(c, 1, ks, ks), sums[:, ks * ks]
 
 
-def _norm_blocks(w: int, c: int) -> Tuple[int, int, int, int]:
-    """``(BLOCK_W, BLOCK_C, num_warps, ROWS)`` of the 3x3 forward kernel with the LayerNorm epilogue
-    (``NORM``), whose tiles hold all ``c`` channels of a token, as ``benchmarks/kernel_tiles.py
-    --kernels dwconv_norm`` found best at the RMT-S shapes on an H200 (batch 256, graph-timed; the
-    CPE and a separate LayerNorm pass in brackets): 56x56x64 4 rows of 32 x 64 tiles, 142.7 us (143.4); 28x28x128 one row of 32 x 128,
-    72.8 (75.5); 14x14x256 one row of 16 x 256 with 8 warps, 43.6 (42.3); 7x7x512 one row of
-    8 x 512, 25.8 (24.0)."""
-    bw, bc = next_power_of_2(w), next_power_of_2(c)
-    if bc <= 64:
-        return min(32, bw), bc, 4, 4
-    if bc <= 128:
-        return min(32, bw), bc, 4, 1
-    if bc <= 256:
-        return min(16, bw), bc, 8, 1
-    return (min(8, bw), bc, 4, 1) if bc <= 512 else (min(4, bw), bc, 8, 1)
-
-
 def _forward(launch, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-             residual: bool, gelu: bool, tile: Optional[Tuple[int, int, int, int]] = None,
-             norm: Optional[Tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]] = None) -> torch.Tensor:
+             residual: bool, gelu: bool, tile: Optional[Tuple[int, int, int, int]] = None) -> torch.Tensor:
     """``[g +] dwconv(g) + bias`` (``g = gelu(x)`` or ``x``); ``x`` ``(b, h, w, c)`` with unit channel stride.
 
     GELU is one element-wise pass before the kernel: inside it, each input would be evaluated once
     per tap (9x the erf work). ``tile``: ``(BLOCK_W, BLOCK_C, num_warps, ROWS)`` instead of :func:`_blocks`.
-    ``norm``: ``(weight, bias, eps, out)``: the kernel also writes the LayerNorm over the channels of
-    the result to ``out`` (contiguous, as the result), with :func:`_norm_blocks`'s tiles by default.
     """
     if gelu:
         x = F.gelu(x)
     b, h, w, c = x.shape
     y = torch.empty((b, h, w, c), dtype=x.dtype, device=x.device)
-    ks = weight.shape[-1]
-    block_w, block_c, warps, rows = tile or (_norm_blocks(w, c) if norm is not None else _blocks(w, c, ks))
-    ln_w, ln_b, eps, y_norm = norm if norm is not None else (weight, weight, 0.0, y)
-    assert norm is None or block_c >= c, "the LayerNorm epilogue needs all channels in one tile"
+    block_w, block_c, warps, rows = tile or _blocks(w, c, weight.shape[-1])
     launch(_dwconv_nhwc_kernel)[(b * cdiv(h, rows), cdiv(w, block_w), cdiv(c, block_c))](
-        x, weight, bias if bias is not None else weight, x, y, y, ln_w, ln_b, y_norm, eps, h, w, c,
+        x, weight, bias if bias is not None else weight, x, y, y, h, w, c,
         x.stride(0), x.stride(1), x.stride(2), 0, 0, 0, y.stride(0), y.stride(1), y.stride(2),
         weight.stride(0), weight.stride(2), weight.stride(3),
-        KS=ks, TAPS_OUTER=_taps_outer(w, ks), FLIP=False, HAS_BIAS=bias is not None, RESIDUAL=residual,
-        GELU_GRAD=False, GRAD_GIVEN=False, ACCUMULATE=False, COLUMN_SUMS=False, NORM=norm is not None, ROWS=rows,
-        BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
+        KS=weight.shape[-1], TAPS_OUTER=_taps_outer(w, weight.shape[-1]), FLIP=False, HAS_BIAS=bias is not None,
+        RESIDUAL=residual,
+        GELU_GRAD=False, GRAD_GIVEN=False, ACCUMULATE=False, COLUMN_SUMS=False, ROWS=rows, BLOCK_W=block_w,
+        BLOCK_C=block_c, num_warps=warps)
     return y
 
 
@@ -449,13 +409,12 @@ def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                  if need_bias else gx)
         z = derivative if gelu and derivative is not None else x
         launch(_dwconv_nhwc_kernel)[grid](
-            grad, weight, weight, z, gx, parts, weight, weight, gx, 0.0, h, w, c,
-            grad.stride(0), grad.stride(1), grad.stride(2),
+            grad, weight, weight, z, gx, parts, h, w, c, grad.stride(0), grad.stride(1), grad.stride(2),
             z.stride(0), z.stride(1), z.stride(2), gx.stride(0), gx.stride(1), gx.stride(2),
             weight.stride(0), weight.stride(2), weight.stride(3),
             KS=ks, TAPS_OUTER=_taps_outer(w, ks), FLIP=True, HAS_BIAS=False, RESIDUAL=residual,
             GELU_GRAD=gelu, GRAD_GIVEN=z is not x, ACCUMULATE=add_to is not None, COLUMN_SUMS=need_bias,
-            NORM=False, ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
+            ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
         if need_bias:
             gb = column_sum(parts)
     if need_weight or (need_bias and gb is None):
@@ -500,20 +459,6 @@ if HAS_TRITON:
         return gx, gw.to(weight.dtype), gb.to(weight.dtype) if ctx.has_bias else None, None, None
 
     dwconv_op.register_autograd(_op_backward, setup_context=_setup_context)
-
-    @triton_op("rmt::dwconv_layer_norm", mutates_args={})
-    def dwconv_layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                             ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float
-                             ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Graph-capturable :func:`dwconv_layer_norm` (inference: no autograd formula)."""
-        return _forward_layer_norm(wrap_triton, x, weight, bias, ln_weight, ln_bias, eps)
-
-
-def _forward_layer_norm(launch, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                        ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(y, layer_norm(y))``, ``y = x + dwconv(x) + bias``: one launch of the forward kernel."""
-    y_norm = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return _forward(launch, x, weight, bias, True, False, norm=(ln_weight, ln_bias, eps, y_norm)), y_norm
 
 
 class _DWConv(torch.autograd.Function):
@@ -572,22 +517,3 @@ def dwconv_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if cpu_fast and residual and FOLD_RESIDUAL_ON_CPU and x.device.type == "cpu":
         return dwconv_nhwc_folded(x, weight, bias, gelu)
     return dwconv_nhwc_reference(x, weight, bias, residual, gelu)
-
-
-def dwconv_norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether :func:`dwconv_layer_norm` runs its one-pass kernel for ``x`` ``(b, h, w, c)`` and a
-    depthwise ``weight`` here (see :func:`triton_dwconv_supported`; at most ``MAX_NORM_CHANNELS``)."""
-    return (FUSED_KERNELS and NORM_EPILOGUE and triton_dwconv_supported(x, weight)
-            and 0 < x.shape[-1] <= MAX_NORM_CHANNELS)
-
-
-def dwconv_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ln_weight: torch.Tensor,
-                      ln_bias: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(y, layer_norm(y))`` with ``y = x + dwconv(x) + bias`` for ``x`` ``(b, h, w, c)`` (unit channel
-    stride), both ``(b, h, w, c)`` in the dtype of ``x``: a block's CPE and the LayerNorm after it in one
-    pass, without autograd (inference), where :func:`dwconv_norm_applies`. The norm reads ``y`` as
-    stored (rounded to its dtype) and its float32 ``ln_weight``/``ln_bias`` as they are."""
-    if torch.compiler.is_compiling():
-        return dwconv_layer_norm_op(x, weight, bias, ln_weight, ln_bias, eps)
-    return _forward_layer_norm(eager_launch, x, weight, bias, ln_weight, ln_bias, eps)
-
