@@ -13,7 +13,9 @@ for the softmax, :data:`rmt.ops.masa.cpu.PAD_KEYS`; ``malloc``: glibc's mmap and
 ``gelu_epilogue``: fc1's GELU in cuBLASLt's GEMM epilogue at half-precision inference,
 :data:`rmt.ops.linear.GELU_EPILOGUE`; ``stem``: the stem's first conv, BatchNorm and GELU as one Triton
 kernel at inference, :data:`rmt.ops.stem_conv.FUSED_KERNELS`; ``bias_fold``: the other stem and
-downsampling convs' bias in their BatchNorm's shift, :data:`rmt.stem.FOLD_CONV_BIAS`). Each repeat times the flag on, then off (``rmt
+downsampling convs' bias in their BatchNorm's shift, :data:`rmt.stem.FOLD_CONV_BIAS`; ``onednn_linear``:
+the CPU path's Linear layers through oneDNN's matmul at float32 inference instead of ``F.linear``,
+:data:`rmt.ops.linear.ONEDNN_CPU_LINEAR`). Each repeat times the flag on, then off (``rmt
 benchmark``'s harness: bf16 on CUDA, float32 on CPU; median of 10 steps on CUDA, mean of ``--iters``
 on CPU), so slow drifts of the machine affect both alike; the medians over the repeats close the table.
 """
@@ -41,7 +43,8 @@ FLAGS = {"masa_seqs": (triton_masa, "SEQUENCES_PER_PROGRAM_FORWARD"),
          "cpu_pad": (masa_cpu, "PAD_KEYS"),
          "gelu_epilogue": (linear, "GELU_EPILOGUE"),
          "stem": (stem_conv, "FUSED_KERNELS"),
-         "bias_fold": (stem_module, "FOLD_CONV_BIAS")}
+         "bias_fold": (stem_module, "FOLD_CONV_BIAS"),
+         "onednn_linear": (linear, "ONEDNN_CPU_LINEAR")}
 # switches that are settings rather than module flags: name -> function(on)
 SETTERS = {"malloc": lambda on: keep_freed_memory(DEFAULT_THRESHOLD if on else 128 << 10)}
 

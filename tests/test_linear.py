@@ -147,3 +147,52 @@ def test_gelu_epilogue_on_cuda_matches_exact_gelu_within_rounding(dtype, monkeyp
         monkeypatch.setattr(lin, "GELU_EPILOGUE", False)
         assert not lin.gelu_epilogue_applies(x.to(dtype), w, b)
     assert not lin.gelu_epilogue_applies(x.to(dtype), w, b)  # gradients recorded: never
+
+
+@pytest.mark.skipif(not lin._HAS_ONEDNN_LINEAR, reason="this PyTorch build has no oneDNN matmul")
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(2, 7, 9, 48), (5, 48), (1, 1, 1, 48), (3, 0, 48)])
+def test_cpu_linear_through_onednn_matches_f_linear(shape, bias, monkeypatch):
+    """The CPU path's float32 inference GEMM (oneDNN) against F.linear, with odd and empty shapes, a
+    non-contiguous input and frozen or trainable layers."""
+    torch.manual_seed(0)
+    w, b = (torch.randn(40, 48), torch.randn(40) if bias else None)
+    x = torch.randn(*shape)
+    applies = x.numel() > 0
+    assert lin.cpu_linear_applies(x, w, b) == applies
+    got, want = lin.cpu_linear(x, w, b), F.linear(x, w, b)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert rel_err(got, want) <= 1e-6
+    wide = torch.randn(*shape[:-1], 96)[..., ::2]                       # strided input
+    assert rel_err(lin.cpu_linear(wide, w, b), F.linear(wide, w, b)) <= 1e-6
+    with torch.no_grad():
+        assert lin.cpu_linear_applies(x, w.requires_grad_(), b) == applies
+    assert not lin.cpu_linear_applies(x, w, b)                          # gradients to record
+    out = lin.linear(x, w, b, False, cpu_fast=True)
+    assert out.grad_fn is not None and rel_err(out, want) <= 1e-6
+    w = w.detach()
+    assert not lin.cpu_linear_applies(x.double(), w.double(), None)     # float32 only
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not lin.cpu_linear_applies(x, w, None)
+    monkeypatch.setattr(lin, "ONEDNN_CPU_LINEAR", False)
+    assert not lin.cpu_linear_applies(x, w, None)
+
+
+@pytest.mark.skipif(not lin._HAS_ONEDNN_LINEAR, reason="this PyTorch build has no oneDNN matmul")
+def test_cpu_linear_leaves_compile_and_export_to_f_linear():
+    """Under ``torch.compile`` and ``torch.export`` the graph gets ``F.linear``, not the oneDNN op."""
+    w, b, x = torch.randn(8, 16), torch.randn(8), torch.randn(3, 16)
+    seen = []
+
+    def f(x):
+        seen.append(lin.cpu_linear_applies(x, w, b))
+        return lin.cpu_linear(x, w, b)
+    torch._dynamo.reset()
+    assert rel_err(torch.compile(f, fullgraph=True, backend="eager")(x), F.linear(x, w, b)) <= 1e-6
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return f(x)
+    program = torch.export.export(M(), (x,))
+    assert seen == [False, False]
+    assert not any("mkldnn" in str(node.target) for node in program.graph.nodes)

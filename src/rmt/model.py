@@ -70,7 +70,8 @@ class _LinearOwner(nn.Module):
     @torch.jit.ignore
     def _linear(self, name: str, x: torch.Tensor, fused: bool) -> torch.Tensor:
         layer = getattr(self, name)
-        return linear(x, layer.weight, layer.bias, fused) if self._plain(name) else layer(x)
+        return (linear(x, layer.weight, layer.bias, fused, cpu_path_allowed(self.impl, x)) if self._plain(name)
+                else layer(x))
 
 
 class MaSA(_LinearOwner):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from . import dwconv
 from .dwconv import dwconv_nhwc, triton_dwconv_supported
-from .linear import gelu_epilogue_applies, linear, linear_backward, linear_gelu
+from .linear import cpu_linear, gelu_epilogue_applies, linear, linear_backward, linear_gelu
 from .triton_support import HAS_TRITON, as_dtype, cdiv, eager_launch
 
 if HAS_TRITON:
@@ -106,7 +106,8 @@ def ffn_tail(a: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torch.T
     """``linear(g + dwconv(g) + dw_bias, weight, bias)`` with ``g = gelu(a)``; ``a`` ``(b, h, w, hidden)``.
 
     With ``fused`` (see :func:`rmt.ops.dwconv.dwconv_nhwc`) and gradients needed, only ``a`` is
-    kept for the backward pass; otherwise this is ``dwconv_nhwc`` followed by ``F.linear``.
+    kept for the backward pass; otherwise this is ``dwconv_nhwc`` followed by ``F.linear`` (with
+    ``cpu_fast`` :func:`rmt.ops.linear.cpu_linear`).
     """
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (a, dw_weight, dw_bias, weight, bias))
@@ -116,7 +117,8 @@ def ffn_tail(a: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torch.T
         if torch.is_autocast_enabled(a.device.type):
             a = a.to(torch.get_autocast_dtype(a.device.type))
         return _DWConvLinear.apply(a, dw_weight, dw_bias, weight, bias)
-    return F.linear(dwconv_nhwc(a, dw_weight, dw_bias, True, fused, True, cpu_fast), weight, bias)
+    u = dwconv_nhwc(a, dw_weight, dw_bias, True, fused, True, cpu_fast)
+    return cpu_linear(u, weight, bias) if cpu_fast else F.linear(u, weight, bias)
 
 
 @torch.jit.ignore
@@ -132,5 +134,5 @@ def ffn(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tens
     if fused and gelu_epilogue_applies(x, fc1_weight, fc1_bias):
         g = linear_gelu(x, fc1_weight, fc1_bias, True)  # checked just above
         return F.linear(dwconv_nhwc(g, dw_weight, dw_bias, True, fused, False), fc2_weight, fc2_bias)
-    return ffn_tail(linear(x, fc1_weight, fc1_bias, fused), dw_weight, dw_bias, fc2_weight, fc2_bias,
+    return ffn_tail(linear(x, fc1_weight, fc1_bias, fused, cpu_fast), dw_weight, dw_bias, fc2_weight, fc2_bias,
                     fused, cpu_fast)

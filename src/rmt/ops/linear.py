@@ -9,14 +9,16 @@ that way and writes the weight and bias gradients in float32 directly (no cast o
 after the fact under autocast).
 
 :func:`column_sum` is that reduction for any 2-D tensor; the depthwise-conv and FFN-tail backward
-passes use it too. Everywhere else (CPU, inference, ``torch.compile``, hooked layers) the plain
-``F.linear`` runs, which is also the oracle.
+passes use it too. At float32 inference on the CPU path :func:`cpu_linear` takes oneDNN's matmul.
+Everywhere else (inference, ``torch.compile``, hooked layers) the plain ``F.linear`` runs, which is
+also the oracle.
 """
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from ..compat import is_exporting
 from .triton_support import as_dtype
 
 _HALF = (torch.bfloat16, torch.float16)
@@ -106,12 +108,13 @@ class _Linear(torch.autograd.Function):
 
 
 @torch.jit.ignore
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], fused: bool) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], fused: bool,
+           cpu_fast: bool = False) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; ``x`` ``(..., k)``, ``weight`` ``(n, k)`` -> ``(..., n)``.
 
     With ``fused`` (the model's fast path: CUDA, or Triton's interpreter in the tests) and gradients
-    needed, through :class:`_Linear` (in the autocast dtype under autocast, as ``F.linear``);
-    otherwise ``F.linear`` itself.
+    needed, through :class:`_Linear` (in the autocast dtype under autocast, as ``F.linear``); with
+    ``cpu_fast`` (the CPU path) through :func:`cpu_linear`; otherwise ``F.linear`` itself.
     """
     if (fused and torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
@@ -121,7 +124,37 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
         elif x.dtype != weight.dtype:
             return F.linear(x, weight, bias)  # let F.linear report the mismatch
         return _Linear.apply(x, weight, bias)
-    return F.linear(x, weight, bias)
+    return cpu_linear(x, weight, bias) if cpu_fast else F.linear(x, weight, bias)
+
+
+# The CPU path's Linear layers at float32 inference through oneDNN's matmul instead of F.linear's
+# MKL sgemm; False: F.linear (benchmarks/infer_switches.py's switch "onednn_linear")
+ONEDNN_CPU_LINEAR = True
+_HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def cpu_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether :func:`cpu_linear` takes oneDNN's matmul: :data:`ONEDNN_CPU_LINEAR` on, a PyTorch
+    built with oneDNN, float32 CPU tensors without gradients to record or autocast, and neither
+    ``torch.compile`` nor ``torch.export`` tracing (they keep ``F.linear``)."""
+    return (ONEDNN_CPU_LINEAR and _HAS_ONEDNN_LINEAR and x.device.type == "cpu"
+            and x.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+            and weight.dim() == 2 and weight.is_contiguous() and x.numel() > 0
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad)))
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and not is_exporting())
+
+
+def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` on ``x`` ``(..., k)``, ``weight`` ``(n, k)`` -> ``(..., n)``, through
+    oneDNN's matmul where :func:`cpu_linear_applies`: F.linear calls MKL's sgemm, which on a 2-vCPU
+    AMD EPYC ran RMT-S's GEMMs at 90-150 GFLOP/s where oneDNN ran the same at 140-190 (the thin
+    stage-1 products 1.5x faster; BENCHMARKS.md, CPU section). Same float32 products, other summation
+    order (within 1e-6 relative)."""
+    if not cpu_linear_applies(x, weight, bias):
+        return F.linear(x, weight, bias)
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 # Half-precision inference on CUDA: fc1's GELU in cuBLASLt's GEMM epilogue (saves the GELU's own
