@@ -30,7 +30,6 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .dwconv_cuda import cuda_dwconv_supported, dwconv_forward_cuda
 from .linear import column_sum
 from .triton_support import (HAS_TRITON, SUPPORTED_DTYPES, as_dtype, cdiv, eager_launch, next_power_of_2,
                              triton_runs_on)
@@ -366,8 +365,6 @@ def _forward(launch, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     """
     if gelu:
         x = F.gelu(x)
-    if tile is None and launch is eager_launch and cuda_dwconv_supported(x, weight):
-        return dwconv_forward_cuda(x, weight, bias, residual)
     b, h, w, c = x.shape
     y = torch.empty((b, h, w, c), dtype=x.dtype, device=x.device)
     block_w, block_c, warps, rows = tile or _blocks(w, c, weight.shape[-1])
