@@ -48,8 +48,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _create(name: str, impl: Optional[str], device: torch.device, size: Optional[int] = None) -> torch.nn.Module:
-    """The model on ``device``, channels-last; peers with a fixed input size (Swin) are built for ``size``."""
+def _create(name: str, impl: Optional[str], device: torch.device, size: Optional[int] = None,
+            block_graphs: bool = True) -> torch.nn.Module:
+    """The model on ``device``, channels-last; peers with a fixed input size (Swin) are built for ``size``.
+    ``impl="graphs"`` turns an RMT model's block graphs on (with ``block_graphs``)."""
     import timm
     import rmt  # noqa: F401
     kwargs = {}
@@ -63,7 +65,7 @@ def _create(name: str, impl: Optional[str], device: torch.device, size: Optional
             model = None
     if model is None:
         model = timm.create_model(name, **kwargs)
-    if impl == "graphs" and name.startswith("rmt_"):
+    if impl == "graphs" and block_graphs and name.startswith("rmt_"):
         model.set_block_graphs(True)  # captured during the warm-up steps
     return model.to(device=device, memory_format=torch.channels_last)
 
@@ -96,17 +98,22 @@ def time_step(step: Callable[[], None], device: torch.device, warmup: int, iters
 
 def measure(name: str, impl: Optional[str], mode: str, size: int, batch: int, device: torch.device,
             compiled: bool = False, warmup: int = 3, iters: int = 10) -> Result:
-    """One row of the table; out-of-memory and other failures are recorded in ``note``."""
+    """One row of the table; out-of-memory and other failures are recorded in ``note``. Inference rows
+    of ``impl="graphs"`` replay the whole forward pass from a CUDA graph (:class:`GraphedInference`)."""
     res = Result(name, impl or "-", mode, size, batch, compiled)
     model = None
     try:
-        model = _create(name, impl, device, size)
+        model = _create(name, impl, device, size, block_graphs=mode == "train")
         amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                else contextlib.nullcontext())
         x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
         run = torch.compile(model) if compiled else model
         if mode == "infer":
             model.eval()
+            if impl == "graphs":
+                from .engine.cuda_graph import GraphedInference
+                run = GraphedInference(run, torch.bfloat16 if device.type == "cuda" else None)
+                amp = contextlib.nullcontext()  # the runner autocasts
 
             def step():
                 with torch.inference_mode(), amp:

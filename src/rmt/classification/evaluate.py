@@ -27,16 +27,23 @@ def autocast_context(device: torch.device, amp_dtype: Optional[torch.dtype]):
 def evaluate(model: torch.nn.Module, batches: Iterable, device: torch.device, num_classes: int,
              amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False,
              confusion: bool = False, lockstep: bool = False, progress: bool = False,
-             desc: str = "eval") -> Dict[str, object]:
+             desc: str = "eval", cuda_graph: bool = False) -> Dict[str, object]:
     """Accuracy over every batch of ``batches`` on this rank, summed over all ranks.
 
     Returns ``{"top1", "top5", "loss", "count"}`` (percent, mean cross-entropy, images) and, with
     ``confusion``, ``"confusion"``: a ``(classes, classes)`` int64 matrix, rows true, columns
     predicted. ``lockstep`` (FSDP) makes ranks with fewer batches run dummy forwards so that
-    every rank calls the model equally often.
+    every rank calls the model equally often. ``cuda_graph`` replays the forward pass from a CUDA
+    graph per batch shape (:class:`rmt.engine.cuda_graph.GraphedInference`; CUDA only).
     """
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"--cuda-graph needs a CUDA device, the evaluation runs on {device.type}")
     was_training = model.training
     model.eval()
+    graphed = None
+    if cuda_graph:
+        from ..engine.cuda_graph import GraphedInference
+        graphed = GraphedInference(model, amp_dtype)
     k = min(5, num_classes)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # top1, topk, loss, count
     matrix = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device) if confusion else None
@@ -48,8 +55,11 @@ def evaluate(model: torch.nn.Module, batches: Iterable, device: torch.device, nu
         labels = labels.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with autocast_context(device, amp_dtype):
-            logits = model(images)
+        if graphed is not None:
+            logits = graphed(images)
+        else:
+            with autocast_context(device, amp_dtype):
+                logits = model(images)
         logits = logits.float()
         top = logits.topk(k, dim=1).indices
         hit = top == labels[:, None]
@@ -66,6 +76,8 @@ def evaluate(model: torch.nn.Module, batches: Iterable, device: torch.device, nu
         for _ in range(int(most.item()) - n_batches):
             with autocast_context(device, amp_dtype):
                 model(dummy)
+    if graphed is not None:
+        graphed.release()
     sums = all_reduce_sum(sums)
     count = max(sums[3].item(), 1.0)
     out: Dict[str, object] = {"top1": 100.0 * sums[0].item() / count, "top5": 100.0 * sums[1].item() / count,
@@ -148,7 +160,8 @@ def run_eval(args) -> int:
             names = data.spec.class_names
         num_classes = len(names)
         m = evaluate(clf.model, data.val, info.device, num_classes, amp_dtype_for(args.amp, info.device),
-                     confusion=num_classes <= 100, progress=info.is_main, desc="eval")
+                     confusion=num_classes <= 100, progress=info.is_main, desc="eval",
+                     cuda_graph=args.cuda_graph)
         if not info.is_main:
             return 0
         split = cfg["val_split"] or ("test" if cfg["dataset"] == "fashion-mnist" else "val")

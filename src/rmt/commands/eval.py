@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--amp", default="auto", help="bf16, fp16, none or auto (bf16 on CUDA)")
     p.add_argument("--skip-bad-images", action="store_true", help="count and skip unreadable images")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay the forward pass from a CUDA graph per batch shape (CUDA only): no launch "
+                        "cost on the CPU, for hosts slower than the GPU")
     p.add_argument("--out", default=None, help="folder for the PNG and JSON (default: the checkpoint's)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")

@@ -16,12 +16,19 @@ Under DDP the all-reduces are captured too. DDP keeps the parameters' gradient-a
 from its construction on, and those nodes run on the stream that was current then; DDP must
 therefore be built on the stream that later captures (pass it as ``stream``), or the backward pass
 makes the default stream wait on the capturing one and the capture fails.
+
+:class:`GraphedInference` does the same for inference: one graph per input shape (``rmt eval
+--cuda-graph``, ``rmt benchmark --impls graphs``), for hosts too slow to launch an eager forward
+pass as fast as the GPU runs it.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+import contextlib
+from collections import OrderedDict
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
+import torch.utils._pytree as pytree
 
 
 class GraphedTrainStep:
@@ -114,3 +121,76 @@ class GraphedTrainStep:
                 torch.cuda.synchronize()
             finally:
                 graph.reset()
+
+
+class GraphedInference:
+    """``run(images) -> model(images)`` under ``torch.inference_mode`` (and autocast to ``amp_dtype``),
+    replayed from a CUDA graph captured for each input shape, dtype and memory layout.
+
+    The first call with a new shape runs the model ``warmup`` times eagerly on a side stream (Triton
+    compiles, cuDNN picks its algorithms), then captures one call with the input copied into a
+    static tensor. Later calls with that shape copy their input in and replay. The output (a
+    tensor, or lists, tuples and dicts of them, as ``features_only`` models return) is cloned, so
+    the next replay does not overwrite it (outputs are inference tensors). At most ``max_graphs`` graphs are kept, the least recently
+    used is freed first. The model must not change between calls (weights updated in place are
+    fine; the graph reads them from the same memory). The model's own CUDA graphs (block graphs)
+    cannot be nested in this one: they replay training kernels only and are not used here.
+    """
+
+    def __init__(self, model: torch.nn.Module, amp_dtype: Optional[torch.dtype] = None, warmup: int = 2,
+                 max_graphs: int = 4):
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be at least 1, got {max_graphs}")
+        self.model, self.amp_dtype, self.warmup, self.max_graphs = model, amp_dtype, warmup, max_graphs
+        self.graphs: "OrderedDict[Tuple, Tuple[torch.cuda.CUDAGraph, torch.Tensor, Any]]" = OrderedDict()
+        self.captures = self.replays = 0
+
+    def _eager(self, images: torch.Tensor) -> Any:
+        amp = (torch.autocast("cuda", dtype=self.amp_dtype, cache_enabled=False) if self.amp_dtype is not None
+               else contextlib.nullcontext())
+        with torch.inference_mode(), amp:
+            return self.model(images)
+
+    def _capture(self, images: torch.Tensor) -> Tuple["torch.cuda.CUDAGraph", torch.Tensor, Any]:
+        static = images.clone()  # keeps the memory format
+        side = torch.cuda.Stream(images.device)
+        side.wait_stream(torch.cuda.current_stream(images.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self._eager(static)
+        torch.cuda.current_stream(images.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                out = self._eager(static)
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"CUDA-graph inference: the model's forward pass could not be captured ({e}). Operations "
+                "that read values back to the CPU or change shape with the data cannot be captured; run "
+                "without --cuda-graph") from e
+        self.captures += 1
+        return graph, static, out
+
+    def __call__(self, images: torch.Tensor) -> Any:
+        if not images.is_cuda:
+            raise ValueError(f"CUDA-graph inference needs CUDA inputs, got a {images.device.type} tensor: "
+                             "move the model and the images to a GPU, or run without --cuda-graph")
+        key = (tuple(images.shape), images.stride(), images.dtype, images.device)
+        with torch.inference_mode():  # the static tensors are inference tensors whatever the caller's mode
+            entry = self.graphs.get(key)
+            if entry is None:
+                while len(self.graphs) >= self.max_graphs:
+                    self.graphs.popitem(last=False)[1][0].reset()
+                entry = self.graphs[key] = self._capture(images)
+            else:
+                self.graphs.move_to_end(key)
+            graph, static, out = entry
+            static.copy_(images)
+            graph.replay()
+            self.replays += 1
+            return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
+
+    def release(self) -> None:
+        """Free every captured graph (and its memory pool). Idempotent."""
+        while self.graphs:
+            self.graphs.popitem(last=False)[1][0].reset()
