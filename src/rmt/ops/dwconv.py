@@ -284,16 +284,18 @@ def _blocks(w: int, c: int, ks: int) -> Tuple[int, int, int, int]:
     * 3x3 on grids of 16 tokens or more: 4 rows of 32 x 64 tiles (stage 1: 97 -> 51 us for the
       CPE, 225 -> 140 us for the FFN conv against one row per program, batch 128);
     * 5x5 (LePE), horizontal taps outermost (:func:`_taps_outer`): 4 rows of 64 x 32 tiles at 64
-      channels (stage 1: 277 -> 234 us against 2 rows, batch 256), 32 x 64 on 32-token rows (stage 2:
-      131 -> 110 us), 2 rows of 16 x 128 on 16-token rows, 4 rows of whole-row x 128 on shorter ones
-      (stage 4: 39 -> 29 us);
+      channels (stage 1: 277 -> 234 us against 2 rows, batch 256), 32 x 64 at 128 channels or more
+      on rows of 32 tokens or longer (stage 2: 131 -> 110 us; at 1024x1024, batch 16, the 128- and
+      64-token rows of stages 2-3 took 2,648 and 1,242 us with 64 x 64 tiles, which spill, and
+      149 and 74 us with these), 2 rows of 16 x 128 on 16-token rows, 4 rows of whole-row x 128 on
+      shorter ones (stage 4: 39 -> 29 us);
     * 3x3 on small grids: 2 rows of whole-row x 128-channel tiles (stage 4, timed from CUDA-graph
       replays: 15 -> 9 us for the CPE, 41 -> 25 us for the FFN conv against 64-channel tiles).
     """
     bw = next_power_of_2(w)
     if ks > 3:
-        if bw >= 32:
-            return min(64, bw), min(32, next_power_of_2(c)) if c < 128 else 64, 4, 4
+        if bw >= 32:  # 2,048-element tiles: 64 x 64 spills (4 rows: 10-20x slower)
+            return (min(64, bw), min(32, next_power_of_2(c)), 4, 4) if c < 128 else (32, 64, 4, 4)
         return bw, 128, 4, 2 if bw >= 16 else 4
     if w >= 16:
         return min(32, bw), min(64, next_power_of_2(c)), 4, 4
