@@ -287,14 +287,15 @@ def test_mlp_inference_in_bf16_takes_the_gelu_epilogue(monkeypatch):
     assert rel_err(got.float(), exact.float()) <= 1e-2
 
 
-def test_forward_tiles_stay_small_enough_not_to_spill_at_any_resolution():
-    """The forward tiles at RMT's shapes for inputs up to 1024x1024 (token rows of 7-256, widths
+def test_tiles_stay_small_enough_not_to_spill_at_any_resolution():
+    """The forward and input-gradient tiles at RMT's shapes for inputs up to 1024x1024 (token rows of 7-256, widths
     64-1536): at most 2,048 elements per accumulator with 4 rows per program. The 5x5 kernel with
     64 x 64 tiles and 4 rows spilled its registers and ran 10-17x slower (2.6 ms against 0.15 ms for
     a 128-token LePE at 1024x1024, batch 16), which the 224x224 tuning had never met."""
-    from rmt.ops.dwconv import _blocks
+    from rmt.ops.dwconv import _backward_blocks, _blocks
     for side in (7, 8, 14, 16, 28, 32, 56, 64, 128, 256):
         for c in (64, 128, 192, 256, 384, 512, 768, 1024, 1536):
             for ks in (3, 5):
-                block_w, block_c, warps, rows = _blocks(side, c, ks)
-                assert block_w * block_c <= (2048 if rows == 4 else 4096), (side, c, ks)
+                tiles = [_blocks(side, c, ks)] + [_backward_blocks(side, c, ks, gelu) for gelu in (False, True)]
+                for block_w, block_c, warps, rows in tiles:  # the input-gradient kernel is the same kernel
+                    assert block_w * block_c <= (2048 if rows == 4 else 4096), (side, c, ks)
