@@ -131,10 +131,13 @@ class GraphedInference:
     compiles, cuDNN picks its algorithms), then captures one call with the input copied into a
     static tensor. Later calls with that shape copy their input in and replay. The output (a
     tensor, or lists, tuples and dicts of them, as ``features_only`` models return) is cloned, so
-    the next replay does not overwrite it (outputs are inference tensors). At most ``max_graphs`` graphs are kept, the least recently
-    used is freed first. The model must not change between calls (weights updated in place are
-    fine; the graph reads them from the same memory). The model's own CUDA graphs (block graphs)
-    cannot be nested in this one: they replay training kernels only and are not used here.
+    the next replay does not overwrite it; outputs are inference tensors. At most ``max_graphs``
+    graphs are kept; the least recently used is freed first.
+
+    Put the model in eval mode first: the graph holds whatever the captured call did (dropout and
+    batch statistics included). Weights may be updated in place between calls, since the graph
+    reads them from the same memory; replacing parameters or modules needs a new runner. An RMT
+    model's block graphs replay training kernels only, so they play no part here.
     """
 
     def __init__(self, model: torch.nn.Module, amp_dtype: Optional[torch.dtype] = None, warmup: int = 2,
