@@ -15,7 +15,9 @@ for the softmax, :data:`rmt.ops.masa.cpu.PAD_KEYS`; ``malloc``: glibc's mmap and
 kernel at inference, :data:`rmt.ops.stem_conv.FUSED_KERNELS`; ``bias_fold``: the other stem and
 downsampling convs' bias in their BatchNorm's shift, :data:`rmt.stem.FOLD_CONV_BIAS`; ``onednn_linear``:
 the CPU path's Linear layers through oneDNN's matmul at float32 inference instead of ``F.linear``,
-:data:`rmt.ops.linear.ONEDNN_CPU_LINEAR`). Each repeat times the flag on, then off (``rmt
+:data:`rmt.ops.linear.ONEDNN_CPU_LINEAR`; ``cpu_chunk``: the CPU path's decomposed MaSA in groups of
+images whose logits fit in 4 MiB, :data:`rmt.ops.masa.cpu.CHUNK_LOGIT_BYTES`, against the whole batch
+at once). Each repeat times the flag on, then off (``rmt
 benchmark``'s harness: bf16 on CUDA, float32 on CPU; median of 10 steps on CUDA, mean of ``--iters``
 on CPU), so slow drifts of the machine affect both alike; the medians over the repeats close the table.
 """
@@ -46,7 +48,8 @@ FLAGS = {"masa_seqs": (triton_masa, "SEQUENCES_PER_PROGRAM_FORWARD"),
          "bias_fold": (stem_module, "FOLD_CONV_BIAS"),
          "onednn_linear": (linear, "ONEDNN_CPU_LINEAR")}
 # switches that are settings rather than module flags: name -> function(on)
-SETTERS = {"malloc": lambda on: keep_freed_memory(DEFAULT_THRESHOLD if on else 128 << 10)}
+SETTERS = {"malloc": lambda on: keep_freed_memory(DEFAULT_THRESHOLD if on else 128 << 10),
+           "cpu_chunk": lambda on: setattr(masa_cpu, "CHUNK_LOGIT_BYTES", (4 << 20) if on else 0)}
 
 
 def _switch(name: str, on: bool) -> None:

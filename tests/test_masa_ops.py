@@ -298,6 +298,25 @@ def test_cpu_path_pads_short_key_rows_without_changing_results(shape, form, monk
     assert rel_err(padded, masa(*args, form=form, impl="cpu", add=extra)) <= 1e-6
 
 
+@pytest.mark.parametrize("shape", [(5, 9, 14, 2, 16), (3, 8, 7, 1, 8)])
+def test_cpu_path_takes_images_in_groups_at_inference_with_the_same_results(shape, monkeypatch):
+    """With logits above :data:`CHUNK_LOGIT_BYTES` the decomposed form runs image groups (an uneven
+    last group included): the same values as the whole batch at once and as the reference; training
+    keeps the whole batch."""
+    from rmt.ops.masa import cpu as masa_cpu
+    _, args, extra = _inputs(shape, device="cpu")
+    b, h, w, n, _ = shape
+    with torch.no_grad():
+        whole = masa(*args, form="decomposed", impl="cpu", add=extra)
+        keys = max(w + masa_cpu._key_padding(w), h + masa_cpu._key_padding(h))
+        monkeypatch.setattr(masa_cpu, "CHUNK_LOGIT_BYTES", 2 * n * h * w * keys * 4)
+        assert masa_cpu._image_group(b, n, h, w, keys, 4) == 2   # what masa below uses
+        grouped = masa(*args, form="decomposed", impl="cpu", add=extra)
+        ref = masa_reference(*args, "decomposed", add=extra)
+    assert rel_err(grouped, whole) <= 1e-6 and rel_err(grouped, ref) <= 1e-6
+    assert masa_cpu._image_group(b, n, h, w, keys, 4) == b   # gradients enabled: one group
+
+
 @pytest.mark.parametrize("impl,shape", [("reference", (2, 4, 16, 2, 16)), ("cpu", (2, 4, 16, 2, 16)),
                                         ("cpu", (1, 9, 14, 2, 16))])
 def test_decomposed_form_compiles_with_inductor_on_cpu(impl, shape):

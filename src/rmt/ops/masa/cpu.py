@@ -11,7 +11,12 @@ Differences from :mod:`.naive` (same results up to float rounding):
   stage 3 at batch 8 against 0.12 ms padded (two cores); the whole decomposed pass went from 4.5 to
   2.3 ms (8 keys: 4.9 -> 3.0 ms, and 22.8 -> 19.2 ms with its backward at batch 128). Other rows
   are left alone: padding 56 or 28 keys to 64 or 32 made the softmax 15-20% faster but the pass
-  slower (22 -> 31 ms, 4.3 -> 5.3 ms), and padding 4 keys to 16 slowed the pass by 15-35%.
+  slower (22 -> 31 ms, 4.3 -> 5.3 ms), and padding 4 keys to 16 slowed the pass by 15-35%;
+* at inference the decomposed form takes the images in groups whose logits of one axis fit in
+  :data:`CHUNK_LOGIT_BYTES` (stage 1 of RMT-S: one image, 2.8 MB), so the product, the bias, the
+  softmax and the second product find them in the cache: on a 2-vCPU AMD EPYC one axis of stage 1
+  at batch 8 took 11.0 against 14.2 ms, RMT-S 9.80 against 9.09 img/s (medians of 6 alternating
+  runs). On an Intel Xeon, chunks of rows had been slower.
 """
 from typing import Optional
 
@@ -23,6 +28,10 @@ from .naive import (_distance_1d, axis_attention, full_form_row_blocks, masa_dec
 
 # False: no padding of short key rows (benchmarks/infer_switches.py compares the two)
 PAD_KEYS = True
+# Decomposed form at inference: images in groups whose logits of one axis take at most this many
+# bytes, so they stay in the cache between the product, the bias, the softmax and the second
+# product (0: the whole batch at once; benchmarks/infer_switches.py switch cpu_chunk)
+CHUNK_LOGIT_BYTES = 4 << 20
 
 
 def _rotate_complex(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -72,6 +81,17 @@ def _axis_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
     return torch.softmax(logits, dim=-1).to(v.dtype) @ v
 
 
+def _image_group(b: int, n: int, h: int, w: int, keys: int, element_size: int) -> int:
+    """How many images the decomposed form takes at once (see :data:`CHUNK_LOGIT_BYTES`), for rows
+    of at most ``keys`` keys (padding included): all of them while training, under
+    ``torch.compile`` or with chunking off."""
+    per_image = n * h * w * keys * element_size
+    if (CHUNK_LOGIT_BYTES <= 0 or torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or per_image * b <= CHUNK_LOGIT_BYTES):
+        return b
+    return max(1, CHUNK_LOGIT_BYTES // per_image)
+
+
 def masa_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
              decay: torch.Tensor, scale: float, form: str, add: Optional[torch.Tensor] = None,
              max_logits: int = 1 << 24) -> torch.Tensor:
@@ -86,13 +106,18 @@ def masa_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tenso
     kr = _rotate_complex(k, sin, cos, scale).to(dtype)
     vv = v.permute(0, 3, 1, 2, 4)                                       # (b, n, h, w, d)
     if form == "decomposed":
-        pad = _key_padding(w)                                           # logits (b, n, h, w, w + pad)
-        rows = _axis_attention(qr, _pad_keys(kr, pad), _pad_keys(vv, pad),
-                               _axis_bias(decay, w, pad, q.device)[None])      # (b, n, h, w, d)
-        pad = _key_padding(h)                                           # logits (b, n, w, h, h + pad)
-        out = _axis_attention(qr.transpose(2, 3), _pad_keys(kr.transpose(2, 3), pad),
-                              _pad_keys(rows.transpose(2, 3), pad), _axis_bias(decay, h, pad, q.device)[None])
-        out = out.permute(0, 3, 2, 1, 4)                                # (b, h, w, n, d)
+        pad_w, pad_h = _key_padding(w), _key_padding(h)
+        bias_w = _axis_bias(decay, w, pad_w, q.device)[None]
+        bias_h = _axis_bias(decay, h, pad_h, q.device)[None]
+        group = max(1, _image_group(b, n, h, w, max(w + pad_w, h + pad_h), q.element_size()))
+        parts = []
+        for i in (range(0, b, group) if b > group else (0,)):   # an empty batch: one empty group
+            qi, ki, vi = qr[i:i + group], kr[i:i + group], vv[i:i + group]
+            # along rows: logits (group, n, h, w, w + pad); then along columns: (group, n, w, h, h + pad)
+            rows = _axis_attention(qi, _pad_keys(ki, pad_w), _pad_keys(vi, pad_w), bias_w)
+            parts.append(_axis_attention(qi.transpose(2, 3), _pad_keys(ki.transpose(2, 3), pad_h),
+                                         _pad_keys(rows.transpose(2, 3), pad_h), bias_h))  # (., n, w, h, d)
+        out = (parts[0] if len(parts) == 1 else torch.cat(parts)).permute(0, 3, 2, 1, 4)  # (b, h, w, n, d)
     else:
         L = h * w
         pad = _key_padding(L)
