@@ -324,8 +324,8 @@ def _backward_blocks(w: int, c: int, ks: int, gelu: bool) -> Tuple[int, int, int
     bw = next_power_of_2(w)
     bc = next_power_of_2(c)
     if bw >= 32:
-        if ks > 3:  # as the forward tiles: 64 x 64 with 4 rows would spill on long rows
-            return (min(64, bw), min(32, bc), 4, 4) if c < 128 else (32, min(64, bc), 4, 4)
+        if ks > 3:  # the forward's tiles (64 x 64 with 4 rows would spill on long rows)
+            return _blocks(w, c, ks)
         return (32, min(64, bc), 4, 2) if gelu else (min(64, bw), min(64, bc), 4, 2)
     return bw, min(32, bc), 4, 2 if gelu and bw >= 16 else 4
 
