@@ -170,6 +170,33 @@ def test_backward_of_a_replaced_forward_raises():
         loss.backward()
 
 
+@needs_cuda
+def test_replayed_backward_passes_accumulate_gradients():
+    """Two replayed backward passes without clearing in between (gradient accumulation), and clearing
+    with ``set_to_none=False``, give the twin's gradients: a parameter's ``.grad`` must not be the
+    static buffer that the next replay overwrites (nor memory another block's replay reuses)."""
+    model, twin = _twins()
+    _captured(model)
+    xs = [torch.randn(2, 3, 48, 40, device=DEVICE) for _ in range(2)]
+
+    def loss(m, xi):
+        out = m(xi)
+        return (out.float() * torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out)).sum()
+
+    for set_to_none in (True, False):
+        results = []
+        for m in (model, twin):
+            m.zero_grad(set_to_none=set_to_none)
+            for seed, xi in enumerate(xs):
+                torch.manual_seed(seed)
+                loss(m, xi).backward()
+            results.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+        assert results[0].keys() == results[1].keys()
+        for name, want in results[1].items():
+            if want.norm() > 1e-6:
+                assert rel_err(results[0][name], want) <= 1e-5, (set_to_none, name)
+
+
 def test_signature_records_where_the_parameters_live():
     """A replayed backward reads the parameters where the capture found them; one that moved
     (FSDP's resharding) is detected instead of read."""
