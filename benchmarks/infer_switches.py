@@ -17,9 +17,10 @@ downsampling convs' bias in their BatchNorm's shift, :data:`rmt.stem.FOLD_CONV_B
 the CPU path's Linear layers through oneDNN's matmul at float32 inference instead of ``F.linear``,
 :data:`rmt.ops.linear.ONEDNN_CPU_LINEAR`; ``cpu_chunk``: the CPU path's decomposed MaSA in groups of
 images whose logits fit in 4 MiB, :data:`rmt.ops.masa.cpu.CHUNK_LOGIT_BYTES`, against the whole batch
-at once). Each repeat times the flag on, then off (``rmt
+at once). Each repeat times the flag on and off, in alternating order (``rmt
 benchmark``'s harness: bf16 on CUDA, float32 on CPU; median of 10 steps on CUDA, mean of ``--iters``
 on CPU), so slow drifts of the machine affect both alike; the medians over the repeats close the table.
+On CPU glibc's malloc thresholds are raised first, as the ``rmt`` commands do (except for ``malloc``).
 """
 from __future__ import annotations
 
@@ -78,9 +79,11 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(bm.HEADER + "  " + args.switch)
+    if device.type == "cpu" and args.switch != "malloc":
+        keep_freed_memory()  # as the rmt commands do on CPU
     speeds = {True: [], False: []}
-    for _ in range(args.repeats):
-        for on in (True, False):
+    for repeat in range(args.repeats):
+        for on in ((True, False) if repeat % 2 == 0 else (False, True)):
             _switch(args.switch, on)
             row = bm.measure(args.model, "fast", "infer", args.size, args.batch, device,
                              warmup=2 if device.type == "cpu" else 3, iters=args.iters)
