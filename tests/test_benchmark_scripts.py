@@ -174,3 +174,28 @@ def test_step_breakdown_books_each_kernel_to_its_innermost_range():
     for owner, attr, fn in saved:
         setattr(owner, attr, fn)
     assert dwconv._forward is original
+
+
+def test_infer_switches_alternates_the_order_and_raises_malloc_thresholds_on_cpu(monkeypatch):
+    """The switch is timed on then off, then off then on, ...; on CPU glibc's thresholds are raised first
+    (as the rmt commands do), except when the switch is that setting itself."""
+    from types import SimpleNamespace
+    switches = _load("infer_switches")
+    for switch, want_kept in (("cpu_pad", [switches.DEFAULT_THRESHOLD]), ("malloc", [])):
+        seen, kept = [], []
+        monkeypatch.setattr(switches, "keep_freed_memory", lambda threshold=switches.DEFAULT_THRESHOLD: kept.append(threshold))
+        if switch == "malloc":  # its setter calls the patched function too: tell those calls apart
+            monkeypatch.setitem(switches.SETTERS, "malloc", lambda on: seen.append(on))
+
+        def measure(*args, **kwargs):
+            if switch != "malloc":
+                seen.append(switches.masa_cpu.PAD_KEYS)
+            return SimpleNamespace(img_per_s=1.0 + len(seen))
+        monkeypatch.setattr(switches.bm, "measure", measure)
+        monkeypatch.setattr(switches.bm, "format_row", lambda row: "")
+        monkeypatch.setattr(sys, "argv", ["infer_switches.py", "--device", "cpu", "--switch", switch,
+                                          "--repeats", "3", "--batch", "1", "--size", "32", "--iters", "1"])
+        assert switches.main() == 0
+        assert seen[:6] == [True, False, False, True, True, False]  # (malloc: then switched on again)
+        assert kept == want_kept
+    assert switches.masa_cpu.PAD_KEYS is True  # left on afterwards
