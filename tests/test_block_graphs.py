@@ -53,9 +53,17 @@ def _step(model, x, seed, autocast=False):
     model.zero_grad(set_to_none=True)
     with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
         out = model(x)
-    loss = (out.float() * torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out)).sum()
-    loss.backward()
-    return out.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    _loss(out).backward()
+    return out.detach().float(), _grads(model)
+
+
+def _loss(out):
+    """A loss whose gradient differs per output element."""
+    return (out.float() * torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out)).sum()
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _captured(model) -> torch.Tensor:
@@ -71,10 +79,14 @@ def _captured(model) -> torch.Tensor:
 def _assert_same(got, want, tol):
     (out_g, grads_g), (out_w, grads_w) = got, want
     assert rel_err(out_g, out_w) <= tol
-    assert grads_g.keys() == grads_w.keys()
-    for name in grads_w:
-        if grads_w[name].norm() > 1e-6:  # conv biases ahead of BatchNorm: rounding noise
-            assert rel_err(grads_g[name], grads_w[name]) <= tol, name
+    _assert_same_grads(grads_g, grads_w, tol)
+
+
+def _assert_same_grads(got, want, tol):
+    assert got.keys() == want.keys()
+    for name in want:
+        if want[name].norm() > 1e-6:  # conv biases ahead of BatchNorm: rounding noise
+            assert rel_err(got[name], want[name]) <= tol, name
 
 
 def test_block_graphs_setting_is_per_model_and_survives_copies():
@@ -142,10 +154,8 @@ def test_two_forwards_before_backward_an_odd_batch_and_checkpointing_run_eagerly
         torch.manual_seed(7)
         m.zero_grad(set_to_none=True)
         (m(x).square().sum() + m(x2).abs().sum()).backward()
-        results.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
-    for name, want in results[1].items():
-        if want.norm() > 1e-6:
-            assert rel_err(results[0][name], want) <= 1e-5, name
+        results.append(_grads(m))
+    _assert_same_grads(*results, 1e-5)
     assert _stats(model) == (captures, replays + len(_blocks(model)))
     # an odd batch (e.g. the last of an epoch) trains eagerly and keeps the graphs
     odd = torch.randn(3, 3, 48, 40, device=DEVICE)
@@ -178,23 +188,15 @@ def test_replayed_backward_passes_accumulate_gradients():
     model, twin = _twins()
     _captured(model)
     xs = [torch.randn(2, 3, 48, 40, device=DEVICE) for _ in range(2)]
-
-    def loss(m, xi):
-        out = m(xi)
-        return (out.float() * torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out)).sum()
-
     for set_to_none in (True, False):
         results = []
         for m in (model, twin):
             m.zero_grad(set_to_none=set_to_none)
             for seed, xi in enumerate(xs):
                 torch.manual_seed(seed)
-                loss(m, xi).backward()
-            results.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
-        assert results[0].keys() == results[1].keys()
-        for name, want in results[1].items():
-            if want.norm() > 1e-6:
-                assert rel_err(results[0][name], want) <= 1e-5, (set_to_none, name)
+                _loss(m(xi)).backward()
+            results.append(_grads(m))
+        _assert_same_grads(*results, 1e-5)
 
 
 def test_signature_records_where_the_parameters_live():
