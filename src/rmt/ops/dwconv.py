@@ -48,6 +48,9 @@ FUSED_KERNELS = True
 # which costs a CUDA-graph step 14%, while an eager step bound by the host's launch rate gains 6% from
 # the cheaper launches (BENCHMARKS.md, run L; benchmarks/training_step.py's switch "tritonwgrad")
 TRITON_WEIGHT_GRAD = False
+# under torch.compile, training graphs launch the kernels from opaque ops (see dwconv_train_op);
+# False: traced through as the forward's triton_op
+OPAQUE_TRAINING_OPS = True
 # False: the CPU path adds the residual in its own pass (benchmarks/infer_switches.py compares the two)
 FOLD_RESIDUAL_ON_CPU = True
 
@@ -463,6 +466,50 @@ if HAS_TRITON:
     dwconv_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
+    # --- torch.compile, training: opaque ops launching at run time with the given strides -----------
+    # (see rmt.ops.masa.triton_masa.OPAQUE_TRAINING_OPS for why training graphs do not trace through)
+    @torch.library.custom_op("rmt::dwconv_nhwc_train", mutates_args=())
+    def dwconv_train_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: bool,
+                        gelu: bool) -> torch.Tensor:
+        """:func:`_forward` on ``x`` of any strides (copied when its channels are not unit-strided)."""
+        return _forward(eager_launch, _unit_channel_stride(x), weight, bias, residual, gelu)
+
+    @dwconv_train_op.register_fake
+    def _(x, weight, bias, residual, gelu):
+        return x.new_empty(x.shape)
+
+    @torch.library.custom_op("rmt::dwconv_nhwc_train_backward", mutates_args=())
+    def dwconv_train_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, residual: bool,
+                                 gelu: bool, has_bias: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(dx, dweight, dbias)`` of :func:`dwconv_train_op`, the weight's gradients in its dtype
+        (``dbias`` is zeros of the weight's channel count when there is no bias)."""
+        gx, gw, gb = _backward(eager_launch, grad, _unit_channel_stride(x), weight, residual, gelu,
+                               True, True, has_bias)
+        gb = gb.to(weight.dtype) if gb is not None else weight.new_zeros(weight.shape[0])
+        return gx, gw.to(weight.dtype).contiguous(), gb.clone() if gb._base is not None else gb
+
+    @dwconv_train_backward_op.register_fake
+    def _(grad, x, weight, residual, gelu, has_bias):
+        return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])
+
+    def _setup_train_context(ctx, inputs, output) -> None:
+        x, weight, bias, residual, gelu = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.residual, ctx.gelu, ctx.has_bias = residual, gelu, bias is not None
+
+    def _train_backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        gx, gw, gb = dwconv_train_backward_op(grad, x, weight, ctx.residual, ctx.gelu, ctx.has_bias)
+        return gx, gw, gb if ctx.has_bias else None, None, None
+
+    dwconv_train_op.register_autograd(_train_backward, setup_context=_setup_train_context)
+
+
+def _unit_channel_stride(x: torch.Tensor) -> torch.Tensor:
+    """``x`` when its channels have unit stride (what the kernels assume), else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 class _DWConv(torch.autograd.Function):
     """Eager autograd wrapper of the kernels (no custom-op dispatch overhead)."""
 
@@ -489,6 +536,9 @@ def dwconv_nhwc_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     return their gradients in their own dtype. The output has the dtype of ``x``.
     """
     if torch.compiler.is_compiling():
+        training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        if training and OPAQUE_TRAINING_OPS:
+            return dwconv_train_op(x, weight, bias, residual, gelu)
         return dwconv_op(x, weight, bias, residual, gelu)
     return _DWConv.apply(x, weight, bias, residual, gelu)
 

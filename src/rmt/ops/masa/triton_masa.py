@@ -275,6 +275,66 @@ def _backward(ctx, grad_out, grad_lse):
 masa_attend.register_autograd(_backward, setup_context=_setup_context)
 
 
+# --- torch.compile, training: opaque custom ops ------------------------------------------------------
+# In a compiled training graph the kernels run from opaque ops whose bodies launch them at run time,
+# with the strides of the tensors they are given. Traced through (``triton_op``), a launch keeps the
+# strides of the tensors seen while tracing as constants, and in a backward graph Inductor promises
+# only their order, not their values; the opaque ops also launch exactly what eager mode launches.
+OPAQUE_TRAINING_OPS = True
+
+
+def unit_channel_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dimension has unit stride (what the kernels assume), else a
+    contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("rmt::masa_attend_train", mutates_args=())
+def masa_attend_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor,
+                      cos: torch.Tensor, decay: torch.Tensor, scale: float, mode: int
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(out (b,h,w,n,d), lse (b,h,w,n) float32)`` of one pass (see :func:`_attend`), any strides."""
+    q, k, v = unit_channel_stride(q), unit_channel_stride(k), unit_channel_stride(v)
+    return _attend(eager_launch, q, k, v, sin.contiguous(), cos.contiguous(), decay.contiguous(), None,
+                   scale, mode, True)
+
+
+@masa_attend_train.register_fake
+def _(q, k, v, sin, cos, decay, scale, mode):
+    return v.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("rmt::masa_attend_train_backward", mutates_args=())
+def masa_attend_train_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               out: torch.Tensor, lse: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
+                               decay: torch.Tensor, scale: float, mode: int
+                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Contiguous ``(dq, dk, dv)`` of :func:`masa_attend_train`, any input strides."""
+    q, k, v = unit_channel_stride(q), unit_channel_stride(k), unit_channel_stride(v)
+    return _attend_backward(eager_launch, grad_out, q, k, v, out.contiguous(), lse.contiguous(),
+                            sin.contiguous(), cos.contiguous(), decay.contiguous(), scale, mode)
+
+
+@masa_attend_train_backward.register_fake
+def _(grad_out, q, k, v, out, lse, sin, cos, decay, scale, mode):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_train_context(ctx, inputs, output) -> None:
+    q, k, v, sin, cos, decay, scale, mode = inputs
+    ctx.save_for_backward(q, k, v, sin, cos, decay, *output)
+    ctx.scale, ctx.mode = scale, mode
+
+
+def _train_backward(ctx, grad_out, grad_lse):
+    q, k, v, sin, cos, decay, out, lse = ctx.saved_tensors
+    dq, dk, dv = masa_attend_train_backward(grad_out, q, k, v, out, lse, sin, cos, decay, ctx.scale, ctx.mode)
+    return dq, dk, dv, None, None, None, None, None
+
+
+masa_attend_train.register_autograd(_train_backward, setup_context=_setup_train_context)
+
+
 # --- eager mode: the same kernels without the custom-op dispatch overhead ---------------------------
 
 class _MasaAttend(torch.autograd.Function):
@@ -295,6 +355,8 @@ class _MasaAttend(torch.autograd.Function):
 
 def _attend_op(q, k, v, sin, cos, decay, add, scale: float, mode: int, need_lse: bool) -> torch.Tensor:
     if torch.compiler.is_compiling():
+        if need_lse and add is None and OPAQUE_TRAINING_OPS:
+            return masa_attend_train(q, k, v, sin, cos, decay, scale, mode)[0]
         return masa_attend(q, k, v, sin, cos, decay, add, scale, mode, need_lse)[0]
     return _MasaAttend.apply(q, k, v, sin, cos, decay, add, scale, mode, need_lse)
 
