@@ -1,10 +1,11 @@
-"""The commands in README.md and docs/ work as written.
+"""The commands in README.md, BENCHMARKS.md and docs/ work as written.
 
 Every `rmt ...`, `python -m rmt ...` and `torchrun ... -m rmt ...` line of a fenced code block is
 parsed by the real command line (`rmt.cli.build_parser`, in-process): its sub-command exists, every
 option it uses is one of that sub-command's own (spelt out, not abbreviated), and, unless it has
 `...` placeholders, argparse accepts the whole line (choices, types, required arguments). Inline
-code that starts with `rmt `, `python` or `torchrun` gets the first two checks. Options given to `python SCRIPT.py` must
+code (which may wrap onto the next line) that starts with `rmt `, `python` or `torchrun` gets the
+first two checks. Options given to `python SCRIPT.py` must
 appear in that script, and every file named under configs/, scripts/, benchmarks/, tools/, tests/,
 src/ or .ci/ must exist. The commands are read from the documents, so new pages and new
 sub-commands are checked as they appear.
@@ -26,10 +27,10 @@ import pytest
 from rmt.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+DOCUMENTS = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 FENCE = re.compile(r"^\s*(```|~~~)")
-INLINE_CODE = re.compile(r"`([^`\n]+)`")
+INLINE_CODE = re.compile(r"`([^`]+)`")
 ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 OPTION = re.compile(r"^--?[A-Za-z][\w-]*")
 NEGATIVE_NUMBER = re.compile(r"^-\d")
@@ -115,8 +116,17 @@ def _shell_lines(path: Path):
 def _inline_lines(path: Path):
     """Inline code spans that are shell lines (`rmt ...`, `python ...`), with their line numbers."""
     _, prose = _split_document(path.read_text(encoding="utf-8"))
-    for number, line in enumerate(prose, 1):
-        for span in INLINE_CODE.findall(line):
+    paragraph, first = [], 1
+    for number, line in enumerate([*prose, ""], 1):
+        if line.strip():
+            if not paragraph:
+                first = number
+            paragraph.append(line)
+            continue
+        text = "\n".join(paragraph)  # inline code may wrap onto the next line, not across paragraphs
+        paragraph = []
+        for match in INLINE_CODE.finditer(text):
+            span = " ".join(match.group(1).split())
             if not re.match(r"(rmt|python3?|torchrun) ", span):
                 continue
             span = span.replace("[", " ").replace("]", " ")  # placeholders such as [--size HxW]
@@ -124,7 +134,7 @@ def _inline_lines(path: Path):
                 tokens = shlex.split(span)
             except ValueError:
                 tokens = span.split()
-            yield f"{_relative(path)}:{number}", tokens
+            yield f"{_relative(path)}:{first + text.count(chr(10), 0, match.start())}", tokens
 
 
 def collect_commands(paths=DOCUMENTS) -> List[Command]:
@@ -251,7 +261,8 @@ def test_readme_commands_are_found():
 
 SAMPLE = """# A page
 
-Inline: `rmt train --epoch 1` and `python benchmarks/detection.py --no-such-option 3`.
+Inline: `rmt train --epoch 1` and, wrapped, `python benchmarks/detection.py
+--no-such-option 3`.
 
 ```bash
 $ rmt trian --epochs 1
