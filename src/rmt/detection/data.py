@@ -25,6 +25,7 @@ from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection
 from torchvision.transforms.v2 import functional as TF
 
+from ..bad_images import SkippedImage, drop_skipped, load_sample, read_error
 Target = Dict[str, torch.Tensor]
 
 
@@ -112,11 +113,15 @@ class CocoInstances(Dataset):
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, Target]:
         image_id = self.ids[index]
-        info = self.coco.imgs[image_id]
+        name = str(Path(self.base.root) / self.coco.imgs[image_id]["file_name"])
+        return load_sample(name, self.skip_bad, lambda: self._load(index, name))
+
+    def _load(self, index: int, name: str) -> Tuple[torch.Tensor, Target]:
+        image_id = self.ids[index]
         try:
             image = TF.pil_to_tensor(self.base[self._base_index[image_id]][0])
-        except (OSError, FileNotFoundError) as e:
-            raise OSError(f"image '{info['file_name']}' (id {image_id}) could not be read: {e}") from e
+        except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
+            raise read_error(name, e) from None
         h, w = image.shape[-2:]
         anns = self._annotations(image_id)
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
@@ -159,6 +164,13 @@ def collate(batch: Sequence[Tuple[torch.Tensor, Target]]) -> Tuple[List[torch.Te
     """Keep images of different sizes as lists (torchvision detectors batch them themselves)."""
     images, targets = zip(*batch)
     return list(images), list(targets)
+
+
+def collate_train(batch: Sequence[Any]) -> Tuple[List[torch.Tensor], List[Target], List[SkippedImage]]:
+    """:func:`collate` of the samples that loaded, and the :class:`SkippedImage` markers of the others."""
+    good, skipped = drop_skipped(batch)
+    images, targets = collate(good) if good else ([], [])
+    return images, targets, skipped
 
 
 class TrainSampler(Sampler[int]):
