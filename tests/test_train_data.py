@@ -19,7 +19,7 @@ from rmt.classification.data import (BadImageError, DataSpec, ImageFolderDataset
 from rmt.classification.tensor_data import TensorBatches, batch_random_erase
 from rmt.engine import DistInfo
 
-from train_utils import pattern_images, write_fashion_mnist_like, write_image_folder
+from train_utils import FailOnSize, pattern_images, write_fashion_mnist_like, write_image_folder
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -216,18 +216,6 @@ def test_posterize_at_zero_bits_gives_the_image_earlier_pillow_gave():
     zero_bits = next(op for sub in v0.policy for op in sub if op.name == "Posterize" and op.magnitude == 2)
     zero_bits.prob = 1.0
     assert not np.asarray(zero_bits(img)).any()
-
-
-class FailOnSize:
-    """A transform step that fails on images of one size (the chosen image)."""
-
-    def __init__(self, size):
-        self.size = size
-
-    def __call__(self, img):
-        if img.size == self.size:
-            raise ValueError("this image is the chosen one")
-        return img
 
 
 def _disk_gone(img, *args, **kwargs):

@@ -124,6 +124,15 @@ def bad_image_message(text: str) -> str | None:
     return found[-1] if found else None
 
 
+def bad_image_problem(error: BaseException) -> str:
+    """What went wrong with the image, without the advice (for messages that give their own)."""
+    text = bad_image_message(str(error)) or str(error)
+    for advice in (f"; remove or replace it, or {SKIP_HINT}", f"; {SKIP_HINT}"):
+        if text.endswith(advice):
+            return text[:-len(advice)]
+    return text
+
+
 def drop_skipped(batch: Sequence[Any]) -> Tuple[List[Any], List[SkippedImage]]:
     """The samples of a batch, and the :class:`SkippedImage` markers among them."""
     skipped = [b for b in batch if isinstance(b, SkippedImage)]

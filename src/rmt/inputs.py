@@ -10,9 +10,13 @@ FormSpec = Union[str, Sequence[str]]
 
 
 @torch.jit.ignore
-def check_image(x: torch.Tensor, in_chans: int, weight_dtype: Optional[torch.dtype] = None) -> None:
+def check_image(x: torch.Tensor, in_chans: int, weight: Optional[torch.Tensor] = None) -> None:
     """Raise ValueError unless ``x`` is ``(b, in_chans, H, W)`` with ``H, W >= MIN_INPUT_SIZE``, of the
-    weights' floating-point type ``weight_dtype`` (under autocast: any that it casts, not float64)."""
+    floating-point type of ``weight`` (the first layer's; under autocast: any it casts, not float64).
+
+    (The weight itself is passed, not its dtype: TorchScript would hand a dtype over as a number.)
+    """
+    weight_dtype = weight.dtype if weight is not None else None
     expected = f"RMT expects images of shape (batch, {in_chans}, height, width), got {tuple(x.shape)}"
     if x.ndim == 3 and x.shape[0] == in_chans:
         raise ValueError(f"{expected}: one image without a batch dimension; add one with x.unsqueeze(0) "

@@ -22,9 +22,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import config as config_mod
-from .data import BadImageError, bad_image_message, build_data
+from .data import build_data
 from .evaluate import autocast_context, evaluate
 from .run_state import build_model, load_run_state, restore_rank_rng, save_run_state
+from ..bad_images import BadImageError, bad_image_message, bad_image_problem
 from ..engine import (DistInfo, JsonlLogger, cleanup_distributed, load_checkpoint, plot_curves,
                       remove_partial_writes, seed_everything, setup_distributed)
 from ..engine.distributed import all_reduce_sum
@@ -461,15 +462,15 @@ class Trainer:
         validation the epoch's validation, run again). Under torchrun the other processes cannot
         take part in a save: the error names the last checkpoint written.
         """
-        message = bad_image_message(str(error)) or str(error)
+        message = bad_image_problem(error)
         if not self.info.distributed:
             self._log_window(self.epoch, None)
             self.save(self.epoch, self.step_in_epoch)
-            saved = f"training stopped after saving step {self.step} to '{self.last_saved[0]}'"
+            saved = f"Training stopped after saving step {self.step} to '{self.last_saved[0]}'"
         elif self.last_saved:
-            saved = f"training stopped; the last checkpoint is '{self.last_saved[0]}' (step {self.last_saved[1]})"
+            saved = f"Training stopped; the last checkpoint is '{self.last_saved[0]}' (step {self.last_saved[1]})"
         else:
-            saved = "training stopped before its first checkpoint"
+            saved = "Training stopped before its first checkpoint"
         return BadImageError(f"{message}. {saved}: replace or remove the image and continue with --resume "
                              f"{self.run_dir}, or add --skip-bad-images to count and skip such images")
 

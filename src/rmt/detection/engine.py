@@ -19,7 +19,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..bad_images import BadImageError, SkipReport, bad_image_message
+from ..bad_images import BadImageError, SkipReport, bad_image_problem
 from ..engine import (DistInfo, JsonlLogger, capture_rng_state, cleanup_distributed, load_checkpoint,
                       plot_curves, remove_partial_writes, restore_rng_state, save_checkpoint, seed_everything,
                       setup_distributed)
@@ -333,7 +333,7 @@ def _train(cfg: TrainConfig, info: DistInfo, state: Optional[Dict[str, Any]], re
         if not info.distributed:
             save(epoch, batch)
             saved = f"the run was saved after step {step}"
-        raise BadImageError(f"{bad_image_message(str(e)) or e}. Training stopped; {saved} in '{out / 'last.pth'}': "
+        raise BadImageError(f"{bad_image_problem(e)}. Training stopped; {saved} in '{out / 'last.pth'}': "
                             "replace or remove the image and continue with --resume, or add --skip-bad-images "
                             "to count and skip such images") from None
     if skipped_images.count and info.is_main:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from ..bad_images import BadImageError, SkipReport, bad_image_message
+from ..bad_images import BadImageError, SkipReport, bad_image_problem
 from ..engine import (DistInfo, JsonlLogger, capture_rng_state, cleanup_distributed, load_checkpoint,
                       plot_curves, remove_partial_writes, restore_rng_state, save_checkpoint, seed_everything,
                       setup_distributed)
@@ -341,7 +341,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> Dict[str, Any]:
             if not dist.distributed:  # the others cannot join a save under torchrun
                 checkpoint(iteration)
                 saved = f"the run was saved at iteration {iteration}"
-            raise BadImageError(f"{bad_image_message(str(e)) or e}. Training stopped; {saved} in "
+            raise BadImageError(f"{bad_image_problem(e)}. Training stopped; {saved} in "
                                 f"'{out / 'last.pt'}': replace or remove the image and continue with --resume, "
                                 "or add --skip-bad-images to count and skip such images") from None
     bar = tqdm(total=iterations, initial=start, desc="train", disable=not dist.is_main, dynamic_ncols=True)
