@@ -155,3 +155,9 @@ class SkipReport:
                 self.names.append(s.image)
                 from tqdm import tqdm
                 tqdm.write(f"skipped: {s.reason}", file=sys.stderr)
+
+    def summary(self) -> str:
+        """``N images skipped: NAME, NAME`` (empty when none was)."""
+        if not self.count:
+            return ""
+        return f"{self.count} image{'s' if self.count != 1 else ''} skipped: {', '.join(self.names)}"

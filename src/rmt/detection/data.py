@@ -26,6 +26,7 @@ from torchvision.datasets import CocoDetection
 from torchvision.transforms.v2 import functional as TF
 
 from ..bad_images import SkippedImage, drop_skipped, load_sample, read_error
+
 Target = Dict[str, torch.Tensor]
 
 
@@ -60,10 +61,12 @@ class CocoInstances(Dataset):
         with_masks: decode segmentations into ``masks`` (Mask R-CNN).
         hflip_prob: probability of a horizontal flip in training.
         seed: seed of the flips.
+        skip_bad: return a :class:`~rmt.bad_images.SkippedImage` for an image that cannot be read
+            or prepared (:func:`collate_train` drops it); otherwise raise a BadImageError naming it.
     """
 
     def __init__(self, image_dir: str | Path, ann_file: str | Path, train: bool = False,
-                 with_masks: bool = True, hflip_prob: float = 0.5, seed: int = 0):
+                 with_masks: bool = True, hflip_prob: float = 0.5, seed: int = 0, skip_bad: bool = False):
         ann_file = Path(ann_file)
         if not ann_file.is_file():
             raise FileNotFoundError(f"annotation file '{ann_file}' does not exist")
@@ -84,6 +87,7 @@ class CocoInstances(Dataset):
         self.with_masks = with_masks
         self.hflip_prob = hflip_prob if train else 0.0
         self.seed = seed
+        self.skip_bad = skip_bad
         self.epoch = 0
         self.ids: List[int] = list(self.base.ids)
         self._base_index = {image_id: i for i, image_id in enumerate(self.ids)}

@@ -337,7 +337,7 @@ def _train(cfg: TrainConfig, info: DistInfo, state: Optional[Dict[str, Any]], re
                             "replace or remove the image and continue with --resume, or add --skip-bad-images "
                             "to count and skip such images") from None
     if skipped_images.count and info.is_main:
-        print(f"{skipped_images.count} training images skipped: {', '.join(skipped_images.names)}")
+        print(f"training: {skipped_images.summary()}")
     if info.is_main:
         print(f"{'stopped at' if stopped else 'finished after'} step {step}; checkpoint {out / 'last.pth'}, "
               f"log {out / 'log.jsonl'}, curves {out / 'curves.png'}")

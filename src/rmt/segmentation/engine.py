@@ -399,7 +399,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> Dict[str, Any]:
                 break
     bar.close()
     if skipped_images.count:
-        print(f"{skipped_images.count} training images skipped: {', '.join(skipped_images.names)}")
+        print(f"training: {skipped_images.summary()}")
     if dist.is_main and done < iterations:
         print(f"stopped at iteration {done} of {iterations}; '{out / 'last.pt'}' holds the state, "
               "continue with --resume")
