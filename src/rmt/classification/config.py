@@ -57,7 +57,8 @@ OPTIONS: Dict[str, List[Option]] = {
                                   "mnist held on the device, augmented per batch); auto: tensor when fashion-mnist "
                                   "is trained without RandAugment"),
         ("workers", None, int, "data-loading worker processes per rank (default: min(8, CPUs per rank))"),
-        ("skip_bad_images", False, bool, "count and skip unreadable images instead of stopping"),
+        ("skip_bad_images", False, bool, "count, name and skip images that cannot be read or augmented "
+                                         "(default: stop, after saving a checkpoint to resume from)"),
     ],
     "augmentation": [
         ("aa", "rand-m9-mstd0.5-inc1", str, "timm auto-augment policy ('none' to disable)"),

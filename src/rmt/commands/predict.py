@@ -6,6 +6,7 @@ The class names, input size and normalisation come from the checkpoint written b
 examples:
   rmt predict runs/demo/best.pth shoe.png shirt.png
   rmt predict runs/demo/best.pth images/ --top-k 3 --json
+  rmt predict runs/demo/best.pth images/ --skip-bad-images   # name unreadable files, predict the rest
 """
 from __future__ import annotations
 
