@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, List, Sequence, Set, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Set, Tuple
 
 SKIP_HINT = "pass --skip-bad-images to count and skip such images"
 
@@ -137,6 +137,24 @@ def drop_skipped(batch: Sequence[Any]) -> Tuple[List[Any], List[SkippedImage]]:
     """The samples of a batch, and the :class:`SkippedImage` markers among them."""
     skipped = [b for b in batch if isinstance(b, SkippedImage)]
     return [b for b in batch if not isinstance(b, SkippedImage)], skipped
+
+
+def gathered_names(report: Optional["SkipReport"]) -> List[str]:
+    """The names of the images ``report`` (None: a source that skips none) skipped, over every
+    process of a torchrun job (a collective: all call it)."""
+    names = list(report.names) if report is not None else []
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: List[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, names)
+        names = sorted({n for part in parts for n in part})
+    return names
+
+
+def shown_names(names: Sequence[str], limit: int = 5) -> str:
+    """The first ``limit`` names, and how many more there are (all of them are in log.jsonl)."""
+    more = f" and {len(names) - limit} more (see log.jsonl)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 class SkipReport:

@@ -25,7 +25,8 @@ from . import config as config_mod
 from .data import build_data
 from .evaluate import autocast_context, evaluate
 from .run_state import build_model, load_run_state, restore_rank_rng, save_run_state
-from ..bad_images import BadImageError, bad_image_message, bad_image_problem
+from .run_dir import first_missing_folder, remove_unused_run_dir
+from ..bad_images import BadImageError, bad_image_message, bad_image_problem, gathered_names, shown_names
 from ..engine import (DistInfo, JsonlLogger, cleanup_distributed, load_checkpoint, plot_curves,
                       remove_partial_writes, seed_everything, setup_distributed)
 from ..engine.distributed import all_reduce_sum
@@ -458,9 +459,9 @@ class Trainer:
     def stop_on_bad_image(self, error: BadImageError) -> BadImageError:
         """The error to stop the run with, after saving where it stands so that ``--resume`` continues.
 
-        The epoch and step in it are those of the last optimizer step (the failing batch, and in
-        validation the epoch's validation, run again). Under torchrun the other processes cannot
-        take part in a save: the error names the last checkpoint written.
+        The checkpoint is that of the last optimizer step: the resumed run loads the failing batch
+        again (or, when validation failed, validates that epoch again). Under torchrun the other
+        processes cannot take part in a save: the error names the last checkpoint written.
         """
         message = bad_image_problem(error)
         if not self.info.distributed:
@@ -494,7 +495,7 @@ class Trainer:
             improved = score > self.best_top1
             self.best_top1 = max(self.best_top1, score)
             bad = int(all_reduce_sum(torch.tensor([self.data.train.bad_images], device=self.info.device)).item())
-            skipped = skipped_names(self.data.train) if bad else []
+            skipped = gathered_names(getattr(self.data.train, "skipped", None)) if bad else []
             speed = self.epoch_images / max(self.epoch_time, 1e-9)
             speeds.append(speed)
             record = dict(event="epoch", epoch=epoch + 1, step=self.step,
@@ -509,7 +510,7 @@ class Trainer:
             if main:
                 shown = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.endswith(("top1", "top5")))
                 tqdm.write(f"epoch {epoch + 1}/{self.num_epochs}: train loss {record['epoch_train_loss']:.4f}  {shown}  "
-                           f"{speed:.0f} img/s" + (f"  ({bad} bad images skipped so far: {', '.join(skipped)})" if bad else ""))
+                           f"{speed:.0f} img/s" + (f"  ({bad} bad images skipped so far: {shown_names(skipped)})" if bad else ""))
                 plot_curves(self.log.path, self.run_dir / "curves.png", PLOT_GROUPS, x_key="step",
                             title=f"{cfg['model']} on {cfg['dataset']}")
             self.step_in_epoch = 0
@@ -549,36 +550,6 @@ def make_run_dir(cfg: Dict[str, Any], info: DistInfo, resume_path: Optional[Path
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
-
-
-def first_missing_folder(path: Path) -> Optional[Path]:
-    """The outermost of ``path`` and its parents that does not exist yet (None when ``path`` exists)."""
-    missing = [p for p in (path, *path.parents) if not p.exists()]
-    return missing[-1] if missing else None
-
-
-def remove_unused_run_dir(run_dir: Path, created: Optional[Path]) -> None:
-    """Remove a run directory that a failed start left with nothing in it but its config, and the
-    empty folders above it up to ``created`` (the outermost one this start created)."""
-    if not run_dir.is_dir() or any(p.name != "config.yaml" for p in run_dir.iterdir()):
-        return
-    (run_dir / "config.yaml").unlink(missing_ok=True)
-    run_dir.rmdir()
-    for folder in run_dir.parents:
-        if created is None or not (folder == created or created in folder.parents) or any(folder.iterdir()):
-            break
-        folder.rmdir()
-
-
-def skipped_names(batches) -> list:
-    """Names of the images skipped so far by every process (empty for sources that skip none)."""
-    report = getattr(batches, "skipped", None)
-    names = list(report.names) if report is not None else []
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, names)
-        names = sorted({n for part in parts for n in part})
-    return names
 
 
 def train(options: Dict[str, Any]) -> Dict[str, Any]:
