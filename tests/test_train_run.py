@@ -216,9 +216,9 @@ from rmt.classification.train import Trainer, train
 Trainer.validate = lambda self, epoch: {"val_top1": [10.0, 20.0, 15.0][epoch]}  # epoch 2 is the best
 real_save, previous = run_state.save_checkpoint, [None]
 
-def save(state, path):  # the second file of the save at step 8 is killed half written
+def save(state, path):  # the second file of the save at step 4 (end of epoch 2) is killed half written
     path = Path(path)
-    if state is previous[0] and state["step"] == 8:
+    if state is previous[0] and state["step"] == 4:
         path.with_name(f".{path.name}.tmp{os.getpid()}").write_bytes(b"PK" + bytes(4096))
         os.kill(os.getpid(), signal.SIGKILL)
     previous[0] = state
@@ -233,24 +233,24 @@ def test_a_kill_between_the_writes_of_best_and_last_leaves_neither_stale(tmp_pat
     """best.pth is written before the last.pth that records it: after a kill between the two, the
     resumed run ends with the best.pth (and log) of an uninterrupted run, and no partial file."""
     from rmt.classification.train import Trainer
-    data = write_fashion_mnist_like(tmp_path / "data", n_train=64)
-    common = dict(epochs=3, checkpoint_every=2, warmup_epochs=0.5)  # 4 steps per epoch
+    data = write_fashion_mnist_like(tmp_path / "data", n_train=32, n_test=16)
+    common = dict(epochs=3, checkpoint_every=1, warmup_epochs=0.5)  # 2 steps per epoch
     killed = subprocess.run([sys.executable, "-c", KILL_BETWEEN_WRITES,
                              repr(tiny_options(tmp_path, data, name="killed", **common))],
                             env=_env(), capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     run = tmp_path / "runs" / "killed"
     assert [p.name for p in run.glob(".*.tmp*")], "the kill left no partial file"
-    assert load_checkpoint(run / "best.pth")["step"] == 8 and load_checkpoint(run / "last.pth")["step"] == 6
+    assert load_checkpoint(run / "best.pth")["step"] == 4 and load_checkpoint(run / "last.pth")["step"] == 3
 
     monkeypatch.setattr(Trainer, "validate", lambda self, epoch: {"val_top1": [10.0, 20.0, 15.0][epoch]})
     train({"resume": str(run)})
     reference = Path(train(tiny_options(tmp_path, data, name="reference", **common))["run_dir"])
     assert not list(run.glob(".*.tmp*"))
     a, b = load_checkpoint(run / "best.pth"), load_checkpoint(reference / "best.pth")
-    assert a["step"] == b["step"] == 8 and a["best_top1"] == b["best_top1"] == 20.0
+    assert a["step"] == b["step"] == 4 and a["best_top1"] == b["best_top1"] == 20.0
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
-    assert load_checkpoint(run / "last.pth")["step"] == 12
+    assert load_checkpoint(run / "last.pth")["step"] == 6
     steps = [(r["event"], r["step"]) for r in read_jsonl(run / "log.jsonl")]
     assert steps == [(r["event"], r["step"]) for r in read_jsonl(reference / "log.jsonl")]
 
