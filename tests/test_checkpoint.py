@@ -3,6 +3,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -171,6 +172,34 @@ def test_arbitrary_objects_are_not_unpickled(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="not loaded for safety"):
         _load(path)
     assert "this must never run" not in capsys.readouterr().out
+
+
+def test_files_that_are_no_checkpoint_are_called_so_and_unsafe_loading_is_never_suggested(tmp_path, capsys):
+    from rmt.cli import main
+    from rmt.engine import load_checkpoint
+    rng = np.random.default_rng(0)
+    random_bytes = tmp_path / "random.pth"
+    random_bytes.write_bytes(b"\x13" + rng.bytes(4000))
+    pickle_like = tmp_path / "pickle_like.pth"  # starts as a pickle does, then noise
+    pickle_like.write_bytes(b"\x80\x02" + rng.bytes(4000))
+    for path in (random_bytes, pickle_like):
+        for load in (_load, load_checkpoint):
+            with pytest.raises(CheckpointError, match="is not a checkpoint") as info:
+                load(path)
+            assert "weights_only" not in str(info.value)
+    evil = tmp_path / "evil.pth"
+    torch.save({"payload": _Evil()}, evil)
+    with pytest.raises(CheckpointError, match=r"holds a Python object \(print\)") as info:
+        load_checkpoint(evil)
+    assert "weights_only" not in str(info.value)
+    image = tmp_path / "x.png"
+    image.write_bytes(b"")
+    assert main(["predict", str(random_bytes), str(image)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("rmt predict: error:") and "not a checkpoint" in err and "weights_only" not in err
+    assert main(["train", "--resume", str(pickle_like)]) == 1
+    err = capsys.readouterr().err
+    assert "not a checkpoint" in err and "weights_only" not in err and "Traceback" not in err
 
 
 def test_whole_detector_checkpoint_loads_its_backbone(tmp_path):

@@ -1,6 +1,7 @@
 """Detection: RMT feature pyramids, checkpoints, COCO data and metrics, training/eval/predict CLI."""
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -337,6 +338,31 @@ def test_train_resume_eval_predict_cli(shapes, tmp_path, capsys):
         assert d["mask_rle"]["size"] == [96, 96]
     # drawing changed the pixels of the first image
     assert not torch.equal(_read_png(records[0]["output"]), _read_png(shapes / "val/000000.png"))
+
+
+def test_an_image_that_fails_to_load_stops_with_a_checkpoint_or_is_skipped(shapes, tmp_path, capsys):
+    data = tmp_path / "shapes"
+    shutil.copytree(shapes, data)
+    ds = CocoInstances(*find_split(data, "train"), train=True)
+    chosen = ds.ids[TrainSampler(len(ds), 2, seed=0).indices()[2]]  # in the second batch of the first epoch
+    image = data / "train" / ds.coco.imgs[chosen]["file_name"]
+    ann = data / "annotations" / "instances_train.json"
+    coco = json.loads(ann.read_text())
+    for a in coco["annotations"]:
+        if a["image_id"] == chosen:
+            a["segmentation"] = {"counts": 5, "size": [96, 96]}  # not a mask pycocotools can decode
+    ann.write_text(json.dumps(coco))
+    out = tmp_path / "run"
+    assert _train(out, data) == 1
+    err = capsys.readouterr().err
+    assert f"cannot load image '{image}': CocoInstances._mask (in " in err and "raised TypeError" in err
+    assert "the run was saved after step 1" in err and "--skip-bad-images" in err and "Traceback" not in err
+    assert torch.load(out / "last.pth", weights_only=True)["step"] == 1
+    assert main(["detect", "train", "--resume", str(out / "last.pth"), "--skip-bad-images", "--max-steps", "3"]) == 0
+    captured = capsys.readouterr()
+    assert f"skipped: cannot load image '{image}'" in captured.err
+    assert re.search(rf"training: [12] images? skipped: {re.escape(str(image))}\n", captured.out)
+    assert torch.load(out / "last.pth", weights_only=True)["step"] == 3
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):

@@ -164,8 +164,20 @@ def test_bad_inputs_raise_value_error():
         model(torch.randn(1, 3, 31, 64))
     with pytest.raises(ValueError, match=r"\(batch, 3, height, width\)"):
         model(torch.randn(1, 1, 64, 64))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"got \(3, 64, 64\): one image without a batch dimension; add one with "
+                                         r"x.unsqueeze\(0\)"):
         model(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match=r"channels last; use x.permute\(0, 3, 1, 2\)"):
+        model(torch.randn(2, 64, 64, 3))
+    for dtype in (torch.uint8, torch.int64):
+        with pytest.raises(ValueError, match=rf"floating-point images, got {dtype}: .*x.float\(\) / 255"):
+            model(torch.zeros(1, 3, 64, 64, dtype=dtype))
+    with pytest.raises(ValueError, match=r"images are torch.float64 but the model's weights are torch.float32: "
+                                         r"convert the images with x.to\(torch.float32\)$"):
+        model(torch.zeros(1, 3, 64, 64, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts float16 (not float64) for the weights
+        assert model(torch.zeros(1, 3, 64, 64, dtype=torch.float16)).dtype == torch.bfloat16
+    assert model.double()(torch.zeros(1, 3, 64, 64, dtype=torch.float64)).dtype == torch.float64
 
 
 def test_full_and_decomposed_forms_at_non_square_sizes():

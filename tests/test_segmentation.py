@@ -1,6 +1,7 @@
 """Semantic segmentation: smp heads on RMT, checkpoints, data, metrics, inference, training, CLI."""
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -267,6 +268,30 @@ def test_resume_continues_exactly(trained, tmp_path):
     a = [r["train_loss"] for r in read_jsonl(out / "log.jsonl") if "train_loss" in r]
     b = [r["train_loss"] for r in read_jsonl(part / "log.jsonl") if "train_loss" in r]
     assert a == b
+
+
+def test_a_pair_that_fails_to_load_stops_with_a_checkpoint_or_is_skipped(tmp_path, capsys):
+    from rmt.bad_images import BadImageError
+    from rmt.segmentation.engine import TrainSampler
+    data = make_synthetic_dataset(tmp_path / "data", num_train=8, num_val=1, size=(64, 80))
+    train_set = SegmentationFolder(data, "training")
+    sampler = iter(TrainSampler(len(train_set), 4, 0, 1, seed=0))
+    chosen = [next(sampler)[0] for _ in range(8)][5]  # in the second batch
+    image = train_set.images[chosen]
+    Image.fromarray(np.zeros((32, 40), np.uint8)).save(train_set.labels[chosen])  # a label map of another size
+    out = tmp_path / "run"
+    with pytest.raises(BadImageError, match=rf"cannot load image '{image}': SegmentationFolder.load raised "
+                                            r"ValueError: .* but its label map is \(32, 40\). Training stopped; "
+                                            r"the run was saved at iteration 1 .*--skip-bad-images"):
+        train(_config(data, out))
+    assert torch.load(out / "last.pt", weights_only=True)["iteration"] == 1
+    capsys.readouterr()
+    train(_config(data, out, resume="auto", skip_bad_images=True, stop_after=2))
+    captured = capsys.readouterr()
+    assert f"skipped: cannot load image '{image}'" in captured.err
+    assert re.search(rf"training: [12] images? skipped: {re.escape(str(image))}\n", captured.out)
+    assert torch.load(out / "last.pt", weights_only=True)["iteration"] == 3
+    assert [r["step"] for r in read_jsonl(out / "log.jsonl") if "train_loss" in r] == [1, 2, 3]
 
 
 def test_eval_command_reproduces_training_evaluation(trained, tmp_path, capsys):

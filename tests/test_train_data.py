@@ -1,20 +1,25 @@
 """Classification data: idx files, the on-device batch pipeline, resumable sample order with
-per-sample augmentation seeds, unreadable images, webdataset shards, and the option table."""
+per-sample augmentation seeds, the recipe's RandAugment under the installed Pillow, images that
+cannot be read or augmented, webdataset shards, and the option table."""
 import gzip
 import io
+import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from rmt.bad_images import SkippedImage
 from rmt.classification import config, fashion_mnist
-from rmt.classification.data import (BadImageError, DataSpec, ImageFolderDataset, LoaderBatches,
+from rmt.classification.augment import augment_ops, posterize
+from rmt.classification.data import (BadImageError, DataSpec, ImageFolderDataset, LoaderBatches, build_data,
                                      eval_transform, train_transform)
 from rmt.classification.tensor_data import TensorBatches, batch_random_erase
 from rmt.engine import DistInfo
 
-from train_utils import pattern_images, write_fashion_mnist_like, write_image_folder
+from train_utils import FailOnSize, pattern_images, write_fashion_mnist_like, write_image_folder
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -157,6 +162,107 @@ def test_unreadable_image_is_named_or_counted(tmp_path):
     assert batches.bad_images == 1 and len(images) == len(ds) - 1
 
 
+@pytest.mark.parametrize("policy, fewest_bits", [("rand-m9-mstd0.5-inc1", 0), ("rand-m7-mstd0.5-inc1", 1)])
+def test_recipe_randaugment_runs_every_op_at_both_ends_of_its_magnitudes(policy, fewest_bits):
+    """The training transform with the paper's RandAugment (and m7), on the installed Pillow, over
+    seeded images until every op has been drawn at both ends of its magnitude distribution (mean
+    +- 2 std, the top clamped at 10): at m9 that includes PosterizeIncreasing at 10, which keeps 0
+    bits and which Pillow 13 refuses."""
+    cfg = dict(config.DEFAULTS, aa=policy, input_size=32)
+    transform = train_transform(cfg, DataSpec(input_size=32, crop_pct=1.0))
+    ops = list(augment_ops(transform))
+    assert len(ops) == 15
+    magnitude = float(policy.split("-m")[1].split("-")[0])
+    top, bottom = min(10.0, magnitude + 1.0), magnitude - 1.0
+    drawn, bits = {op.name: set() for op in ops}, set()
+    for op in ops:  # record each draw (the level function sees the clamped magnitude of an applied op)
+        def record(m, hparams, op=op, level_fn=op.level_fn):
+            args = level_fn(m, hparams) if level_fn else ()
+            drawn[op.name] |= {"top"} if m >= top else {"bottom"} if m <= bottom else set()
+            if op.name == "PosterizeIncreasing":
+                bits.add(args[0])
+            return args
+        op.level_fn = record
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)) for _ in range(16)]
+    for i in range(20_000):
+        random.seed(i), np.random.seed(i), torch.manual_seed(i)
+        out = transform(images[i % len(images)])
+        if all(len(ends) == 2 for ends in drawn.values()):
+            break
+    assert {name for name, ends in drawn.items() if len(ends) < 2} == set()
+    assert out.shape == (3, 32, 32) and min(bits) == fewest_bits
+
+
+def test_posterize_at_zero_bits_gives_the_image_earlier_pillow_gave():
+    from PIL import ImageOps
+    from timm.data.auto_augment import auto_augment_transform, augment_and_mix_transform
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    # Pillow before 13: a lookup table of i & ~(2 ** (8 - bits) - 1), all zeros for 0 bits
+    assert np.array_equal(np.asarray(posterize(img, 0)), np.zeros((8, 8, 3), np.uint8))
+    assert np.array_equal(np.asarray(posterize(img.convert("L"), 0)), np.zeros((8, 8), np.uint8))
+    for bits in range(1, 9):
+        assert np.array_equal(np.asarray(posterize(img, bits)), np.asarray(ImageOps.posterize(img, bits)))
+    # AutoAugment's Posterize keeps 0 bits below magnitude 2.5 (policy v0 has it at 2): prepared too
+    from rmt.classification.augment import prepare_auto_augment
+    hparams = dict(translate_const=10, img_mean=(124, 116, 104))
+    for aa in (auto_augment_transform("v0", hparams), auto_augment_transform("original", hparams),
+               augment_and_mix_transform("augmix-m5-w4-d2", hparams)):
+        ops = list(augment_ops(prepare_auto_augment(aa)))
+        assert ops and all(type(op.aug_fn).__name__ == "NamedOp" for op in ops)
+        assert any(op.aug_fn.fn is posterize for op in ops)
+    v0 = auto_augment_transform("v0", hparams)
+    prepare_auto_augment(v0)
+    zero_bits = next(op for sub in v0.policy for op in sub if op.name == "Posterize" and op.magnitude == 2)
+    zero_bits.prob = 1.0
+    assert not np.asarray(zero_bits(img)).any()
+
+
+def _disk_gone(img, *args, **kwargs):
+    raise OSError("disk gone")
+
+
+def test_a_failing_transform_names_the_image_the_step_and_the_cause(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", per_class=4)
+    chosen = root / "train" / "square" / "chosen.png"
+    Image.new("RGB", (41, 37), (9, 9, 9)).save(chosen)
+    spec = DataSpec(input_size=32, crop_pct=1.0)
+    transform = eval_transform(spec)
+    transform.transforms.insert(0, FailOnSize((41, 37)))
+    ds = ImageFolderDataset(root / "train", transform)
+    index = [p for p, _ in ds.samples].index(str(chosen))
+    with pytest.raises(BadImageError, match=r"cannot augment image '.*chosen.png': FailOnSize raised ValueError: "
+                                            r"this image is the chosen one; pass --skip-bad-images"):
+        ds[index]
+    ds.skip_bad = True
+    assert ds[index] == SkippedImage(str(chosen), "cannot augment image '" + str(chosen) + "': FailOnSize raised "
+                                     "ValueError: this image is the chosen one")
+    batches = LoaderBatches(ds, len(ds), 0, True, CPU, seed=0)
+    (images, _), = list(batches)
+    assert batches.bad_images == 1 and batches.skipped.names == [str(chosen)] and len(images) == len(ds) - 1
+    # an op inside RandAugment is named with its arguments
+    cfg = dict(config.DEFAULTS, aa="rand-m9-n1-p1.0-mstd0", input_size=32)
+    augment = train_transform(cfg, spec)
+    for op in augment_ops(augment):
+        op.aug_fn.fn = _disk_gone
+    ds = ImageFolderDataset(root / "train", augment)
+    with pytest.raises(BadImageError, match=r"RandAugment op \w+\(.*\) raised OSError: disk gone"):
+        ds[0]
+
+
+def test_batch_larger_than_the_set_names_the_real_image_count(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", per_class=6)
+    cfg = dict(config.DEFAULTS, dataset="folder", data=str(root), batch_size=64, aug_repeats=0, input_size=32,
+               workers=0, aa="none")
+    data = build_data(cfg, CPU)
+    assert len(data.train) == 0 and data.train_size == 12
+    from rmt.classification.train import train
+    with pytest.raises(ValueError, match=r"the training set \(12 images over 1 process\(es\)\) is smaller than "
+                                         r"one step of 64"):
+        train(dict(cfg, model_kwargs={"depths": [1, 1, 1, 1]}, device="cpu", output=str(tmp_path / "runs")))
+    assert not (tmp_path / "runs").exists()  # a failed start leaves no empty run directory
+
+
 def test_webdataset_shards_train_and_validate(tmp_path):
     wds = pytest.importorskip("webdataset")
     from rmt.classification.data import build_data
@@ -199,3 +305,6 @@ def test_config_precedence_round_trip_and_errors(tmp_path):
         config.resolve({"input_size": 28})
     with pytest.raises(ValueError, match="even --batch-size"):
         config.resolve({"batch_size": 15})
+    path.write_text("epochs: [1\nbatch_size: {\n")
+    with pytest.raises(ValueError, match=r"config file '.*c.yaml' is not valid YAML at line 2, column 11"):
+        config.resolve({"config": str(path)})

@@ -1,5 +1,6 @@
-"""Whole training runs on CPU: learning, exact resume after SIGKILL, NaN handling, unreadable
-images, two-process torchrun, and eval/predict on the trained checkpoint."""
+"""Whole training runs on CPU: learning, exact resume after SIGKILL (also between the writes of
+best.pth and last.pth), NaN handling, images that cannot be read or augmented, start errors,
+two-process torchrun, and eval/predict on the trained checkpoint."""
 import json
 import os
 import signal
@@ -11,12 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from rmt.bad_images import BadImageError
+from rmt.classification.data import EpochSeededShuffle, ImageFolderDataset
 from rmt.classification.train import TrainingDiverged, train
 from rmt.cli import main as cli_main
 from rmt.engine import load_checkpoint
 from rmt.engine.metrics_log import read_jsonl
 
-from train_utils import TINY_MODEL, tiny_options, write_fashion_mnist_like, write_image_folder
+from train_utils import FailOnSize, TINY_MODEL, tiny_options, write_fashion_mnist_like, write_image_folder
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -75,6 +78,23 @@ def test_eval_and_predict_on_the_trained_checkpoint(trained, capsys, tmp_path):
 
     assert cli_main(["predict", str(ckpt), str(tmp_path / "missing.png")]) == 1
     assert "missing.png" in capsys.readouterr().err
+
+    # a folder with one unreadable image: named, and with --skip-bad-images the others are predicted
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for p in paths:
+        p.rename(folder / p.name)
+    broken = folder / "broken.png"
+    broken.write_bytes(b"not an image")
+    assert cli_main(["predict", str(ckpt), str(folder), "--no-ema"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"cannot read image '{broken}'" in captured.err and "--skip-bad-images" in captured.err
+    assert cli_main(["predict", str(ckpt), str(folder), "--no-ema", "--json", "--skip-bad-images"]) == 0
+    captured = capsys.readouterr()
+    records = json.loads(captured.out)
+    assert [r["image"] for r in records if "error" in r] == [str(broken)]
+    assert [r["top"][0]["label"] for r in records if "top" in r] == [fashion_mnist.CLASS_NAMES[int(y)] for y in labels[:6]]
+    assert f"skipped: cannot read image '{broken}'" in captured.err and "1 of 7 images skipped" in captured.err
 
 
 def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
@@ -148,6 +168,108 @@ def test_unreadable_training_image_names_the_file_or_is_skipped(tmp_path):
     summary = train(dict(opts, name="lenient", workers=0, skip_bad_images=True))
     epoch = [r for r in read_jsonl(Path(summary["run_dir"]) / "log.jsonl") if r["event"] == "epoch"][0]
     assert epoch["bad_images"] == 1 and summary["final"]["val_images"] == 16
+
+
+def test_a_transform_failing_on_one_image_stops_with_a_checkpoint_or_is_skipped(tmp_path, monkeypatch, capsys):
+    """The run stops on the chosen image (in a loader worker) naming it, its transform and the
+    cause, after saving the steps trained before it; resumed with --skip-bad-images it goes on."""
+    import rmt.classification.data as data_module
+    from PIL import Image
+    root = write_image_folder(tmp_path / "imgs", per_class=8)
+    chosen = root / "train" / "square" / "chosen.png"
+    Image.new("RGB", (41, 37), (200, 10, 10)).save(chosen)  # 17 training images: 4 steps of 4 per epoch
+    index = [p for p, _ in ImageFolderDataset(root / "train").samples].index(str(chosen))
+    # a seed that puts the chosen image into the second to fourth batch of the first epoch
+    seed = next(s for s in range(100) if 4 <= list(EpochSeededShuffle(17, 0, 1, s)).index(index) < 16)
+    position = list(EpochSeededShuffle(17, 0, 1, seed)).index(index)
+    real = data_module.train_transform
+
+    def failing_on_the_chosen_image(cfg, spec):
+        transform = real(cfg, spec)
+        transform.transforms.insert(0, FailOnSize((41, 37)))
+        return transform
+    monkeypatch.setattr(data_module, "train_transform", failing_on_the_chosen_image)
+    opts = dict(dataset="folder", data=str(root), model="rmt_tiny", model_kwargs=TINY_MODEL, input_size=32,
+                aa="rand-m9-mstd0.5-inc1", mixup=0.0, cutmix=0.0, aug_repeats=0, batch_size=4, epochs=2, threads=1,
+                device="cpu", output=str(tmp_path / "runs"), name="run", model_ema=False, warmup_epochs=0.0,
+                checkpoint_every=0, workers=1, seed=seed, log_interval=1)
+    with pytest.raises(BadImageError, match=rf"cannot augment image '{chosen}': FailOnSize raised ValueError: this "
+                                            rf"image is the chosen one. Training stopped after saving step "
+                                            rf"{position // 4} to .*--skip-bad-images"):
+        train(opts)
+    run = tmp_path / "runs" / "run"
+    assert load_checkpoint(run / "last.pth")["step"] == position // 4
+    summary = train({"resume": str(run), "skip_bad_images": True})
+    assert summary["steps"] == 8
+    records = read_jsonl(run / "log.jsonl")
+    assert [r["step"] for r in records if r["event"] == "train"] == list(range(1, 9))
+    epochs = [r for r in records if r["event"] == "epoch"]
+    assert len(epochs) == 2 and epochs[0]["bad_images"] >= 1 and epochs[0]["skipped_images"] == [str(chosen)]
+    assert f"skipped: cannot augment image '{chosen}': FailOnSize" in capsys.readouterr().err
+
+
+KILL_BETWEEN_WRITES = """
+import os, signal, sys
+from pathlib import Path
+import rmt.classification.run_state as run_state
+from rmt.classification.train import Trainer, train
+Trainer.validate = lambda self, epoch: {"val_top1": [10.0, 20.0, 15.0][epoch]}  # epoch 2 is the best
+real_save, previous = run_state.save_checkpoint, [None]
+
+def save(state, path):  # the second file of the save at step 4 (end of epoch 2) is killed half written
+    path = Path(path)
+    if state is previous[0] and state["step"] == 4:
+        path.with_name(f".{path.name}.tmp{os.getpid()}").write_bytes(b"PK" + bytes(4096))
+        os.kill(os.getpid(), signal.SIGKILL)
+    previous[0] = state
+    return real_save(state, path)
+
+run_state.save_checkpoint = save
+train(eval(sys.argv[1]))
+"""
+
+
+def test_a_kill_between_the_writes_of_best_and_last_leaves_neither_stale(tmp_path, monkeypatch):
+    """best.pth is written before the last.pth that records it: after a kill between the two, the
+    resumed run ends with the best.pth (and log) of an uninterrupted run, and no partial file."""
+    from rmt.classification.train import Trainer
+    data = write_fashion_mnist_like(tmp_path / "data", n_train=32, n_test=16)
+    common = dict(epochs=3, checkpoint_every=1, warmup_epochs=0.5)  # 2 steps per epoch
+    killed = subprocess.run([sys.executable, "-c", KILL_BETWEEN_WRITES,
+                             repr(tiny_options(tmp_path, data, name="killed", **common))],
+                            env=_env(), capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run = tmp_path / "runs" / "killed"
+    assert [p.name for p in run.glob(".*.tmp*")], "the kill left no partial file"
+    assert load_checkpoint(run / "best.pth")["step"] == 4 and load_checkpoint(run / "last.pth")["step"] == 3
+
+    monkeypatch.setattr(Trainer, "validate", lambda self, epoch: {"val_top1": [10.0, 20.0, 15.0][epoch]})
+    train({"resume": str(run)})
+    reference = Path(train(tiny_options(tmp_path, data, name="reference", **common))["run_dir"])
+    assert not list(run.glob(".*.tmp*"))
+    a, b = load_checkpoint(run / "best.pth"), load_checkpoint(reference / "best.pth")
+    assert a["step"] == b["step"] == 4 and a["best_top1"] == b["best_top1"] == 20.0
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    assert load_checkpoint(run / "last.pth")["step"] == 6
+    steps = [(r["event"], r["step"]) for r in read_jsonl(run / "log.jsonl")]
+    assert steps == [(r["event"], r["step"]) for r in read_jsonl(reference / "log.jsonl")]
+
+
+def test_start_errors_are_one_line_and_leave_no_run_directory(tmp_path, capsys):
+    data = write_fashion_mnist_like(tmp_path / "data", n_train=32, n_test=16)
+    runs = tmp_path / "out" / "runs"
+    base = ["train", "--dataset", "fashion-mnist", "--data", str(data), "--device", "cpu", "--output", str(runs),
+            "--workers", "0", "--batch-size", "8"]
+    assert cli_main([*base, "--model-kwargs", '{"depthz": [1, 1, 1, 1]}']) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("rmt train: error: --model-kwargs: rmt_tiny has no argument 'depthz'; it takes ")
+    assert "depths" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: [1\nbatch_size: {\n")
+    assert cli_main([*base, "--config", str(bad)]) == 1
+    assert capsys.readouterr().err.startswith(f"rmt train: error: config file '{bad}' is not valid YAML at line 2")
+    assert not (tmp_path / "out").exists()
 
 
 TORCHRUN_SCRIPT = """

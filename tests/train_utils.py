@@ -61,3 +61,15 @@ def tiny_options(tmp_path: Path, data: Path, **overrides):
                    output=str(tmp_path / "runs"), name="run", workers=0)
     options.update(overrides)
     return options
+
+
+class FailOnSize:
+    """A transform step that fails on images of one size: a way to choose the image it fails on."""
+
+    def __init__(self, size):
+        self.size = tuple(size)
+
+    def __call__(self, img):
+        if img.size == self.size:
+            raise ValueError("this image is the chosen one")
+        return img

@@ -67,19 +67,49 @@ def read_checkpoint(path: str | Path) -> Tuple[Dict[str, Any], Dict[str, str]]:
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"checkpoint '{path}' is not a readable safetensors file ({e}); "
                                   "the file may be truncated: download or convert it again") from e
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(
-            f"checkpoint '{path}' could not be read as a PyTorch file ({str(e).splitlines()[0]}); "
-            "it may be truncated or not a checkpoint at all") from e
-    except Exception as e:  # pickle.UnpicklingError for objects that weights_only refuses
-        raise CheckpointError(
-            f"checkpoint '{path}' holds objects other than tensors and plain containers, which are "
-            f"not loaded for safety ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    obj = load_torch_file(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint '{path}' holds a {type(obj).__name__}, not a state dict")
     return obj, {}
+
+
+def load_torch_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``, with errors that say what the file is.
+
+    A file that is not a PyTorch file at all (neither the zip archive of ``torch.save`` nor its
+    pre-1.6 pickle format) is called so before torch reads it; one that holds Python objects besides
+    tensors and plain containers is refused by name, and the advice to load it unsafely that torch's
+    own error gives is never passed on.
+    """
+    import pickle
+    import warnings
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointError(f"checkpoint '{path}' is an empty file: download or copy it again")
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # zip archive / pickle protocol 2+
+        raise CheckpointError(
+            f"'{path}' is not a checkpoint: PyTorch files are zip archives (or pickles, before PyTorch 1.6), "
+            f"and this one starts with the bytes {head.hex(' ')}")
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of non-torch files
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise CheckpointError(
+                f"checkpoint '{path}' holds a Python object ({found[1]}) besides tensors and plain containers; "
+                "such objects are not loaded for safety (unpickling them can run any code). Save the weights "
+                "alone where the file was made, e.g. torch.save(model.state_dict(), path)") from None
+        raise CheckpointError(f"'{path}' is not a checkpoint: its content is not what torch.save writes "
+                              "(or the file is damaged)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unexpected end of file"
+        raise CheckpointError(
+            f"checkpoint '{path}' could not be read as a PyTorch file ({type(e).__name__}: {first}); it is "
+            "probably truncated (an interrupted download or copy): download or copy it again") from None
 
 
 def unwrap_state_dict(obj: Mapping[str, Any], prefer_ema: bool = True) -> StateDict:

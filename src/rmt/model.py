@@ -468,7 +468,7 @@ class RMT(nn.Module):
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        check_image(x, self.in_chans)
+        check_image(x, self.in_chans, self.stem[0].weight)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         stages = self.stages[:max_index + 1] if stop_early else self.stages
         intermediates = []
@@ -497,7 +497,7 @@ class RMT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(b, C, H, W) -> (b, ceil(H/32), ceil(W/32), c3)``."""
-        check_image(x, self.in_chans)
+        check_image(x, self.in_chans, self.stem[0].weight)
         return self.stages(self._stem_tokens(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -57,7 +57,8 @@ OPTIONS: Dict[str, List[Option]] = {
                                   "mnist held on the device, augmented per batch); auto: tensor when fashion-mnist "
                                   "is trained without RandAugment"),
         ("workers", None, int, "data-loading worker processes per rank (default: min(8, CPUs per rank))"),
-        ("skip_bad_images", False, bool, "count and skip unreadable images instead of stopping"),
+        ("skip_bad_images", False, bool, "count, name and skip images that cannot be read or augmented "
+                                         "(default: stop, after saving a checkpoint to resume from)"),
     ],
     "augmentation": [
         ("aa", "rand-m9-mstd0.5-inc1", str, "timm auto-augment policy ('none' to disable)"),
@@ -177,7 +178,13 @@ def read_yaml(path: str | Path) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file '{path}' does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:  # the parser's message says where, in lines of its own
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"config file '{path}' is not valid YAML{at}: {problem}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file '{path}' must hold a mapping of option: value")
     out = {}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -25,6 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from . import fashion_mnist
+from ..bad_images import (BadImageError, SkipReport, apply_transform, bad_image_message,  # noqa: F401
+                          drop_skipped, load_sample, read_error)
 from ..engine import DistInfo
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -51,16 +52,6 @@ class DataSpec:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-class BadImageError(RuntimeError):
-    """An image file that cannot be read or decoded; the message names the file."""
-
-
-def bad_image_message(text: str) -> Optional[str]:
-    """The ``cannot read image ...`` line inside an error re-raised from a worker process, if any."""
-    found = re.findall(r"cannot (?:read|decode) image .*", text)  # the last: the traceback quotes the source
-    return found[-1] if found else None
-
-
 # ------------------------------------------------------------------------------------------------
 # data sets
 # ------------------------------------------------------------------------------------------------
@@ -68,8 +59,9 @@ def bad_image_message(text: str) -> Optional[str]:
 class ImageFolderDataset(Dataset):
     """Images under ``root/CLASS/...`` with class indices in sorted (natural) order of folder names.
 
-    An unreadable file raises :class:`BadImageError` naming it, or yields ``None`` when
-    ``skip_bad`` (the collate function counts and drops those).
+    A file that cannot be read or transformed raises :class:`BadImageError` naming it, the step and
+    the cause, or yields a :class:`SkippedImage` when ``skip_bad`` (the collate function counts and
+    drops those).
     """
 
     def __init__(self, root: str | Path, transform=None, skip_bad: bool = False,
@@ -89,24 +81,24 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        from PIL import Image
         path, target = self.samples[index]
+        return load_sample(path, self.skip_bad, lambda: (self._load(path), target))
+
+    def _load(self, path: str):
+        from PIL import Image
         try:
             with Image.open(path) as f:
                 img = f.convert("RGB")
         except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
-            if self.skip_bad:
-                return None
-            raise BadImageError(f"cannot read image '{path}' ({type(e).__name__}: {e}); remove or replace "
-                                "it, or pass --skip-bad-images to count and skip such files") from None
-        return (self.transform(img) if self.transform else img), target
+            raise read_error(path, e) from None
+        return apply_transform(self.transform, path, img) if self.transform else img
 
 
 class TensorImageDataset(Dataset):
     """Per-image access to in-memory uint8 images ``(N, H, W)`` as RGB PIL images (loader pipeline)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None):
-        self.images, self.labels, self.transform = images.numpy(), labels, transform
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None, skip_bad: bool = False):
+        self.images, self.labels, self.transform, self.skip_bad = images.numpy(), labels, transform, skip_bad
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -114,7 +106,9 @@ class TensorImageDataset(Dataset):
     def __getitem__(self, index: int):
         from PIL import Image
         img = Image.fromarray(self.images[index], mode="L").convert("RGB")
-        return (self.transform(img) if self.transform else img), int(self.labels[index])
+        name = f"#{index}"
+        return load_sample(name, self.skip_bad, lambda: (
+            apply_transform(self.transform, name, img) if self.transform else img, int(self.labels[index])))
 
 
 class SeededSamples(Dataset):
@@ -205,22 +199,21 @@ class EpochSeededShuffle(Sampler):
         return iter(order[self.rank::self.world])
 
 
-def collate_skipping_none(batch: Sequence[Any]):
-    """Default collate of the readable samples, plus the count of unreadable ones (``None``)."""
-    good = [b for b in batch if b is not None]
-    bad = len(batch) - len(good)
+def collate_skipping_bad(batch: Sequence[Any]):
+    """Default collate of the good samples, plus the :class:`SkippedImage` markers of the others."""
+    good, skipped = drop_skipped(batch)
     if not good:
-        return None, None, bad
+        return None, None, skipped
     images, labels = default_collate(good)
-    return images, labels, bad
+    return images, labels, skipped
 
 
 class LoaderBatches:
-    """Batches from a map-style data set through a DataLoader; ``bad_images`` counts skipped files."""
+    """Batches from a map-style data set through a DataLoader; ``skipped`` counts and names skipped images."""
 
     def __init__(self, dataset: Dataset, batch_size: int, workers: int, train: bool, info: DistInfo,
                  seed: int, aug_repeats: int = 0, even_batches: bool = False):
-        self.train, self.even_batches, self.bad_images = train, even_batches, 0
+        self.train, self.even_batches, self.skipped = train, even_batches, SkipReport()
         if train:
             if aug_repeats > 0:
                 from timm.data.distributed_sampler import RepeatAugSampler
@@ -235,12 +228,16 @@ class LoaderBatches:
             data = dataset
         self.loader = DataLoader(
             data, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
-            collate_fn=collate_skipping_none, drop_last=train, pin_memory=info.device.type == "cuda",
+            collate_fn=collate_skipping_bad, drop_last=train, pin_memory=info.device.type == "cuda",
             persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed),
             prefetch_factor=4 if workers > 0 else None)
         self.batches_per_epoch = len(self.sampler) // batch_size if train else math.ceil(
             len(self.sampler) / batch_size)
         self.num_samples = len(dataset)
+
+    @property
+    def bad_images(self) -> int:
+        return self.skipped.count
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         if self.train:
@@ -250,8 +247,8 @@ class LoaderBatches:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels, bad in self.loader:
-            self.bad_images += bad
+        for images, labels, skipped in self.loader:
+            self.skipped.add(skipped)
             if images is None:
                 continue
             if self.even_batches and len(images) % 2:  # mixup pairs samples: drop one after skipped files
@@ -294,14 +291,16 @@ def resolve_spec(cfg: Dict[str, Any], class_names: List[str], grayscale: bool,
 
 
 def train_transform(cfg: Dict[str, Any], spec: DataSpec):
-    """timm's training transform: random-resized crop, flip, RandAugment, normalise, random erasing."""
+    """timm's training transform: random-resized crop, flip, RandAugment, normalise, random erasing
+    (RandAugment's ops prepared by :func:`.augment.prepare_auto_augment`)."""
     from timm.data import create_transform
+    from .augment import prepare_auto_augment
     aa = cfg["aa"] if cfg["aa"] and cfg["aa"].lower() != "none" else None
-    return create_transform(
+    return prepare_auto_augment(create_transform(
         spec.input_size, is_training=True, scale=tuple(cfg["scale"]), ratio=tuple(cfg["ratio"]),
         hflip=cfg["hflip"], color_jitter=cfg["color_jitter"], auto_augment=aa,
         interpolation=spec.interpolation, mean=tuple(spec.mean), std=tuple(spec.std),
-        re_prob=cfg["reprob"], re_mode=cfg["remode"], re_count=1)
+        re_prob=cfg["reprob"], re_mode=cfg["remode"], re_count=1))
 
 
 def eval_transform(spec: DataSpec):
@@ -360,7 +359,8 @@ def build_data(cfg: Dict[str, Any], info: DistInfo, train: bool = True) -> Data:
                                reprob=cfg["reprob"], remode=cfg["remode"]) if train else None
             va = TensorBatches(va_x, va_y, val_bs, spec, info, cfg["seed"], train=False)
         else:
-            tr = LoaderBatches(TensorImageDataset(tr_x, tr_y, train_transform(cfg, spec)), cfg["batch_size"],
+            tr = LoaderBatches(TensorImageDataset(tr_x, tr_y, train_transform(cfg, spec), cfg["skip_bad_images"]),
+                               cfg["batch_size"],
                                workers, True, info, cfg["seed"], cfg["aug_repeats"], mix) if train else None
             va = LoaderBatches(TensorImageDataset(va_x, va_y, eval_transform(spec)), val_bs, workers, False,
                                info, cfg["seed"])
@@ -389,5 +389,6 @@ def build_data(cfg: Dict[str, Any], info: DistInfo, train: bool = True) -> Data:
         val_ds = first
         val_ds.transform = eval_transform(spec)
     va = LoaderBatches(_subset(val_ds, cfg["val_subset"]), val_bs, workers, False, info, cfg["seed"])
-    return Data(tr, va, spec, len(spec.class_names), len(tr.loader.dataset) if tr else 0,
+    # (not ``if tr``: the truth value of batches is their number, 0 when the batch exceeds the set)
+    return Data(tr, va, spec, len(spec.class_names), len(tr.loader.dataset) if tr is not None else 0,
                 len(va.loader.dataset))

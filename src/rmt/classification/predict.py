@@ -61,51 +61,70 @@ def load_classifier(path: str | Path, model_name: Optional[str] = None, prefer_e
 
 
 def load_images(paths: Sequence[str | Path], spec: DataSpec) -> torch.Tensor:
-    """Images ``(N, 3, S, S)`` prepared as the model's validation data was.
+    """Images ``(N, 3, S, S)`` prepared as the model's validation data was (see :func:`load_image`)."""
+    transform = None if spec.pipeline == "tensor" else eval_transform(spec)
+    return torch.stack([load_image(p, spec, transform) for p in paths])
 
-    Models trained on device-held small images (``spec.pipeline == "tensor"``) see a plain resize of
-    the grayscale image; the others timm's evaluation transform (resize, centre crop, normalise).
+
+def load_image(path: str | Path, spec: DataSpec, transform=None) -> torch.Tensor:
+    """One image ``(3, S, S)``; ValueError naming the file when it cannot be read.
+
+    Models trained on device-held small images (``spec.pipeline == "tensor"``, ``transform`` None)
+    see a plain resize of the grayscale image; the others ``transform``, timm's evaluation
+    transform (resize, centre crop, normalise).
     """
     from PIL import Image
-    transform = None if spec.pipeline == "tensor" else eval_transform(spec)
-    out = []
-    for p in paths:
-        try:
-            with Image.open(p) as f:
-                img = f.convert("L" if spec.grayscale else "RGB")
-        except FileNotFoundError:
-            raise FileNotFoundError(f"image '{p}' does not exist") from None
-        except Exception as e:
-            raise ValueError(f"cannot read image '{p}' ({type(e).__name__}: {e})") from None
-        if spec.grayscale:
-            img = img.convert("RGB") if transform is not None else img
-        if transform is not None:
-            out.append(transform(img))
-            continue
-        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(1, 1, img.height, img.width)
-        x = x.float().div_(255)
-        if x.shape[-2:] != (spec.input_size, spec.input_size):
-            mode = spec.interpolation
-            x = F.interpolate(x, size=(spec.input_size, spec.input_size), mode=mode,
-                              align_corners=False if mode != "nearest" else None)
-        x = ((x - spec.mean[0]) / spec.std[0]).expand(-1, 3, -1, -1)
-        out.append(x[0])
-    return torch.stack(out)
+    try:
+        with Image.open(path) as f:
+            img = f.convert("L" if spec.grayscale else "RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image '{path}' does not exist") from None
+    except Exception as e:
+        raise ValueError(f"cannot read image '{path}' ({type(e).__name__}: {e})") from None
+    if spec.grayscale:
+        img = img.convert("RGB") if transform is not None else img
+    if transform is not None:
+        return transform(img)
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(1, 1, img.height, img.width)
+    x = x.float().div_(255)
+    if x.shape[-2:] != (spec.input_size, spec.input_size):
+        mode = spec.interpolation
+        x = F.interpolate(x, size=(spec.input_size, spec.input_size), mode=mode,
+                          align_corners=False if mode != "nearest" else None)
+    x = ((x - spec.mean[0]) / spec.std[0]).expand(-1, 3, -1, -1)
+    return x[0]
 
 
 @torch.no_grad()
 def predict(classifier: Classifier, paths: Sequence[str | Path], top_k: int = 5,
-            batch_size: int = 64) -> List[Dict[str, Any]]:
-    """Top-k ``(label, index, probability)`` per image, in the order of ``paths``."""
+            batch_size: int = 64, skip_bad: bool = False) -> List[Dict[str, Any]]:
+    """Top-k ``(label, index, probability)`` per image, in the order of ``paths``.
+
+    An unreadable image raises ValueError naming it; with ``skip_bad`` it gets a record
+    ``{"image": ..., "error": ...}`` instead and the others are predicted.
+    """
     device = next(classifier.model.parameters()).device
-    names = classifier.spec.class_names
+    spec = classifier.spec
+    transform = None if spec.pipeline == "tensor" else eval_transform(spec)
+    names = spec.class_names
     k = min(top_k, len(names))
-    results = []
+    results: List[Dict[str, Any]] = []
     for start in range(0, len(paths), batch_size):
-        chunk = list(paths[start:start + batch_size])
-        probs = classifier.model(load_images(chunk, classifier.spec).to(device)).float().softmax(dim=1)
-        top = probs.topk(k, dim=1)
-        for p, values, indices in zip(chunk, top.values.tolist(), top.indices.tolist()):
-            results.append({"image": str(p), "top": [{"label": names[i], "index": i, "probability": v}
-                                                     for v, i in zip(values, indices)]})
+        chunk, images, slots = list(paths[start:start + batch_size]), [], []
+        for p in chunk:
+            try:
+                images.append(load_image(p, spec, transform))
+            except ValueError as e:
+                if not skip_bad:
+                    raise ValueError(f"{e}; pass --skip-bad-images to predict the other images") from None
+                results.append({"image": str(p), "error": str(e)})
+                continue
+            slots.append(len(results))
+            results.append({"image": str(p)})
+        if not images:
+            continue
+        top = classifier.model(torch.stack(images).to(device)).float().softmax(dim=1).topk(k, dim=1)
+        for slot, values, indices in zip(slots, top.values.tolist(), top.indices.tolist()):
+            results[slot]["top"] = [{"label": names[i], "index": i, "probability": v}
+                                    for v, i in zip(values, indices)]
     return results

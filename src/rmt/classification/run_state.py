@@ -14,6 +14,8 @@ DDP and FSDP2 models alike; every rank takes part, rank 0 writes.
 """
 from __future__ import annotations
 
+import json
+import re
 from typing import Any, Dict, Optional
 
 import torch
@@ -34,7 +36,24 @@ def build_model(cfg: Dict[str, Any], num_classes: int, **overrides) -> torch.nn.
     if cfg.get("attn_forms"):
         kwargs["attn_forms"] = cfg["attn_forms"]
     kwargs.update(overrides)
-    return timm.create_model(cfg["model"], num_classes=num_classes, **kwargs)
+    try:
+        return timm.create_model(cfg["model"], num_classes=num_classes, **kwargs)
+    except TypeError as e:
+        if not model_kwargs(cfg):
+            raise
+        raise ValueError(model_kwargs_error(cfg, e)) from None
+
+
+def model_kwargs_error(cfg: Dict[str, Any], error: TypeError) -> str:
+    """What is wrong with ``--model-kwargs``, from the TypeError of the model's constructor."""
+    import inspect
+    from ..model import RMT
+    accepted = [n for n in inspect.signature(RMT.__init__).parameters if n not in ("self", "device", "dtype")]
+    unknown = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+    if unknown:
+        return (f"--model-kwargs: {cfg['model']} has no argument '{unknown[1]}'; it takes "
+                f"{', '.join(accepted)}")
+    return f"--model-kwargs {json.dumps(model_kwargs(cfg))} do not fit {cfg['model']} ({error})"
 
 
 def model_kwargs(cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -84,7 +103,13 @@ def restore_rank_rng(states: Optional[list], rank: int, world_size: int, fallbac
 def save_run_state(path, *, is_main: bool, model: torch.nn.Module, optimizer, scheduler, scaler,
                    ema: Optional[torch.nn.Module], extra: Dict[str, Any],
                    also: Optional[list] = None) -> None:
-    """Gather the state of every rank and let rank 0 write it atomically to ``path`` (and ``also``)."""
+    """Gather the state of every rank and let rank 0 write it atomically to ``also`` and then ``path``.
+
+    ``path`` (``last.pth``) is written last: were the process killed between the writes, the
+    previous ``last.pth`` is what a resume starts from, and it redoes the steps (and rewrites the
+    files) that lead here. Written the other way round, a ``last.pth`` recording a new best would
+    stand beside the old ``best.pth`` for good.
+    """
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     state = dict(extra)
     state["model"] = full_model_state(model)
@@ -95,9 +120,8 @@ def save_run_state(path, *, is_main: bool, model: torch.nn.Module, optimizer, sc
     state["scaler"] = scaler.state_dict() if scaler is not None else None
     state["rng"] = gather_rng_states()
     if is_main:
-        save_checkpoint(state, path)
-        for other in also or []:
-            save_checkpoint(state, other)
+        for target in [*(also or []), path]:
+            save_checkpoint(state, target)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 

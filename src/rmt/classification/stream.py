@@ -20,47 +20,48 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import torch
 from torch.utils.data import DataLoader
 
+from ..bad_images import SkippedImage, SkipReport, apply_transform, load_sample, read_error
 from ..engine import DistInfo
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 
 
-def decode_image(sample: Dict[str, Any], skip_bad: bool):
-    """The PIL image of a shard sample, or None for an unreadable one when ``skip_bad``."""
+def decode_image(sample: Dict[str, Any], where: str):
+    """The PIL image of a shard sample; :class:`BadImageError` naming ``where`` when unreadable."""
     from PIL import Image
-    from .data import BadImageError
     key = next((k for k in IMAGE_KEYS if k in sample), None)
-    where = f"'{sample.get('__key__')}' in shard '{sample.get('__url__')}'"
     try:
         if key is None:
             raise ValueError(f"no image entry among {sorted(k for k in sample if not k.startswith('__'))}")
         with Image.open(io.BytesIO(sample[key])) as f:
             return f.convert("RGB")
     except Exception as e:
-        if skip_bad:
-            return None
-        raise BadImageError(f"cannot decode image {where} ({type(e).__name__}: {e}); pass --skip-bad-images "
-                            "to count and skip such samples") from None
+        raise read_error(where, e) from None
 
 
 def decode_and_batch(transform: Callable, batch_size: int, skip_bad: bool, partial: bool):
-    """Pipeline stage: samples -> ``(images, labels, unreadable count)`` batches."""
+    """Pipeline stage: samples -> ``(images, labels, skipped samples)`` batches."""
+    def load(sample: Dict[str, Any], where: str):
+        image = apply_transform(transform, where, decode_image(sample, where))
+        return image, int(sample["cls"].decode().strip() if isinstance(sample["cls"], bytes) else sample["cls"])
+
     def stage(src: Iterator[Dict[str, Any]]):
         images: List[torch.Tensor] = []
         labels: List[int] = []
-        bad = 0
+        skipped: List[SkippedImage] = []
         for sample in src:
-            img = decode_image(sample, skip_bad)
-            if img is None:
-                bad += 1
+            where = f"{sample.get('__url__')}#{sample.get('__key__')}"  # SHARD#KEY
+            out = load_sample(where, skip_bad, lambda: load(sample, where))
+            if isinstance(out, SkippedImage):
+                skipped.append(out)
                 continue
-            images.append(transform(img))
-            labels.append(int(sample["cls"].decode().strip() if isinstance(sample["cls"], bytes) else sample["cls"]))
+            images.append(out[0])
+            labels.append(out[1])
             if len(images) == batch_size:
-                yield torch.stack(images), torch.tensor(labels), bad
-                images, labels, bad = [], [], 0
+                yield torch.stack(images), torch.tensor(labels), skipped
+                images, labels, skipped = [], [], []
         if images and partial:
-            yield torch.stack(images), torch.tensor(labels), bad
+            yield torch.stack(images), torch.tensor(labels), skipped
     return stage
 
 
@@ -71,7 +72,11 @@ class StreamBatches:
         self.loader = DataLoader(pipeline, batch_size=None, num_workers=workers, pin_memory=pin,
                                  generator=torch.Generator().manual_seed(0))
         self.batches_per_epoch = batches_per_epoch
-        self.skip, self.bad_images = 0, 0
+        self.skip, self.skipped = 0, SkipReport()
+
+    @property
+    def bad_images(self) -> int:
+        return self.skipped.count
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.skip = skip_batches  # the stream is resampled: a resumed epoch only runs what is left
@@ -81,8 +86,8 @@ class StreamBatches:
 
     def __iter__(self):
         limit = len(self) if self.batches_per_epoch else None
-        for i, (images, labels, bad) in enumerate(self.loader):
-            self.bad_images += bad
+        for i, (images, labels, skipped) in enumerate(self.loader):
+            self.skipped.add(skipped)
             if limit is not None and i >= limit:
                 break
             yield images, labels

@@ -22,11 +22,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import config as config_mod
-from .data import BadImageError, bad_image_message, build_data
+from .data import build_data
 from .evaluate import autocast_context, evaluate
 from .run_state import build_model, load_run_state, restore_rank_rng, save_run_state
+from .run_dir import first_missing_folder, remove_unused_run_dir
+from ..bad_images import BadImageError, bad_image_message, bad_image_problem, gathered_names, shown_names
 from ..engine import (DistInfo, JsonlLogger, cleanup_distributed, load_checkpoint, plot_curves,
-                      seed_everything, setup_distributed)
+                      remove_partial_writes, seed_everything, setup_distributed)
 from ..engine.distributed import all_reduce_sum
 
 PLOT_GROUPS = {"loss": ["train_loss", "val_loss", "ema_loss"], "top-1 accuracy (%)": ["val_top1", "ema_top1"],
@@ -222,6 +224,9 @@ class Trainer:
                         val_images=self.data.val_size)
         self.log = JsonlLogger(run_dir / "log.jsonl", enabled=info.is_main)
         if info.is_main:
+            remove_partial_writes(run_dir)  # of checkpoint writes killed before their rename
+            if resumed is not None:  # the steps after the checkpoint are trained (and logged) again
+                self.log.drop_after(self.step)
             (run_dir / "config.yaml").write_text(config_mod.to_yaml(self.cfg))
 
     def _set_schedule_length(self, epochs: float) -> None:
@@ -418,7 +423,8 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.epoch_loss[0] += loss * self.window["steps"]
         self.epoch_loss[1] += self.window["steps"]
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}", refresh=False)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}", refresh=False)
         self.log.log({"event": "train", "epoch": epoch + self.step_in_epoch / self.steps_per_epoch,
                       "step": self.step, "train_loss": loss, "lr": lr, "img_per_s": speed})
         self._window_reset()
@@ -450,6 +456,25 @@ class Trainer:
                        extra=extra, also=[self.run_dir / "best.pth"] if best else None)
         self.last_saved = (path, self.step)
 
+    def stop_on_bad_image(self, error: BadImageError) -> BadImageError:
+        """The error to stop the run with, after saving where it stands so that ``--resume`` continues.
+
+        The checkpoint is that of the last optimizer step: the resumed run loads the failing batch
+        again (or, when validation failed, validates that epoch again). Under torchrun the other
+        processes cannot take part in a save: the error names the last checkpoint written.
+        """
+        message = bad_image_problem(error)
+        if not self.info.distributed:
+            self._log_window(self.epoch, None)
+            self.save(self.epoch, self.step_in_epoch)
+            saved = f"Training stopped after saving step {self.step} to '{self.last_saved[0]}'"
+        elif self.last_saved:
+            saved = f"Training stopped; the last checkpoint is '{self.last_saved[0]}' (step {self.last_saved[1]})"
+        else:
+            saved = "Training stopped before its first checkpoint"
+        return BadImageError(f"{message}. {saved}: replace or remove the image and continue with --resume "
+                             f"{self.run_dir}, or add --skip-bad-images to count and skip such images")
+
     def fit(self) -> Dict[str, Any]:
         cfg, main = self.cfg, self.info.is_main
         if main:
@@ -470,11 +495,14 @@ class Trainer:
             improved = score > self.best_top1
             self.best_top1 = max(self.best_top1, score)
             bad = int(all_reduce_sum(torch.tensor([self.data.train.bad_images], device=self.info.device)).item())
+            skipped = gathered_names(getattr(self.data.train, "skipped", None)) if bad else []
             speed = self.epoch_images / max(self.epoch_time, 1e-9)
             speeds.append(speed)
             record = dict(event="epoch", epoch=epoch + 1, step=self.step,
                           epoch_train_loss=self.epoch_loss[0] / max(self.epoch_loss[1], 1),
                           epoch_time_s=self.epoch_time, img_per_s=speed, bad_images=bad, **metrics)
+            if skipped:
+                record["skipped_images"] = skipped
             self.log.log(record)
             self.epoch_loss = [0.0, 0]
             self.save(epoch + 1, 0, metrics, best=improved)
@@ -482,7 +510,7 @@ class Trainer:
             if main:
                 shown = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.endswith(("top1", "top5")))
                 tqdm.write(f"epoch {epoch + 1}/{self.num_epochs}: train loss {record['epoch_train_loss']:.4f}  {shown}  "
-                           f"{speed:.0f} img/s" + (f"  ({bad} unreadable images skipped)" if bad else ""))
+                           f"{speed:.0f} img/s" + (f"  ({bad} bad images skipped so far: {shown_names(skipped)})" if bad else ""))
                 plot_curves(self.log.path, self.run_dir / "curves.png", PLOT_GROUPS, x_key="step",
                             title=f"{cfg['model']} on {cfg['dataset']}")
             self.step_in_epoch = 0
@@ -538,12 +566,21 @@ def train(options: Dict[str, Any]) -> Dict[str, Any]:
     info = setup_distributed(cfg["device"], cfg["dist_backend"])
     trainer: Optional[Trainer] = None
     try:
+        created = first_missing_folder(Path(cfg["output"]))
         run_dir = make_run_dir(cfg, info, resume_path)
-        trainer = Trainer(cfg, info, run_dir, resumed, t_begin)
+        try:
+            trainer = Trainer(cfg, info, run_dir, resumed, t_begin)
+        except BaseException:
+            if resume_path is None and info.is_main:
+                remove_unused_run_dir(run_dir, created)
+            raise
         del resumed
         if trainer.epoch >= trainer.num_epochs and info.is_main:
             print(f"'{run_dir}' has already finished its {cfg['epochs']:g} epochs; pass --epochs N to train longer")
-        return trainer.fit()
+        try:
+            return trainer.fit()
+        except BadImageError as e:
+            raise trainer.stop_on_bad_image(e) from None
     finally:
         if trainer is not None and trainer.graphed is not None:
             trainer.graphed.release()  # also after an error: a live graph would hang the teardown

@@ -95,6 +95,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     r.add_argument("--save-every", type=int, help="iterations between checkpoints (default 500; 0: epochs only)")
     r.add_argument("--eval-every", type=int, help="epochs between evaluations (default 1; 0: at the end)")
     r.add_argument("--max-steps", type=int, help="stop after this many iterations (checkpoint kept)")
+    r.add_argument("--skip-bad-images", action="store_true", default=None,
+                   help="count, name and skip training images that cannot be loaded (default: stop, after "
+                        "saving a checkpoint to resume from)")
 
 
 def _add_common_inference(p: argparse.ArgumentParser) -> None:

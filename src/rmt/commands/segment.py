@@ -91,6 +91,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue OUT/last.pt (or the checkpoint given) exactly where it stopped")
     t.add_argument("--stop-after", type=int, default=None,
                    help="stop after N iterations of this run, saving a checkpoint (e.g. to fit a job limit)")
+    t.add_argument("--skip-bad-images", action="store_true",
+                   help="count, name and skip training pairs that cannot be loaded (default: stop, after "
+                        "saving a checkpoint to resume from)")
     t.add_argument("--debug", action="store_true", help="show full tracebacks")
 
     e = sub.add_parser("eval", help="mIoU and per-class IoU of a trained model",
@@ -160,7 +163,7 @@ def run_train(args: argparse.Namespace) -> int:
         precision=args.precision, eval_interval=args.eval_interval,
         checkpoint_interval=args.checkpoint_interval, log_interval=args.log_interval,
         workers=args.workers, device=args.device, seed=args.seed, resume=args.resume,
-        stop_after=args.stop_after)
+        stop_after=args.stop_after, skip_bad_images=args.skip_bad_images)
     result = train(cfg)
     if result and int(os.environ.get("RANK", "0")) == 0:
         from ..segmentation.metrics import format_scores

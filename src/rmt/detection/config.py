@@ -70,6 +70,7 @@ class TrainConfig:
     save_every: int = 500           # iterations between checkpoints (and at every epoch end)
     eval_every: int = 1             # epochs between evaluations (0: only at the end)
     max_steps: Optional[int] = None # stop (with a checkpoint) after this many optimizer steps
+    skip_bad_images: bool = False   # count and skip images that cannot be loaded instead of stopping
 
     def resolved(self, world_size: int) -> "TrainConfig":
         """A copy with the schedule preset and the linear LR scaling filled in."""
@@ -108,7 +109,7 @@ class TrainConfig:
 
 
 # settings that do not change what is computed: free to differ when resuming
-RUN_FIELDS = ("out", "device", "workers", "log_every", "save_every", "eval_every", "max_steps")
+RUN_FIELDS = ("out", "device", "workers", "log_every", "save_every", "eval_every", "max_steps", "skip_bad_images")
 
 
 def merge_config(explicit: Dict[str, Any], saved: Optional[Dict[str, Any]] = None) -> TrainConfig:

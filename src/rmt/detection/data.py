@@ -25,6 +25,8 @@ from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection
 from torchvision.transforms.v2 import functional as TF
 
+from ..bad_images import SkippedImage, drop_skipped, load_sample, read_error
+
 Target = Dict[str, torch.Tensor]
 
 
@@ -59,10 +61,12 @@ class CocoInstances(Dataset):
         with_masks: decode segmentations into ``masks`` (Mask R-CNN).
         hflip_prob: probability of a horizontal flip in training.
         seed: seed of the flips.
+        skip_bad: return a :class:`~rmt.bad_images.SkippedImage` for an image that cannot be read
+            or prepared (:func:`collate_train` drops it); otherwise raise a BadImageError naming it.
     """
 
     def __init__(self, image_dir: str | Path, ann_file: str | Path, train: bool = False,
-                 with_masks: bool = True, hflip_prob: float = 0.5, seed: int = 0):
+                 with_masks: bool = True, hflip_prob: float = 0.5, seed: int = 0, skip_bad: bool = False):
         ann_file = Path(ann_file)
         if not ann_file.is_file():
             raise FileNotFoundError(f"annotation file '{ann_file}' does not exist")
@@ -83,6 +87,7 @@ class CocoInstances(Dataset):
         self.with_masks = with_masks
         self.hflip_prob = hflip_prob if train else 0.0
         self.seed = seed
+        self.skip_bad = skip_bad
         self.epoch = 0
         self.ids: List[int] = list(self.base.ids)
         self._base_index = {image_id: i for i, image_id in enumerate(self.ids)}
@@ -112,11 +117,15 @@ class CocoInstances(Dataset):
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, Target]:
         image_id = self.ids[index]
-        info = self.coco.imgs[image_id]
+        name = str(Path(self.base.root) / self.coco.imgs[image_id]["file_name"])
+        return load_sample(name, self.skip_bad, lambda: self._load(index, name))
+
+    def _load(self, index: int, name: str) -> Tuple[torch.Tensor, Target]:
+        image_id = self.ids[index]
         try:
             image = TF.pil_to_tensor(self.base[self._base_index[image_id]][0])
-        except (OSError, FileNotFoundError) as e:
-            raise OSError(f"image '{info['file_name']}' (id {image_id}) could not be read: {e}") from e
+        except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
+            raise read_error(name, e) from None
         h, w = image.shape[-2:]
         anns = self._annotations(image_id)
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
@@ -159,6 +168,13 @@ def collate(batch: Sequence[Tuple[torch.Tensor, Target]]) -> Tuple[List[torch.Te
     """Keep images of different sizes as lists (torchvision detectors batch them themselves)."""
     images, targets = zip(*batch)
     return list(images), list(targets)
+
+
+def collate_train(batch: Sequence[Any]) -> Tuple[List[torch.Tensor], List[Target], List[SkippedImage]]:
+    """:func:`collate` of the samples that loaded, and the :class:`SkippedImage` markers of the others."""
+    good, skipped = drop_skipped(batch)
+    images, targets = collate(good) if good else ([], [])
+    return images, targets, skipped
 
 
 class TrainSampler(Sampler[int]):

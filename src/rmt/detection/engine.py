@@ -19,11 +19,13 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..bad_images import BadImageError, SkipReport, bad_image_problem
 from ..engine import (DistInfo, JsonlLogger, capture_rng_state, cleanup_distributed, load_checkpoint,
-                      plot_curves, restore_rng_state, save_checkpoint, seed_everything, setup_distributed)
+                      plot_curves, remove_partial_writes, restore_rng_state, save_checkpoint, seed_everything,
+                      setup_distributed)
 from ..engine.distributed import all_reduce_mean
 from .config import WARMUP_RATIO, TrainConfig, merge_config
-from .data import CocoInstances, TrainSampler, collate, find_split, shard_indices
+from .data import CocoInstances, TrainSampler, collate, collate_train, find_split, shard_indices
 from .evaluation import coco_evaluate, format_metrics, to_coco_results
 from .models import build_detector, detector_has_masks
 from .shapes import write_shapes_dataset
@@ -197,7 +199,8 @@ def _train(cfg: TrainConfig, info: DistInfo, state: Optional[Dict[str, Any]], re
     amp = (cfg.amp or ("bf16" if info.device.type == "cuda" else "none")) == "bf16"
     prepare_shapes(cfg, info)
     with_masks = detector_has_masks(cfg.detector)
-    train_set = CocoInstances(*resolve_split(cfg, "train"), train=True, with_masks=with_masks, seed=cfg.seed)
+    train_set = CocoInstances(*resolve_split(cfg, "train"), train=True, with_masks=with_masks, seed=cfg.seed,
+                              skip_bad=cfg.skip_bad_images)
     val_set = CocoInstances(*resolve_split(cfg, "val"), train=False, with_masks=False)
     if val_set.cat_ids != train_set.cat_ids:
         raise ValueError(f"train and val annotations define different categories ({train_set.class_names} vs "
@@ -238,14 +241,19 @@ def _train(cfg: TrainConfig, info: DistInfo, state: Optional[Dict[str, Any]], re
     scheduler.step_update(step)
 
     logger = JsonlLogger(out / "log.jsonl", enabled=info.is_main)
+    if info.is_main:
+        remove_partial_writes(out)  # of checkpoint writes killed before their rename
+        if state:  # the steps after the checkpoint run (and are logged) again
+            logger.drop_after(step)
     if info.is_main and not state:
         print(f"training {cfg.detector} with {cfg.model} on {len(train_set)} images ({len(train_set.cat_ids)} "
               f"classes), {cfg.epochs} epochs of {iters} iterations, batch {cfg.batch_size}x{info.world_size}, "
               f"lr {cfg.lr:.3g}, {'bf16' if amp else 'fp32'} on {info.device}")
         logger.log({"event": "config", "step": 0, "config": asdict(cfg)})
     loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                        collate_fn=collate, pin_memory=info.device.type == "cuda",
+                        collate_fn=collate_train, pin_memory=info.device.type == "cuda",
                         generator=torch.Generator())  # worker seeds drawn apart from the global RNG
+    skipped_images = SkipReport()
 
     def save(epoch_: int, batch_: int) -> None:
         ckpt = _checkpoint_state(model, optimizer, scheduler, cfg, epoch_, batch_, step, train_set, metrics)
@@ -264,7 +272,15 @@ def _train(cfg: TrainConfig, info: DistInfo, state: Optional[Dict[str, Any]], re
             bar = tqdm(total=iters, initial=batch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
                        disable=not info.is_main, dynamic_ncols=True)
             window, t0, n_images = [], time.perf_counter(), 0
-            for images, targets in loader:
+            for images, targets, skipped in loader:
+                skipped_images.add(skipped)
+                if not images:  # every image of the batch skipped: no step
+                    if info.distributed:
+                        raise BadImageError(f"every image of a batch at step {step} was skipped; under torchrun "
+                                            "the other processes cannot skip that step with this one")
+                    batch += 1
+                    bar.update(1)
+                    continue
                 images, targets = to_device(images, targets, info.device)
                 with autocast(info.device, amp):
                     losses = model(images, targets)
@@ -312,6 +328,16 @@ def _train(cfg: TrainConfig, info: DistInfo, state: Optional[Dict[str, Any]], re
             save(epoch, batch)
             print(f"\ninterrupted: saved the run after step {step} to {out / 'last.pth'} (--resume continues it)")
         raise
+    except BadImageError as e:  # without --skip-bad-images: save where the run is, then stop
+        saved = "the last checkpoint written is kept"
+        if not info.distributed:
+            save(epoch, batch)
+            saved = f"the run was saved after step {step}"
+        raise BadImageError(f"{bad_image_problem(e)}. Training stopped; {saved} in '{out / 'last.pth'}': "
+                            "replace or remove the image and continue with --resume, or add --skip-bad-images "
+                            "to count and skip such images") from None
+    if skipped_images.count and info.is_main:
+        print(f"training: {skipped_images.summary()}")
     if info.is_main:
         print(f"{'stopped at' if stopped else 'finished after'} step {step}; checkpoint {out / 'last.pth'}, "
               f"log {out / 'log.jsonl'}, curves {out / 'curves.png'}")

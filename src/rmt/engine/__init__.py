@@ -6,7 +6,9 @@
 """
 from .distributed import DistInfo, cleanup_distributed, seed_everything, setup_distributed
 from .metrics_log import JsonlLogger, plot_curves
-from .state import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from .state import (CheckpointWriteError, capture_rng_state, load_checkpoint, remove_partial_writes,
+                    restore_rng_state, save_checkpoint)
 
 __all__ = ["DistInfo", "setup_distributed", "cleanup_distributed", "seed_everything", "JsonlLogger",
-           "plot_curves", "save_checkpoint", "load_checkpoint", "capture_rng_state", "restore_rng_state"]
+           "plot_curves", "save_checkpoint", "load_checkpoint", "capture_rng_state", "restore_rng_state",
+           "remove_partial_writes", "CheckpointWriteError"]

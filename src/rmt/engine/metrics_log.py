@@ -25,6 +25,30 @@ class JsonlLogger:
             f.write(json.dumps(record, default=_jsonable) + "\n")
 
 
+    def drop_after(self, step: int) -> int:
+        """Remove the records of steps after ``step`` (those a resumed run logs again); returns how many.
+
+        Records without a step stay; so does nothing else when the log is shorter.
+        """
+        if not (self.enabled and self.path.is_file()):
+            return 0
+        lines = self.path.read_text().splitlines()
+        keep = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by the kill
+                continue
+            if not isinstance(record, dict) or not isinstance(record.get("step"), (int, float)) \
+                    or record["step"] <= step:
+                keep.append(line)
+        if len(keep) < len(lines):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            tmp.replace(self.path)
+        return len(lines) - len(keep)
+
+
 def read_jsonl(path: str | Path) -> List[Dict[str, Any]]:
     """All records of a JSONL log; a line torn by a crash at the end is skipped."""
     records = []

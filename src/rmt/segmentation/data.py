@@ -28,6 +28,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 
+from ..bad_images import apply_transform, drop_skipped, load_sample, read_error
 from ..images import IMAGE_SUFFIXES, list_images  # noqa: F401  (list_images re-exported)
 
 IGNORE_INDEX = 255
@@ -149,11 +150,13 @@ class SegmentationFolder(Dataset):
 
     ``dataset[i]`` or ``dataset[(i, seed)]`` returns ``(image, label)``: with a transform, the
     transform's output (seeded with ``seed`` when given); without, uint8 ``(3, H, W)`` and int64
-    ``(H, W)``.
+    ``(H, W)``. A pair that cannot be read or transformed raises a BadImageError naming the image,
+    the step and the cause, or, with ``skip_bad``, comes back as a
+    :class:`~rmt.bad_images.SkippedImage` (:func:`collate_skipping_bad` drops it).
     """
 
     def __init__(self, root: Union[str, Path], split: str = "training", transform=None,
-                 reduce_zero_label: bool = False):
+                 reduce_zero_label: bool = False, skip_bad: bool = False):
         self.root = Path(root)
         image_dir, label_dir = self.root / "images" / split, self.root / "annotations" / split
         for d in (image_dir, label_dir):
@@ -174,12 +177,20 @@ class SegmentationFolder(Dataset):
         self.split = split
         self.transform = transform
         self.reduce_zero_label = reduce_zero_label
+        self.skip_bad = skip_bad
 
     def __len__(self) -> int:
         return len(self.images)
 
     def load(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        image, label = read_image(self.images[index]), read_label(self.labels[index])
+        try:
+            image = read_image(self.images[index])
+        except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
+            raise read_error(str(self.images[index]), e) from None
+        try:
+            label = read_label(self.labels[index])
+        except Exception as e:
+            raise read_error(str(self.labels[index]), e) from None
         if image.shape[-2:] != label.shape:
             raise ValueError(f"'{self.images[index]}' is {tuple(image.shape[-2:])} but its label map "
                              f"is {tuple(label.shape)}")
@@ -187,14 +198,28 @@ class SegmentationFolder(Dataset):
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, None)
+        return load_sample(str(self.images[index]), self.skip_bad, lambda: self._sample(index, seed))
+
+    def _sample(self, index: int, seed: Optional[int]):
         image, label = self.load(index)
         if self.transform is None:
             return image, label
+        name = str(self.images[index])
         if seed is None:
-            return self.transform(image, label)
+            return apply_transform(self.transform, name, image, label)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.transform(image, label)
+            return apply_transform(self.transform, name, image, label)
+
+
+def collate_skipping_bad(batch: Sequence[Any]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], List[Any]]:
+    """Stacked images and labels of the pairs that loaded (None when none did), and the
+    :class:`~rmt.bad_images.SkippedImage` markers of the others."""
+    good, skipped = drop_skipped(batch)
+    if not good:
+        return None, None, skipped
+    images, labels = torch.utils.data.default_collate(good)
+    return images, labels, skipped
 
 
 # ------------------------------------------------------------------------------------------------

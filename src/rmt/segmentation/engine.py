@@ -28,11 +28,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
+from ..bad_images import BadImageError, SkipReport, bad_image_problem
 from ..engine import (DistInfo, JsonlLogger, capture_rng_state, cleanup_distributed, load_checkpoint,
-                      plot_curves, restore_rng_state, save_checkpoint, seed_everything, setup_distributed)
+                      plot_curves, remove_partial_writes, restore_rng_state, save_checkpoint, seed_everything,
+                      setup_distributed)
 from ..engine.distributed import all_reduce_mean, all_reduce_sum
-from .data import (IGNORE_INDEX, EvalTransform, SegmentationFolder, TrainTransform, parse_size,
-                   read_class_names, read_dataset_meta)
+from .data import (IGNORE_INDEX, EvalTransform, SegmentationFolder, TrainTransform, collate_skipping_bad,
+                   parse_size, read_class_names, read_dataset_meta)
 from .evaluation import SPEC_KEYS, evaluate, save_weights
 from .metrics import format_scores, plot_per_class
 from .models import build_segmenter, describe
@@ -60,7 +62,7 @@ RECIPES: Dict[str, Recipe] = {
 }
 
 # fields that may change when a run is resumed; everything else comes from the checkpoint
-RUNTIME_FIELDS = ("out", "resume", "device", "workers", "stop_after", "log_interval")
+RUNTIME_FIELDS = ("out", "resume", "device", "workers", "stop_after", "log_interval", "skip_bad_images")
 
 
 @dataclass
@@ -92,6 +94,7 @@ class TrainConfig:
     seed: int = 0
     resume: Optional[str] = None               # "auto" (OUT/last.pt) or a checkpoint path
     stop_after: Optional[int] = None           # stop after this many iterations of this run
+    skip_bad_images: bool = False              # count and skip pairs that cannot be loaded instead of stopping
 
 
 class TrainSampler(Sampler):
@@ -225,7 +228,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> Dict[str, Any]:
     amp = precision == "bf16"
 
     seed_everything(cfg.seed, dist.rank)
-    train_set = SegmentationFolder(root, "training", TrainTransform(crop, scale), reduce)
+    train_set = SegmentationFolder(root, "training", TrainTransform(crop, scale), reduce, cfg.skip_bad_images)
     try:
         val_set = SegmentationFolder(root, "validation", EvalTransform(), reduce)
     except FileNotFoundError as e:
@@ -273,13 +276,16 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> Dict[str, Any]:
             net, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     sampler = TrainSampler(len(train_set), per_rank, dist.rank, dist.world_size, cfg.seed, start)
     loader = DataLoader(train_set, batch_size=per_rank, sampler=sampler, num_workers=cfg.workers,
-                        pin_memory=dist.device.type == "cuda", drop_last=True,
+                        collate_fn=collate_skipping_bad, pin_memory=dist.device.type == "cuda", drop_last=True,
                         persistent_workers=cfg.workers > 0,
                         generator=torch.Generator().manual_seed(cfg.seed))
 
     logger = JsonlLogger(out / "log.jsonl", enabled=dist.is_main)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        remove_partial_writes(out)  # of checkpoint writes killed before their rename
+        if ckpt is not None:  # the iterations after the checkpoint run (and are logged) again
+            logger.drop_after(start)
         info = describe(model)
         print(f"{cfg.head} on {cfg.model}: {info['params'] / 1e6:.2f}M parameters, {num_classes} classes, "
               f"{len(train_set)} training images, {iterations} iterations of batch {cfg.batch_size} "
@@ -319,11 +325,30 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> Dict[str, Any]:
     result: Dict[str, Any] = {}
     net.train()
     batches = iter(loader)
+    skipped_images = SkipReport()
+
+    def next_batch(iteration: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The next batch with at least one image; on an image that cannot be loaded (no
+        --skip-bad-images) the run is saved where it stands and stopped."""
+        try:
+            while True:
+                images, labels, skipped = next(batches)
+                skipped_images.add(skipped)
+                if images is not None:
+                    return images, labels
+        except BadImageError as e:
+            saved = "the last checkpoint written is kept"
+            if not dist.distributed:  # the others cannot join a save under torchrun
+                checkpoint(iteration)
+                saved = f"the run was saved at iteration {iteration}"
+            raise BadImageError(f"{bad_image_problem(e)}. Training stopped; {saved} in "
+                                f"'{out / 'last.pt'}': replace or remove the image and continue with --resume, "
+                                "or add --skip-bad-images to count and skip such images") from None
     bar = tqdm(total=iterations, initial=start, desc="train", disable=not dist.is_main, dynamic_ncols=True)
     tick, done = time.time(), start
     with _StopFlag() as stop:
         for iteration in range(start, end):
-            images, labels = next(batches)
+            images, labels = next_batch(iteration)
             bad = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= num_classes))]
             if bad.numel():
                 raise ValueError(
@@ -373,6 +398,8 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> Dict[str, Any]:
                 checkpoint(done)
                 break
     bar.close()
+    if skipped_images.count:
+        print(f"training: {skipped_images.summary()}")
     if dist.is_main and done < iterations:
         print(f"stopped at iteration {done} of {iterations}; '{out / 'last.pt'}' holds the state, "
               "continue with --resume")
