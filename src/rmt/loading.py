@@ -47,8 +47,11 @@ def create_model(name: str, checkpoint: Optional[str | Path] = None, warn: bool 
     """
     import timm
     from .model import RMT
-    if name not in known_models():
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(known_models())}")
+    from .token_label import aux_head_kwargs
+    if name.split(".")[0] not in known_models() or (
+            "." in name and name not in timm.list_pretrained(name.split(".")[0] + ".*")):
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(known_models())} "
+                         "(or a pretrained tag such as rmt_small.tl_in1k)")
     if checkpoint is None:
         if warn:
             print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
@@ -61,6 +64,8 @@ def create_model(name: str, checkpoint: Optional[str | Path] = None, warn: bool 
         arch = describe_architecture(released_to_ours(sd) if is_released_layout(sd) else sd)
         kwargs.setdefault("num_classes", arch["num_classes"])
         kwargs.setdefault("feature_norms", arch["feature_norms"])
+        for key, value in aux_head_kwargs(name, arch["aux_head"]).items():  # token-label checkpoints
+            kwargs.setdefault(key, value)
         model = timm.create_model(name, **kwargs)
         try:
             model.load_state_dict(filter_state_dict(obj, model), strict=True)
