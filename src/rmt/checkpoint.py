@@ -318,11 +318,13 @@ def filter_state_dict(obj: Mapping[str, Any], model: torch.nn.Module, prefer_ema
     return {k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in sd.items()}
 
 
-def load_into(model: torch.nn.Module, path: str | Path, prefer_ema: bool = True) -> Dict[str, str]:
-    """Read ``path`` and load it strictly into ``model``; returns the file's metadata."""
+def load_into(model: torch.nn.Module, path: str | Path, prefer_ema: bool = True,
+              fresh_aux_head: bool = False) -> Dict[str, str]:
+    """Read ``path`` and load it strictly into ``model``; returns the file's metadata
+    (``fresh_aux_head``: see :func:`filter_state_dict`)."""
     obj, meta = read_checkpoint(path)
     try:
-        sd = filter_state_dict(obj, model, prefer_ema)
+        sd = filter_state_dict(obj, model, prefer_ema, fresh_aux_head)
     except CheckpointError as e:
         raise CheckpointError(f"'{path}': {e}") from None
     model.load_state_dict(sd, strict=True)
