@@ -202,3 +202,57 @@ def test_convert_keeps_the_aux_head(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# commands: export, eval, predict
+# ------------------------------------------------------------------------------------------------
+
+EXPORT_ARGS = dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 8),
+                   head_hidden_size=64, num_classes=10, drop_path_rate=0.0)
+
+
+def test_onnx_export_carries_the_fused_eval_logits(tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    import json
+    from rmt.cli import main
+    model = _randomize(timm.create_model("rmt_small.tl_in1k", **EXPORT_ARGS)).eval()
+    ckpt = _released_file(model, tmp_path / "star.pth")
+    out = tmp_path / "star.onnx"
+    assert main(["export", "rmt_small.tl_in1k", "--checkpoint", str(ckpt), "--model-args", json.dumps(EXPORT_ARGS),
+                 "--size", "64x96", "--check-size", "80x48", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert "check passed" in capsys.readouterr().out
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 3, 72, 40)
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        want = _fused_by_hand(model, x)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert main(["export", "rmt_small.tl_in1k", "--checkpoint", str(_released_file(
+        _randomize(timm.create_model("rmt_small", **EXPORT_ARGS)), tmp_path / "plain.pth")),
+        "--model-args", json.dumps(EXPORT_ARGS), "--out", str(tmp_path / "x.onnx")]) == 1
+    assert "plain RMT classifier (no aux_head)" in capsys.readouterr().err
+
+
+def test_eval_and_predict_of_a_released_star_checkpoint(tmp_path, capsys):
+    """A released-layout token-label file (rmt_tiny shapes with the aux head, 2 classes) evaluates and
+    predicts with the fused logits, its kind read from the file."""
+    import json
+    from rmt.cli import main
+    from rmt.classification.data import DataSpec, ImageFolderDataset, eval_transform
+    from train_utils import write_image_folder
+    root = write_image_folder(tmp_path / "imgs", per_class=3)
+    model = _randomize(timm.create_model("rmt_tiny", num_classes=2, use_aux_head=True)).eval()
+    ckpt = _released_file(model, tmp_path / "tiny_star.pth")
+    ds = ImageFolderDataset(root / "val", eval_transform(DataSpec()))
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        fused = _fused_by_hand(model, x)
+    expected = 100.0 * (fused.argmax(1) == torch.tensor([t for _, t in ds.samples])).float().mean().item()
+    assert main(["eval", str(ckpt), "--data", str(root), "--json", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"] == "rmt_tiny" and result["top1"] == pytest.approx(expected)
+    path = ds.samples[0][0]
+    assert main(["predict", str(ckpt), path, "--json", "--top-k", "2"]) == 0
+    top = json.loads(capsys.readouterr().out)[0]["top"]
+    assert top[0]["probability"] == pytest.approx(fused[0].softmax(0).max().item(), abs=1e-4)

@@ -39,6 +39,14 @@ def known_models() -> list:
     return sorted(timm.list_models("rmt_*"))
 
 
+def _known_tag(name: str) -> bool:
+    from timm.models import get_pretrained_cfg
+    try:
+        return get_pretrained_cfg(name, allow_unregistered=False) is not None
+    except RuntimeError:
+        return False
+
+
 def create_model(name: str, checkpoint: Optional[str | Path] = None, warn: bool = True,
                  **kwargs: Any) -> nn.Module:
     """``timm.create_model(name, **kwargs)`` with the weights of ``checkpoint`` (any supported layout), in eval mode.
@@ -48,8 +56,7 @@ def create_model(name: str, checkpoint: Optional[str | Path] = None, warn: bool 
     import timm
     from .model import RMT
     from .token_label import aux_head_kwargs
-    if name.split(".")[0] not in known_models() or (
-            "." in name and name not in timm.list_pretrained(name.split(".")[0] + ".*")):
+    if name.split(".")[0] not in known_models() or ("." in name and not _known_tag(name)):
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(known_models())} "
                          "(or a pretrained tag such as rmt_small.tl_in1k)")
     if checkpoint is None:
