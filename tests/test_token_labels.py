@@ -349,3 +349,54 @@ def test_two_processes_with_fsdp_and_token_labels_agree(tmp_path):
     for k in r0["after"]:
         if "running_" not in k and "num_batches" not in k:
             assert torch.equal(r0["after"][k], r1["after"][k]), k
+
+
+# ------------------------------------------------------------------------------------------------
+# rmt token-labels make
+# ------------------------------------------------------------------------------------------------
+
+def test_make_writes_maps_that_train_and_match_the_teacher(tmp_path, capsys):
+    """Per-image files for an image folder, stacked maps for the idx files; each map is the top-k of
+    the teacher's per-token head logits, whose token mean is the teacher's own output."""
+    from rmt.cli import main as cli_main
+    from rmt.classification.data import ImageFolderDataset
+    from rmt.classification.make_token_labels import token_logits
+    from rmt.classification.predict import load_classifier
+    from timm.data import create_transform
+    root = write_image_folder(tmp_path / "imgs", per_class=4)
+    folder = dict(dataset="folder", input_size=64, batch_size=4)
+    teacher = Path(train(tiny_options(tmp_path, root, name="teacher", max_steps=2, **folder))["run_dir"]) / "last.pth"
+    out = tmp_path / "maps"
+    assert cli_main(["token-labels", "make", str(teacher), str(root), str(out), "--device", "cpu", "--batch-size", "3",
+                     "--workers", "0"]) == 0
+    assert "wrote 8 label maps (top-2, grid 2x2, teacher's classifier head per token)" in capsys.readouterr().out
+    clf = load_classifier(teacher, device="cpu")
+    ds = ImageFolderDataset(root / "train", create_transform(64, crop_pct=1.0, crop_mode="squash",
+                                                             interpolation="bicubic", mean=clf.spec.mean,
+                                                             std=clf.spec.std))
+    x = torch.stack([ds[i][0] for i in range(3)])
+    with torch.no_grad():
+        logits = token_logits(clf.model, x)
+        assert torch.allclose(logits.mean((1, 2)), clf.model(x), atol=1e-5)
+    for i in range(3):
+        got = label_maps.read_map(label_maps.map_path(out, ds.samples[i][0], root / "train"), "x", 2)
+        top = logits[i].topk(2, dim=-1)
+        assert torch.equal(got[1].long(), top.indices.permute(2, 0, 1))
+        assert torch.allclose(got[0], top.values.permute(2, 0, 1), atol=1e-2)  # stored as float16
+    mtime = label_maps.map_path(out, ds.samples[0][0], root / "train").stat().st_mtime_ns
+    assert cli_main(["token-labels", "make", str(teacher), str(root), str(out), "--device", "cpu"]) == 0
+    assert "wrote 0 label maps" in capsys.readouterr().out  # an interrupted run continues, nothing redone
+    assert label_maps.map_path(out, ds.samples[0][0], root / "train").stat().st_mtime_ns == mtime
+    student = train(tiny_options(tmp_path, root, name="student", token_label=str(out), token_label_size=2,
+                                 epochs=1, **folder))
+    assert load_checkpoint(Path(student["run_dir"]) / "last.pth")["step"] == 2
+
+    data = write_fashion_mnist_like(tmp_path / "fm", n_train=32, n_test=16)
+    fm_teacher = Path(train(tiny_options(tmp_path, data, name="fm_teacher", max_steps=1, input_size=64))["run_dir"])
+    assert cli_main(["token-labels", "make", str(fm_teacher / "last.pth"), str(data), str(tmp_path / "fm_maps"),
+                     "--dataset", "fashion-mnist", "--device", "cpu"]) == 0
+    stacked = torch.load(tmp_path / "fm_maps" / "train.pt", weights_only=True)
+    assert stacked.shape == (32, 2, 5, 2, 2) and stacked.dtype == torch.float16
+    assert cli_main(["token-labels", "make", str(teacher), str(data), str(tmp_path / "bad"), "--dataset",
+                     "fashion-mnist", "--device", "cpu"]) == 1
+    assert "has 2 classes, the data set 10" in capsys.readouterr().err
