@@ -126,8 +126,7 @@ class TokenLabelRMT(RMT):
         """Class logits of the stage-3 tokens ``x`` ``(b, h, w, c3)``, fused with the aux head's token
         maximum (the eval-mode logits; unpooled heads, ``global_pool=''``, are returned as they are)."""
         out = self.head(x, pre_logits=pre_logits)
-        if pre_logits or self.aux_head is None or not isinstance(self.head, nn.Module) \
-                or getattr(self.head, "global_pool", "avg") != "avg":
+        if pre_logits or self.aux_head is None or getattr(self.head, "global_pool", "avg") != "avg":
             return out
         return aux_fusion(out, self.aux_head(x))
 
