@@ -62,7 +62,12 @@ def test_info_command_text_and_json():
     assert out.returncode == 0, out.stderr
     assert "26,967,240" in out.stdout and "decomposed" in out.stdout and "4.777 G" in out.stdout
     data = json.loads(_rmt("info", "all", "--json", "--size", "256x320").stdout)
-    assert [d["name"] for d in data] == list(MODEL_ARGS)
+    assert [d["name"] for d in data] == list(MODEL_ARGS) + ["rmt_small.tl_in1k", "rmt_base.tl_in1k",
+                                                            "rmt_large.tl_in1k"]
+    star = {d["name"]: d["params"] for d in data if "." in d["name"]}  # with the aux head (SPEC section 8)
+    assert star == {"rmt_small.tl_in1k": 27_480_240, "rmt_base.tl_in1k": 54_667_896,
+                    "rmt_large.tl_in1k": 96_105_864}
+    assert all(d["paper_top1"] == top1 for d, top1 in zip(data[4:], (84.8, 85.6, 86.1)))
     assert data[0]["features"][3] == dict(stage=3, channels=512, stride=32, grid=[8, 10])
 
 

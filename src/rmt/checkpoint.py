@@ -244,7 +244,8 @@ def describe_architecture(sd: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
     return dict(embed_dims=tuple(widths.get(i, 0) for i in range(n)),
                 depths=tuple(depths.get(i, 0) for i in range(n)),
                 num_classes=int(fc.shape[0]) if fc is not None else 0,
-                feature_norms=any(k.startswith("feature_norms.") for k in sd))
+                feature_norms=any(k.startswith("feature_norms.") for k in sd),
+                aux_head="aux_head.weight" in sd)
 
 
 def guess_variant(sd: Mapping[str, torch.Tensor]) -> Optional[str]:
@@ -265,12 +266,43 @@ def _arch_text(arch: Mapping[str, Any]) -> str:
 # fitting a state dict to a model
 # ------------------------------------------------------------------------------------------------
 
-def filter_state_dict(obj: Mapping[str, Any], model: torch.nn.Module, prefer_ema: bool = True) -> StateDict:
+def _check_token_label_kind(sd: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor],
+                            fresh_aux_head: bool) -> None:
+    """Refuse a token-label classifier (``aux_head``) loaded as a plain one and the reverse, naming which is which.
+
+    A model without class heads (features, ``num_classes=0``) takes either; a plain checkpoint of
+    another class count, or one without a classifier, or ``fresh_aux_head`` (training from a plain
+    checkpoint) leaves the model's new aux head as initialised."""
+    ckpt_aux, model_aux = "aux_head.weight" in sd, "aux_head.weight" in own
+    if ckpt_aux == model_aux or "head.fc.weight" not in own:
+        return
+    variant = guess_variant(sd)
+    if ckpt_aux:
+        tagged = f"'{variant}.tl_in1k'" if variant in ("rmt_small", "rmt_base", "rmt_large") else \
+            f"'{variant or 'rmt_*'}' with use_aux_head=True"
+        raise CheckpointError(
+            "checkpoint is a token-label classifier (RMT-S*/B*/L* kind, with aux_head), but the model is a "
+            f"plain RMT classifier without the aux head; create {tagged} to keep the aux head (its eval "
+            "logits add it), or num_classes=0 for the features")
+    same_classes = "head.fc.weight" in sd and sd["head.fc.weight"].shape == own["head.fc.weight"].shape
+    if same_classes and not fresh_aux_head:
+        plain = f"'{variant}'" if variant else "the plain variant"
+        raise CheckpointError(
+            "checkpoint is a plain RMT classifier (no aux_head), but the model is a token-label classifier "
+            f"whose eval logits add its aux head (the .tl_in1k tags, use_aux_head=True); create {plain} "
+            "for this checkpoint")
+
+
+def filter_state_dict(obj: Mapping[str, Any], model: torch.nn.Module, prefer_ema: bool = True,
+                      fresh_aux_head: bool = False) -> StateDict:
     """Turn any supported checkpoint object into a state dict that loads strictly into ``model``.
 
     * converts the released layout;
-    * a classifier of another size (or none) leaves the model's freshly initialised head in place;
+    * a classifier of another size (or none) leaves the model's freshly initialised heads in place;
     * per-stage feature norms absent from the checkpoint start fresh, those the model lacks are dropped;
+    * a token-label checkpoint (``aux_head``) for a plain classifier, or the reverse, raises
+      :class:`CheckpointError` saying which is which (``fresh_aux_head=True`` lets a plain checkpoint
+      start a token-label model, whose aux head then keeps its initial values);
     * anything else that does not fit raises :class:`CheckpointError` naming both architectures.
     """
     sd = unwrap_state_dict(obj, prefer_ema)
@@ -285,19 +317,22 @@ def filter_state_dict(obj: Mapping[str, Any], model: torch.nn.Module, prefer_ema
             f"but the model has {_arch_text(model_arch)}; create the matching variant"
             + (f" ('{variant}')" if variant else ""))
 
-    head_keys = [k for k in own if k.startswith("head.fc.")]
-    if head_keys and any(k not in sd or sd[k].shape != own[k].shape for k in head_keys):
-        if "head.fc.weight" in sd:
-            _logger.info("classifier has %d classes in the checkpoint, %d in the model: re-initialised",
-                         ckpt_arch["num_classes"], model.num_classes)
-        for k in head_keys:
-            sd[k] = own[k]
+    _check_token_label_kind(sd, own, fresh_aux_head)
+    for prefix in ("head.fc.", "aux_head."):  # class heads of another size (or absent) start fresh
+        head_keys = [k for k in own if k.startswith(prefix)]
+        if head_keys and any(k not in sd or sd[k].shape != own[k].shape for k in head_keys):
+            if prefix == "head.fc." and "head.fc.weight" in sd:
+                _logger.info("classifier has %d classes in the checkpoint, %d in the model: re-initialised",
+                             ckpt_arch["num_classes"], model.num_classes)
+            for k in head_keys:
+                sd[k] = own[k]
     for prefix, what in (("head.", "classifier head"), ("feature_norms.", "per-stage feature norms")):
         missing = [k for k in own if k.startswith(prefix) and k not in sd]
         if missing:
             _logger.warning("checkpoint has no %s: %d tensors keep their initial values", what, len(missing))
             sd.update({k: own[k] for k in missing})
-    sd = {k: v for k, v in sd.items() if k in own or not k.startswith(("head.", "feature_norms."))}
+    sd = {k: v for k, v in sd.items()
+          if k in own or not k.startswith(("head.", "aux_head.", "feature_norms."))}
 
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -313,11 +348,13 @@ def filter_state_dict(obj: Mapping[str, Any], model: torch.nn.Module, prefer_ema
     return {k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in sd.items()}
 
 
-def load_into(model: torch.nn.Module, path: str | Path, prefer_ema: bool = True) -> Dict[str, str]:
-    """Read ``path`` and load it strictly into ``model``; returns the file's metadata."""
+def load_into(model: torch.nn.Module, path: str | Path, prefer_ema: bool = True,
+              fresh_aux_head: bool = False) -> Dict[str, str]:
+    """Read ``path`` and load it strictly into ``model``; returns the file's metadata
+    (``fresh_aux_head``: see :func:`filter_state_dict`)."""
     obj, meta = read_checkpoint(path)
     try:
-        sd = filter_state_dict(obj, model, prefer_ema)
+        sd = filter_state_dict(obj, model, prefer_ema, fresh_aux_head)
     except CheckpointError as e:
         raise CheckpointError(f"'{path}': {e}") from None
     model.load_state_dict(sd, strict=True)
@@ -361,17 +398,20 @@ def convert(src: str | Path, dst: str | Path, model_name: Optional[str] = None,
     variant name and the architecture description.
     """
     import timm
+    from .token_label import aux_head_kwargs
     obj, meta = read_checkpoint(src)
     name, sd, arch = identify(obj, meta, src, model_name, prefer_ema)
-    model = timm.create_model(name, num_classes=arch["num_classes"],
-                              feature_norms=arch["feature_norms"], device="meta")
+    model = timm.create_model(name, num_classes=arch["num_classes"], feature_norms=arch["feature_norms"],
+                              device="meta", **aux_head_kwargs(name, arch["aux_head"]))
     try:
         fitted = filter_state_dict(sd, model)
     except CheckpointError as e:
         raise CheckpointError(f"'{src}': {e}") from None
     if not arch["num_classes"]:
         fitted = {k: v for k, v in fitted.items() if not k.startswith("head.")}
+    name = name.split(".")[0]
     meta = dict(meta, rmt_variant=name, num_classes=str(arch["num_classes"]),
-                feature_norms=str(arch["feature_norms"]).lower(), format="pt")
+                feature_norms=str(arch["feature_norms"]).lower(), aux_head=str(arch["aux_head"]).lower(),
+                format="pt")
     save_safetensors(fitted, dst, meta)
     return name, arch

@@ -15,6 +15,7 @@ COMMANDS = {
     "info": ("rmt.commands.info", "parameters, MACs, feature channels and MaSA forms of a variant"),
     "convert": ("rmt.commands.convert", "convert a released or trained checkpoint to .safetensors"),
     "train": ("rmt.commands.train", "train a classifier (one process, or many under torchrun)"),
+    "token-labels": ("rmt.commands.token_labels", "dense label maps for token labeling from a trained teacher"),
     "eval": ("rmt.commands.eval", "top-1/top-5 and confusion matrix of a checkpoint on a data set"),
     "predict": ("rmt.commands.predict", "top-k labels of images with a trained checkpoint"),
     "benchmark": ("rmt.commands.benchmark", "throughput and memory beside timm peers, numerics checks"),

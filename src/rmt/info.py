@@ -12,8 +12,10 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-PAPER_GFLOPS = {"rmt_tiny": 2.5, "rmt_small": 4.5, "rmt_base": 9.7, "rmt_large": 18.2}
-PAPER_TOP1 = {"rmt_tiny": 82.4, "rmt_small": 84.1, "rmt_base": 85.0, "rmt_large": 85.5}
+PAPER_GFLOPS = {"rmt_tiny": 2.5, "rmt_small": 4.5, "rmt_base": 9.7, "rmt_large": 18.2,
+                "rmt_small.tl_in1k": 4.5, "rmt_base.tl_in1k": 9.7, "rmt_large.tl_in1k": 18.2}
+PAPER_TOP1 = {"rmt_tiny": 82.4, "rmt_small": 84.1, "rmt_base": 85.0, "rmt_large": 85.5,
+              "rmt_small.tl_in1k": 84.8, "rmt_base.tl_in1k": 85.6, "rmt_large.tl_in1k": 86.1}
 
 
 def parse_size(text: str) -> Tuple[int, int]:
@@ -64,7 +66,8 @@ def summarize(name: str, size: Tuple[int, int] = (224, 224), forms: Optional[str
     return dict(name=name, params=params, size=size, gmacs=macs / 1e9,
                 paper_gflops=PAPER_GFLOPS.get(name), paper_top1=PAPER_TOP1.get(name),
                 forms=model.attention_forms, features=features,
-                head_hidden_size=model.head_hidden_size, num_classes=num_classes)
+                head_hidden_size=model.head_hidden_size, num_classes=num_classes,
+                aux_head=getattr(model, "aux_head", None) is not None)
 
 
 def format_summary(s: Dict[str, Any]) -> str:
@@ -79,4 +82,6 @@ def format_summary(s: Dict[str, Any]) -> str:
         grid = f"{f['grid'][0]}x{f['grid'][1]}"
         lines.append(f"  {f['stage']:<5}  {f['channels']:<8}  {f['stride']:<6}  {grid:<8}  {form}")
     lines.append(f"  head            Linear -> {s['head_hidden_size']} + BN + Swish, avg pool, Linear")
+    if s.get("aux_head"):
+        lines.append("  aux head        Linear per token (token labeling); eval logits = head + 0.5 * max over tokens")
     return "\n".join(lines)

@@ -39,6 +39,14 @@ def known_models() -> list:
     return sorted(timm.list_models("rmt_*"))
 
 
+def _known_tag(name: str) -> bool:
+    from timm.models import get_pretrained_cfg
+    try:
+        return get_pretrained_cfg(name, allow_unregistered=False) is not None
+    except RuntimeError:
+        return False
+
+
 def create_model(name: str, checkpoint: Optional[str | Path] = None, warn: bool = True,
                  **kwargs: Any) -> nn.Module:
     """``timm.create_model(name, **kwargs)`` with the weights of ``checkpoint`` (any supported layout), in eval mode.
@@ -47,8 +55,10 @@ def create_model(name: str, checkpoint: Optional[str | Path] = None, warn: bool 
     """
     import timm
     from .model import RMT
-    if name not in known_models():
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(known_models())}")
+    from .token_label import aux_head_kwargs
+    if name.split(".")[0] not in known_models() or ("." in name and not _known_tag(name)):
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(known_models())} "
+                         "(or a pretrained tag such as rmt_small.tl_in1k)")
     if checkpoint is None:
         if warn:
             print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
@@ -61,6 +71,8 @@ def create_model(name: str, checkpoint: Optional[str | Path] = None, warn: bool 
         arch = describe_architecture(released_to_ours(sd) if is_released_layout(sd) else sd)
         kwargs.setdefault("num_classes", arch["num_classes"])
         kwargs.setdefault("feature_norms", arch["feature_norms"])
+        for key, value in aux_head_kwargs(name, arch["aux_head"]).items():  # token-label checkpoints
+            kwargs.setdefault(key, value)
         model = timm.create_model(name, **kwargs)
         try:
             model.load_state_dict(filter_state_dict(obj, model), strict=True)

@@ -76,6 +76,16 @@ OPTIONS: Dict[str, List[Option]] = {
         ("aug_repeats", 3, int, "repeated augmentation: each image seen this many times per epoch, spread "
                                 "over ranks (0 disables)"),
     ],
+    "token labels": [
+        ("token_label", None, str, "folder of dense label maps (token labeling, docs/token-labels.md): DIR/CLASS/NAME.pt "
+                                   "per training image, or DIR/SPLIT.pt for fashion-mnist; trains the model with its "
+                                   "aux head and MixToken, and turns mixup and cutmix off"),
+        ("token_label_size", 7, int, "side of the dense target grid: the model's final-stage grid (input-size / 32)"),
+        ("token_label_target", "teacher", str, "class target: teacher (the map read over the crop, the released "
+                                               "recipe) or truth (the image's own label)"),
+        ("token_label_check", True, bool, "read every label map before the first step (--no-token-label-check: "
+                                          "only check that each file exists; a bad map then stops the run when met)"),
+    ],
     "optimization": [
         ("epochs", 300, float, "epochs of the schedule (a fraction cuts the last epoch short)"),
         ("batch_size", 128, int, "images per step per process (global batch = this x processes x accum_steps)"),
@@ -199,12 +209,21 @@ def read_yaml(path: str | Path) -> Dict[str, Any]:
 def resolve(cli: Dict[str, Any], resumed: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Merge defaults, ``cli['config']`` YAML, a resumed run's config and explicit flags."""
     cfg = dict(DEFAULTS)
+    explicit = set(cli)
     if cli.get("config"):
-        cfg.update(read_yaml(cli["config"]))
+        yaml_options = read_yaml(cli["config"])
+        explicit |= set(yaml_options)
+        cfg.update(yaml_options)
     if resumed:
         cfg.update({k: v for k, v in resumed.items() if k in DEFAULTS})
     cfg.update({k: _coerce(k, v, "command line") for k, v in cli.items() if k in DEFAULTS})
     cfg["amp"] = cfg["amp"] or "none"
+    if cfg["token_label"]:  # MixToken takes the place of mixup and cutmix (the released recipe)
+        for key in ("mixup", "cutmix"):
+            if cfg[key] > 0 and key in explicit:
+                raise ValueError(f"--token-label trains with MixToken instead of mixup and cutmix (the released "
+                                 f"recipe): drop --{key} {cfg[key]:g} or set it to 0")
+            cfg[key] = 0.0
     validate(cfg)
     return cfg
 

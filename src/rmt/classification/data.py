@@ -337,6 +337,7 @@ def uses_tensor_pipeline(cfg: Dict[str, Any]) -> bool:
 
 def build_data(cfg: Dict[str, Any], info: DistInfo, train: bool = True) -> Data:
     """Training and validation batches described by ``cfg`` (``train=False``: validation only)."""
+    from . import token_labels  # training sets with their token-label maps, when --token-label is set
     workers = cfg["workers"] if cfg["workers"] is not None else default_workers(info)
     mix = cfg["mixup"] > 0 or cfg["cutmix"] > 0
     val_bs = cfg["batch_size"] * 2
@@ -351,16 +352,20 @@ def build_data(cfg: Dict[str, Any], info: DistInfo, train: bool = True) -> Data:
             tr_x, tr_y = tr_x[: cfg["train_subset"]], tr_y[: cfg["train_subset"]]
         if cfg["val_subset"]:
             va_x, va_y = va_x[: cfg["val_subset"]], va_y[: cfg["val_subset"]]
+        classes = len(spec.class_names)
         if uses_tensor_pipeline(cfg):
             from .tensor_data import TensorBatches
             spec.pipeline = "tensor"
-            tr = TensorBatches(tr_x, tr_y, cfg["batch_size"], spec, info, cfg["seed"], train=True,
-                               scale=cfg["scale"], ratio=cfg["ratio"], hflip=cfg["hflip"],
-                               reprob=cfg["reprob"], remode=cfg["remode"]) if train else None
+            batches, extra = token_labels.tensor_batches(cfg, cfg["train_split"], len(tr_y), classes) if train \
+                else (None, {})
+            tr = batches(tr_x, tr_y, cfg["batch_size"], spec, info, cfg["seed"], train=True,
+                         scale=cfg["scale"], ratio=cfg["ratio"], hflip=cfg["hflip"],
+                         reprob=cfg["reprob"], remode=cfg["remode"], **extra) if train else None
             va = TensorBatches(va_x, va_y, val_bs, spec, info, cfg["seed"], train=False)
         else:
-            tr = LoaderBatches(TensorImageDataset(tr_x, tr_y, train_transform(cfg, spec), cfg["skip_bad_images"]),
-                               cfg["batch_size"],
+            tr = LoaderBatches(token_labels.train_set(TensorImageDataset(tr_x, tr_y, train_transform(cfg, spec),
+                                                                         cfg["skip_bad_images"]),
+                                                      cfg, info, cfg["train_split"], classes), cfg["batch_size"],
                                workers, True, info, cfg["seed"], cfg["aug_repeats"], mix) if train else None
             va = LoaderBatches(TensorImageDataset(va_x, va_y, eval_transform(spec)), val_bs, workers, False,
                                info, cfg["seed"])
@@ -382,7 +387,8 @@ def build_data(cfg: Dict[str, Any], info: DistInfo, train: bool = True) -> Data:
     tr = None
     if train:
         first.transform = train_transform(cfg, spec)
-        tr = LoaderBatches(_subset(first, cfg["train_subset"]), cfg["batch_size"], workers, True, info,
+        train_set = token_labels.train_set(first, cfg, info, cfg["train_split"], len(spec.class_names))
+        tr = LoaderBatches(_subset(train_set, cfg["train_subset"]), cfg["batch_size"], workers, True, info,
                            cfg["seed"], cfg["aug_repeats"], mix)
         val_ds = ImageFolderDataset(val_dir, eval_transform(spec), cfg["skip_bad_images"], first.class_to_idx)
     else:

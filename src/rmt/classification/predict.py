@@ -33,6 +33,7 @@ def load_classifier(path: str | Path, model_name: Optional[str] = None, prefer_e
     """
     from ..checkpoint import CheckpointError, filter_state_dict, identify, read_checkpoint
     from .config import DEFAULTS
+    from ..token_label import TOKEN_LABEL_TAGS, aux_head_kwargs
     from .run_state import build_model
     obj, meta = read_checkpoint(path)
     has_ema = any(k in obj for k in ("model_ema", "state_dict_ema"))
@@ -48,9 +49,12 @@ def load_classifier(path: str | Path, model_name: Optional[str] = None, prefer_e
         name, sd, arch = identify(obj, meta, path, model_name, prefer_ema)
         if not arch["num_classes"]:
             raise CheckpointError(f"'{path}' has no classifier head (a backbone checkpoint); it cannot classify")
-        cfg = dict(DEFAULTS, model=name)
+        base, _, tag = name.partition(".")
+        cfg = dict(DEFAULTS, model=base)
         spec = DataSpec(class_names=[str(i) for i in range(arch["num_classes"])])
-        model = build_model(cfg, arch["num_classes"], drop_path_rate=0.0)
+        # the checkpoint decides whether the model has the aux head, unless a tag names the kind
+        aux = dict(use_aux_head=tag in TOKEN_LABEL_TAGS) if tag else aux_head_kwargs(base, arch["aux_head"])
+        model = build_model(cfg, arch["num_classes"], drop_path_rate=0.0, **aux)
         ours = False
     try:
         model.load_state_dict(filter_state_dict(obj, model, prefer_ema), strict=True)

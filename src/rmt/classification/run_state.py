@@ -31,6 +31,8 @@ def build_model(cfg: Dict[str, Any], num_classes: int, **overrides) -> torch.nn.
     if cfg["model"] not in rmt.VARIANTS:
         raise ValueError(f"unknown model {cfg['model']!r}; choose from {', '.join(rmt.VARIANTS)}")
     kwargs = dict(model_kwargs(cfg))
+    if cfg.get("token_label"):  # the aux head and MixToken of token-label training (rmt.token_label)
+        kwargs.update(use_aux_head=True, use_mix_token=True)
     if cfg.get("drop_path") is not None:
         kwargs["drop_path_rate"] = cfg["drop_path"]
     if cfg.get("attn_forms"):

@@ -11,7 +11,7 @@ same sampling.
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -118,14 +118,18 @@ class TensorBatches:
         for b in range(first, self.batches_per_epoch):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             x = self.images[idx].float().div_(255)
-            x = self._augment(x) if self.train else self._resize(x)
+            x, box = self._augment(x) if self.train else (self._resize(x), None)
             if x.shape[1] == 1:  # grayscale: normalise, then replicate to the model's 3 channels
                 x = ((x - self.mean[:, :1]) / self.std[:, :1]).expand(-1, 3, -1, -1).contiguous()
             else:
                 x = (x - self.mean) / self.std
             if self.reprob > 0:
                 x = batch_random_erase(x, self.reprob, self.remode)
-            yield x, self.labels[idx]
+            yield x, self._targets(idx, box)
+
+    def _targets(self, idx: torch.Tensor, box: Optional[torch.Tensor]):
+        """What a batch carries besides its images: the labels (token labels add their maps and boxes)."""
+        return self.labels[idx]
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] == (self.size, self.size):
@@ -133,8 +137,9 @@ class TensorBatches:
         return F.interpolate(x, size=(self.size, self.size), mode=self.mode,
                              align_corners=False if self.mode != "nearest" else None)
 
-    def _augment(self, x: torch.Tensor) -> torch.Tensor:
-        """Random-resized crop (area fraction in ``scale``, aspect ratio in ``ratio``) and flip."""
+    def _augment(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Random-resized crop (area fraction in ``scale``, aspect ratio in ``ratio``) and flip; returns the
+        images and each crop as ``(b, 5)``: top, left, height, width (fractions of the image), flip (-1 or 1)."""
         b, dev = x.shape[0], x.device
         area = torch.empty(b, device=dev).uniform_(*self.scale)
         aspect = torch.empty(b, device=dev).uniform_(*self.log_ratio).exp()
@@ -147,4 +152,5 @@ class TensorBatches:
         theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
         theta[:, 1, 1], theta[:, 1, 2] = h, cy
         grid = F.affine_grid(theta, [b, x.shape[1], self.size, self.size], align_corners=False)
-        return F.grid_sample(x, grid, mode=self.mode, padding_mode="border", align_corners=False)
+        box = torch.stack([(cy - h + 1) / 2, (cx - w + 1) / 2, h, w, flip], dim=1)
+        return F.grid_sample(x, grid, mode=self.mode, padding_mode="border", align_corners=False), box

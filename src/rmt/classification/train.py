@@ -22,6 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import config as config_mod
+from . import token_labels
 from .data import build_data
 from .evaluate import autocast_context, evaluate
 from .run_state import build_model, load_run_state, restore_rank_rng, save_run_state
@@ -128,7 +129,7 @@ class Trainer:
         model = build_model(cfg, self.num_classes)
         if cfg["pretrained"]:
             from ..checkpoint import load_into
-            load_into(model, cfg["pretrained"])
+            load_into(model, cfg["pretrained"], fresh_aux_head=bool(cfg["token_label"]))
         model.to(dev)
         if cfg["channels_last"]:
             model.to(memory_format=torch.channels_last)
@@ -185,6 +186,9 @@ class Trainer:
             self.loss_fn = SoftTargetCrossEntropy()
         else:  # the same loss as timm's LabelSmoothingCrossEntropy, in one fused kernel
             self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg["smoothing"])
+        self.token_labeler = token_labels.setup(cfg, self.num_classes, model)  # dense targets of --token-label
+        if self.token_labeler is not None:
+            self.loss_fn = token_labels.TokenLabelLoss()
         if cfg["cuda_graph"]:
             from ..engine.cuda_graph import GraphedTrainStep
             # DDP settles its gradient buckets over the first iterations: capture after 11 (PyTorch's advice)
@@ -368,6 +372,8 @@ class Trainer:
                 images = images.contiguous(memory_format=torch.channels_last)
             if self.mixup is not None:
                 images, labels = self.mixup(images, labels)
+            if self.token_labeler is not None:
+                labels = self.token_labeler(labels)  # packed soft targets (b, 1 + S*S, classes)
             micro += 1
             last_micro = micro % accum == 0
             if self.graphed is not None:  # forward, backward and optimizer in one replay

@@ -21,7 +21,8 @@ import time
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model name: rmt_tiny/small/base/large, rmt_deit_small, rmt_swin_tiny")
+    p.add_argument("model", help="model name: rmt_tiny/small/base/large, a token-label tag (rmt_small.tl_in1k, "
+                                 "...: the ONNX output is the fused eval logits), rmt_deit_small, rmt_swin_tiny")
     p.add_argument("--checkpoint", default=None, help="weights to export (any layout rmt reads)")
     p.add_argument("--format", choices=("onnx", "pt2"), default="onnx",
                    help="onnx (default) or pt2 (torch.export + AOTInductor package for this CPU)")
