@@ -1,5 +1,6 @@
 """The token-label models (SPEC section 8): released layout, eval fusion, MixToken, wrong-kind errors."""
 import math
+import os
 
 import pytest
 import timm
@@ -212,6 +213,25 @@ EXPORT_ARGS = dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=
                    head_hidden_size=64, num_classes=10, drop_path_rate=0.0)
 
 
+def test_exported_program_computes_the_fused_eval_logits(tmp_path, capsys):
+    """torch.export (the graph that both ONNX and AOTInductor exports are made from), dynamic sizes."""
+    import json
+    from rmt.cli import main
+    from rmt.export import export_program
+    model = _randomize(timm.create_model("rmt_small.tl_in1k", **EXPORT_ARGS)).eval()
+    program = export_program(model, (64, 96))
+    for size in ((2, 64, 96), (1, 72, 40)):
+        x = torch.randn(*size[:1], 3, *size[1:])
+        with torch.no_grad():
+            assert torch.allclose(program.module()(x), _fused_by_hand(model, x), rtol=1e-4, atol=1e-4)
+    plain = _released_file(_randomize(timm.create_model("rmt_small", **EXPORT_ARGS)), tmp_path / "plain.pth")
+    assert main(["export", "rmt_small.tl_in1k", "--checkpoint", str(plain), "--model-args", json.dumps(EXPORT_ARGS),
+                 "--out", str(tmp_path / "x.onnx")]) == 1
+    assert "plain RMT classifier (no aux_head)" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.environ.get("RMT_SLOW_TESTS"),
+                    reason="an ONNX export takes a minute or more on a small CPU; set RMT_SLOW_TESTS=1 to run")
 def test_onnx_export_carries_the_fused_eval_logits(tmp_path, capsys):
     ort = pytest.importorskip("onnxruntime")
     import json
@@ -228,10 +248,6 @@ def test_onnx_export_carries_the_fused_eval_logits(tmp_path, capsys):
     with torch.no_grad():
         want = _fused_by_hand(model, x)
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
-    assert main(["export", "rmt_small.tl_in1k", "--checkpoint", str(_released_file(
-        _randomize(timm.create_model("rmt_small", **EXPORT_ARGS)), tmp_path / "plain.pth")),
-        "--model-args", json.dumps(EXPORT_ARGS), "--out", str(tmp_path / "x.onnx")]) == 1
-    assert "plain RMT classifier (no aux_head)" in capsys.readouterr().err
 
 
 def test_eval_and_predict_of_a_released_star_checkpoint(tmp_path, capsys):

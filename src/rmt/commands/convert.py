@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"output must end in .safetensors, got {args.dst!r}")
     name, arch = convert(args.src, args.dst, args.model, prefer_ema=not args.no_ema)
     kind = (f"classifier with {arch['num_classes']} classes" if arch["num_classes"]
-            else "backbone without head")
+            else "backbone without head") + (" and the token-label aux head" if arch.get("aux_head") else "")
     norms = ", per-stage feature norms" if arch["feature_norms"] else ""
     print(f"wrote {args.dst}: {name} ({kind}{norms})")
     return 0
