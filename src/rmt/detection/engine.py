@@ -154,13 +154,16 @@ def evaluate(model: nn.Module, dataset: CocoInstances, info: DistInfo, amp: bool
 
 def build_from_config(cfg: TrainConfig, num_classes: int, pretrained: Optional[str] = None) -> nn.Module:
     """The detector a run trains (or evaluates), from its settings."""
+    backbone_kwargs = dict(cfg.backbone_kwargs)
+    if cfg.drop_path is not None and cfg.model.startswith("rmt"):
+        backbone_kwargs.setdefault("drop_path_rate", cfg.drop_path)
     return build_detector(
         cfg.detector, cfg.model, num_classes, pretrained=pretrained,
         min_size=tuple(cfg.train_min_sizes()) if cfg.multiscale else cfg.min_size,
         max_size=cfg.max_size, frozen_stages=cfg.frozen_stages, frozen_bn=cfg.bn == "frozen",
-        attn_forms=cfg.attn_forms, fpn_channels=cfg.fpn_channels,
+        attn_forms=cfg.attn_forms or "TTTF", fpn_channels=cfg.fpn_channels,
         mask_head_channels=cfg.mask_head_channels, box_head_size=cfg.box_head_size,
-        backbone_kwargs=cfg.backbone_kwargs, **cfg.detector_kwargs)
+        backbone_kwargs=backbone_kwargs, **cfg.detector_kwargs)
 
 
 def _checkpoint_state(model: nn.Module, optimizer, scheduler, cfg: TrainConfig, epoch: int, batch: int,
@@ -197,7 +200,8 @@ def _train(cfg: TrainConfig, info: DistInfo, state: Optional[Dict[str, Any]], re
     amp = (cfg.amp or ("bf16" if info.device.type == "cuda" else "none")) == "bf16"
     prepare_shapes(cfg, info)
     with_masks = detector_has_masks(cfg.detector)
-    train_set = CocoInstances(*resolve_split(cfg, "train"), train=True, with_masks=with_masks, seed=cfg.seed)
+    train_set = CocoInstances(*resolve_split(cfg, "train"), train=True, with_masks=with_masks, seed=cfg.seed,
+                              crop=cfg.crop_sizes() if cfg.crop else None, crop_max_size=cfg.max_size)
     val_set = CocoInstances(*resolve_split(cfg, "val"), train=False, with_masks=False)
     if val_set.cat_ids != train_set.cat_ids:
         raise ValueError(f"train and val annotations define different categories ({train_set.class_names} vs "
@@ -241,7 +245,9 @@ def _train(cfg: TrainConfig, info: DistInfo, state: Optional[Dict[str, Any]], re
     if info.is_main and not state:
         print(f"training {cfg.detector} with {cfg.model} on {len(train_set)} images ({len(train_set.cat_ids)} "
               f"classes), {cfg.epochs} epochs of {iters} iterations, batch {cfg.batch_size}x{info.world_size}, "
-              f"lr {cfg.lr:.3g}, {'bf16' if amp else 'fp32'} on {info.device}")
+              f"lr {cfg.lr:.3g}, weight decay {cfg.weight_decay:g}, drop path {cfg.drop_path:g}, "
+              f"{'bf16' if amp else 'fp32'} on {info.device}"
+              + (f" (recipe {cfg.recipe})" if cfg.recipe else ""))
         logger.log({"event": "config", "step": 0, "config": asdict(cfg)})
     loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                         collate_fn=collate, pin_memory=info.device.type == "cuda",
