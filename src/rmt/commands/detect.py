@@ -111,11 +111,17 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _add_common_inference(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="last.pth written by 'rmt detect train'")
+    p.add_argument("checkpoint", help="last.pth written by 'rmt detect train', or a released mmdetection 2.x "
+                                      "Mask R-CNN / Cascade Mask R-CNN / RetinaNet file")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--amp", choices=("bf16", "none"), help="bf16 autocast (default: bf16 on CUDA)")
-    p.add_argument("--min-size", type=int, help="shorter image side (default: the training setting)")
-    p.add_argument("--max-size", type=int, help="longer side limit (default: the training setting)")
+    p.add_argument("--min-size", type=int, help="shorter image side (default: the training setting; released: 800)")
+    p.add_argument("--max-size", type=int, help="longer side limit (default: the training setting; released: 1333)")
+    r = p.add_argument_group("released files (read from the file when not given)")
+    r.add_argument("--detector", help="expected detector: the file must be one (mask_rcnn, cascade_mask_rcnn, retinanet)")
+    r.add_argument("--model", help="expected RMT variant (needed for a backbone that is no registered variant)")
+    r.add_argument("--backbone-kwargs", help="JSON of timm.create_model arguments for such a backbone")
+    r.add_argument("--attn-forms", help="MaSA forms (default: the file's config, else TTFF for rmt_tiny, TTTF)")
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
@@ -124,7 +130,8 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="val", help="split under --data (default val)")
     p.add_argument("--images", help="image folder (overrides --data)")
     p.add_argument("--ann", help="instances JSON (overrides --data)")
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--batch-size", type=int, help="images per batch (default 2; released files 1, as mmdetection "
+                                                  "tests: RMT features depend on the padding)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--max-images", type=int, help="evaluate the first N images only")
     p.add_argument("--json", help="also write the metrics to this JSON file")
@@ -192,7 +199,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     from ..detection.models import detector_has_masks
     info = setup_distributed(args.device)
     try:
-        model, meta = load_detector(args.checkpoint, info.device, args.min_size, args.max_size)
+        model, meta = load_detector(args.checkpoint, info.device, args.min_size, args.max_size,
+                                    **_released_options(args))
         cfg = meta["config"]
         if args.images and args.ann:
             images, ann = Path(args.images), Path(args.ann)
@@ -204,10 +212,12 @@ def _run_eval(args: argparse.Namespace) -> int:
         dataset = CocoInstances(images, ann, train=False, with_masks=False)
         if dataset.cat_ids != list(meta["cat_ids"]):
             raise ValueError(f"'{ann}' has categories {dataset.class_names}, the checkpoint {meta['classes']}")
+        batch = args.batch_size or (1 if meta["released"] else 2)
         metrics = evaluate(model, dataset, info, _amp(args.amp, info.device), detector_has_masks(cfg.detector),
-                           args.batch_size, args.workers, args.max_images)
+                           batch, args.workers, args.max_images)
         if info.is_main:
-            print(f"{cfg.detector} {cfg.model} (epoch {meta['epoch']}, step {meta['step']}) on "
+            source = "released" if meta["released"] else f"step {meta['step']}"
+            print(f"{cfg.detector} {cfg.model} (epoch {meta['epoch']}, {source}) on "
                   f"{metrics['num_images']} images of {ann}:\n{format_metrics(metrics)}")
             if args.json:
                 Path(args.json).write_text(json.dumps(metrics, indent=1))
@@ -223,11 +233,21 @@ def _run_predict(args: argparse.Namespace) -> int:
     from ..images import list_images
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     paths = list_images(args.inputs)
-    model, meta = load_detector(args.checkpoint, device, args.min_size, args.max_size)
+    model, meta = load_detector(args.checkpoint, device, args.min_size, args.max_size, **_released_options(args))
     json_path = predict_images(model, paths, args.out, meta["classes"], meta["cat_ids"], device,
                                args.score_threshold, _amp(args.amp, device))
     print(f"wrote {len(paths)} images with detections to {args.out}/ and {json_path}")
     return 0
+
+
+def _released_options(args: argparse.Namespace) -> Dict[str, Any]:
+    kwargs = None
+    if args.backbone_kwargs:
+        try:
+            kwargs = json.loads(args.backbone_kwargs)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--backbone-kwargs must be a JSON object, got {args.backbone_kwargs!r} ({e})")
+    return dict(detector=args.detector, model_name=args.model, backbone_kwargs=kwargs, attn_forms=args.attn_forms)
 
 
 def _run_shapes(args: argparse.Namespace) -> int:
