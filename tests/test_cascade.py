@@ -215,3 +215,26 @@ def test_released_sizes_round_and_masks_paste_at_pixel_centres():
     assert pasted.shape == (8, 10) and (pasted[3:5, 2:6] == 1).all()
     assert pasted.sum() == 8
     assert paste_masks(torch.zeros(0, 1, 28, 28), torch.zeros(0, 4), 8, 10).shape == (0, 1, 8, 10)
+
+
+def test_cascade_heads_fit_a_torchvision_faster_rcnn():
+    from rmt.detection.cascade import build_cascade_roi_heads
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+    torch.manual_seed(0)
+    detector = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3, min_size=64, max_size=64,
+                                       rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50,
+                                       rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50)
+    detector.roi_heads = build_cascade_roi_heads(3, conv_channels=16, fc_size=32, mask_channels=None,
+                                                 batch_size_per_image=32)
+    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]
+    targets = [{"boxes": torch.tensor([[4.0, 4, 40, 30]]), "labels": torch.tensor([2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    losses = detector.train()(images, targets)
+    assert {"s0.loss_cls", "s2.loss_box", "loss_objectness"} <= set(losses) and "s0.loss_mask" not in losses
+    sum(losses.values()).backward()
+    assert detector.roi_heads.box_heads[2].fc.weight.grad.abs().sum() > 0
+    detector.roi_heads.score_thresh = 0.0
+    with torch.no_grad():
+        out = detector.eval()(images)
+    assert len(out) == 2 and out[0]["boxes"].shape[1] == 4 and "masks" not in out[0]
+    assert (out[0]["labels"] >= 1).all() and (out[0]["boxes"][:, 2:] <= 64).all()

@@ -443,10 +443,15 @@ def test_benchmark_skips_without_cuda_and_runs_on_cpu(tmp_path, monkeypatch, cap
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench.main(["--json", str(tmp_path / "gpu.json")]) == 0
     assert "skipped: no CUDA" in capsys.readouterr().out and not (tmp_path / "gpu.json").exists()
-    tiny = json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()})
-    assert bench.main(["--device", "cpu", "--fp32", "--size", "96x64", "--steps", "1", "--warmup", "0",
-                       "--models", "rmt_tiny", "--backbone-kwargs", tiny, "--json", str(tmp_path / "cpu.json")]) == 0
-    row = json.loads((tmp_path / "cpu.json").read_text())["results"][0]
-    assert row["size"] == "96x64" and row["attn_forms"] == "TTTF" and row["batch"] == 2
-    assert row["train_img_s"] > 0 and row["infer_img_s"] > 0
-    assert "| rmt_tiny | mask_rcnn | 96x64 |" in capsys.readouterr().out
+    assert bench.main(["--smoke", "--models", "rmt_tiny", "resnet50", "--json", str(tmp_path / "cpu.json")]) == 0
+    rows = json.loads((tmp_path / "cpu.json").read_text())["results"]
+    assert [(r["model"], r["detector"]) for r in rows] == [
+        ("rmt_tiny", "mask_rcnn"), ("resnet50", "mask_rcnn"), ("rmt_tiny", "cascade_mask_rcnn"),
+        ("resnet50", "cascade_mask_rcnn")]
+    for row in rows:
+        assert row["size"] == "128x96" and row["batch"] == 2 and row["precision"] == "fp32"
+        assert row["train_img_s"] > 0 and row["infer_img_s"] > 0 and row["train_s_step"] > 0
+    assert rows[0]["attn_forms"] == "TTTF" and rows[1]["attn_forms"] == "-"
+    assert rows[1]["backbone_params_m"] > 20  # ResNet-50 under the same FPN
+    out = capsys.readouterr().out
+    assert "| rmt_tiny | cascade_mask_rcnn | 128x96 |" in out and "| resnet50 | mask_rcnn | 128x96 |" in out
