@@ -202,6 +202,9 @@ def test_roi_levels_and_aligned_pooling():
     torch.testing.assert_close(out[0, 0], torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
     unaligned = LevelRoIAlign(["0", "1", "2", "3"], 2, aligned=False)(feats, [torch.tensor([[0.0, 0, 8, 8]])], [(64, 64)])
     torch.testing.assert_close(unaligned[0, 0], torch.tensor([[0.5, 1.5], [0.5, 1.5]]))
+    # a 33-pixel image padded to 64: the strides cannot be told from the sizes, but can be given
+    fixed = LevelRoIAlign(["0", "1", "2", "3"], 2, strides=(4, 8, 16, 32))
+    torch.testing.assert_close(fixed(feats, [torch.tensor([[0.0, 0, 8, 8]])], [(33, 33)]), out)
 
 
 def test_released_sizes_round_and_masks_paste_at_pixel_centres():

@@ -317,11 +317,13 @@ class CascadeRoIHeads(nn.Module):
 
 def build_cascade_roi_heads(num_classes: int, in_channels: int = 256, conv_channels: int = 256, fc_size: int = 1024,
                             mask_channels: Optional[int] = 256, featmap_names: Sequence[str] = ("0", "1", "2", "3"),
-                            norm_layer: Optional[type] = nn.BatchNorm2d, **kwargs) -> CascadeRoIHeads:
+                            norm_layer: Optional[type] = nn.BatchNorm2d,
+                            featmap_strides: Optional[Sequence[int]] = (4, 8, 16, 32), **kwargs) -> CascadeRoIHeads:
     """The released Cascade Mask R-CNN heads for ``num_classes`` (background included) classes.
 
     Three 4conv1fc box heads on 7x7 RoIAlign features and (unless ``mask_channels`` is None)
-    three FCN mask heads on 14x14 features, both RoIAligns ``aligned=True`` over ``featmap_names``.
+    three FCN mask heads on 14x14 features, both RoIAligns ``aligned=True`` over ``featmap_names``
+    of strides ``featmap_strides`` (None: inferred from the feature and image sizes).
     ``kwargs`` go to :class:`CascadeRoIHeads` (thresholds, sampling, test-time selection).
     """
     stages = len(kwargs.get("iou_thresholds", IOU_THRESHOLDS))
@@ -329,8 +331,8 @@ def build_cascade_roi_heads(num_classes: int, in_channels: int = 256, conv_chann
                  for _ in range(stages)]
     masks = mask_channels is not None
     return CascadeRoIHeads(
-        LevelRoIAlign(featmap_names, 7), box_heads,
-        LevelRoIAlign(featmap_names, 14) if masks else None,
+        LevelRoIAlign(featmap_names, 7, strides=featmap_strides), box_heads,
+        LevelRoIAlign(featmap_names, 14, strides=featmap_strides) if masks else None,
         [MaskHead(in_channels, num_classes, mask_channels) for _ in range(stages)] if masks else None,
         **kwargs)
 

@@ -97,8 +97,9 @@ def build_detector(
         kwargs.setdefault("mask_predictor", MaskRCNNPredictor(mask_head_channels, mask_head_channels, classes))
         model = MaskRCNN(backbone, num_classes=None, **kwargs)
         model.rpn.min_size = 0.0  # mmdetection keeps proposals of any size
-        model.roi_heads.box_roi_pool = LevelRoIAlign(["0", "1", "2", "3"], 7)
-        model.roi_heads.mask_roi_pool = LevelRoIAlign(["0", "1", "2", "3"], 14)
+        levels, strides = ["0", "1", "2", "3"], (4, 8, 16, 32)
+        model.roi_heads.box_roi_pool = LevelRoIAlign(levels, 7, strides=strides)
+        model.roi_heads.mask_roi_pool = LevelRoIAlign(levels, 14, strides=strides)
         heads = [model.rpn.head, model.roi_heads.box_predictor, model.roi_heads.mask_predictor]
     elif detector == "cascade_mask_rcnn":
         model = CascadeMaskRCNN(backbone, classes, box_head_size=box_head_size, box_conv_channels=fpn_channels,

@@ -89,12 +89,16 @@ class LevelRoIAlign(nn.Module):
 
     ``forward(features, boxes, image_shapes) -> (sum(len(b)), C, output_size, output_size)``.
     A box of side ``sqrt(w * h)`` reads level ``floor(log2(side / finest_scale + 1e-6))`` of the
-    listed maps (clamped), whose stride is inferred from the map and the (padded) image size.
+    listed maps (clamped), of the given ``strides`` (None: inferred from the map and image sizes,
+    as torchvision does, which fails for images under ~75 pixels).
     """
 
     def __init__(self, featmap_names: Sequence[str], output_size: int, sampling_ratio: int = 0,
-                 aligned: bool = True, finest_scale: float = 56.0):
+                 aligned: bool = True, finest_scale: float = 56.0, strides: Optional[Sequence[int]] = None):
         super().__init__()
+        if strides is not None and len(strides) != len(featmap_names):
+            raise ValueError(f"{len(featmap_names)} feature maps but {len(strides)} strides")
+        self.strides = None if strides is None else tuple(int(s) for s in strides)
         self.featmap_names = list(featmap_names)
         self.output_size = (int(output_size), int(output_size))
         self.sampling_ratio = sampling_ratio
@@ -110,9 +114,11 @@ class LevelRoIAlign(nn.Module):
     def forward(self, features: Dict[str, Tensor], boxes: List[Tensor],
                 image_shapes: List[Tuple[int, int]]) -> Tensor:
         feats = [features[name] for name in self.featmap_names]
-        image_h = max(s[0] for s in image_shapes)
-        # padded sizes are multiples of the coarsest stride: the stride is a power of two
-        scales = [2.0 ** round(math.log2(f.shape[-2] / image_h)) for f in feats]
+        if self.strides is not None:
+            scales = [1.0 / s for s in self.strides]
+        else:  # padded sizes are multiples of the coarsest stride: the stride is a power of two
+            image_h = max(s[0] for s in image_shapes)
+            scales = [2.0 ** round(math.log2(f.shape[-2] / image_h)) for f in feats]
         rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1) for i, b in enumerate(boxes)])
         rois = rois.float()
         levels = self.levels(rois[:, 1:])
