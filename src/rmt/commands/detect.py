@@ -172,13 +172,19 @@ def _explicit_settings(args: argparse.Namespace) -> Dict[str, Any]:
     explicit = {k: v for k, v in vars(args).items() if k in names and v is not None}
     for key in _JSON_OPTIONS:
         if key in explicit:
-            try:
-                explicit[key] = json.loads(explicit[key])
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--{key.replace('_', '-')} must be a JSON object, got {explicit[key]!r} ({e})")
-            if not isinstance(explicit[key], dict):
-                raise ValueError(f"--{key.replace('_', '-')} must be a JSON object like '{{\"a\": 1}}'")
+            explicit[key] = _json_object(explicit[key], key)
     return explicit
+
+
+def _json_object(text: str, key: str) -> Dict[str, Any]:
+    """The JSON object given to option ``--key`` (ValueError naming the option otherwise)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--{key.replace('_', '-')} must be a JSON object, got {text!r} ({e})")
+    if not isinstance(value, dict):
+        raise ValueError(f"--{key.replace('_', '-')} must be a JSON object like '{{\"a\": 1}}'")
+    return value
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -241,12 +247,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _released_options(args: argparse.Namespace) -> Dict[str, Any]:
-    kwargs = None
-    if args.backbone_kwargs:
-        try:
-            kwargs = json.loads(args.backbone_kwargs)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--backbone-kwargs must be a JSON object, got {args.backbone_kwargs!r} ({e})")
+    kwargs = _json_object(args.backbone_kwargs, "backbone_kwargs") if args.backbone_kwargs else None
     return dict(detector=args.detector, model_name=args.model, backbone_kwargs=kwargs, attn_forms=args.attn_forms)
 
 
