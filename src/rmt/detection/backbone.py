@@ -6,7 +6,12 @@ torchvision's :class:`~torchvision.ops.FeaturePyramidNetwork` with the extra lev
 expects:
 
 * Mask R-CNN: stages 0-3 -> P2-P5, plus P6 by max-pooling (``LastLevelMaxPool``);
-* RetinaNet / FCOS: stages 1-3 -> P3-P5, plus P6 and P7 from the last stage (``LastLevelP6P7``).
+* RetinaNet / FCOS: stages 1-3 -> P3-P5, plus P6 by a strided conv on the last stage's output and
+  P7 by another on P6 (:class:`P6P7`: without a ReLU in between for RetinaNet, as mmdetection's
+  ``add_extra_convs='on_input'``; with one for FCOS, as torchvision).
+
+:func:`build_feature_pyramid` builds the same pyramid on any other timm backbone (``convnext_tiny``,
+``resnet50`` ...), for comparisons on the same detector.
 
 Options: frozen stages (``requires_grad`` off and kept in eval mode) and frozen BatchNorm (the
 BatchNorms of the stem and the downsamples become :class:`torchvision.ops.FrozenBatchNorm2d`).
@@ -38,9 +43,24 @@ PYRAMIDS = {
     "p2-p6": dict(out_indices=(0, 1, 2, 3), extra="maxpool"),  # Mask R-CNN
     "p3-p7": dict(out_indices=(1, 2, 3), extra="p6p7"),        # RetinaNet, FCOS
 }
+_PYRAMID_STRIDES = {"p2-p6": (4, 8, 16, 32), "p3-p7": (8, 16, 32)}
 
 # where the RMT sits inside an RMTFeaturePyramid (``backbone.body.model.*`` in a detector)
 _BODY_PREFIX = "body.model."
+
+
+class P6P7(LastLevelP6P7):
+    """P6 = conv3x3/2 of the last backbone stage, P7 = conv3x3/2 of P6 (ReLU before it if ``relu``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, relu: bool = True):
+        super().__init__(in_channels, out_channels)
+        self.use_P5 = False  # always from the backbone stage (mmdetection's 'on_input')
+        self.relu = relu
+
+    def forward(self, p: List[torch.Tensor], c: List[torch.Tensor], names: List[str]):
+        p6 = self.p6(c[-1])
+        p7 = self.p7(torch.relu(p6) if self.relu else p6)
+        return p + [p6, p7], names + ["p6", "p7"]
 
 
 class RMTFeaturePyramid(nn.Module):
@@ -61,6 +81,8 @@ class RMTFeaturePyramid(nn.Module):
     @property
     def rmt(self) -> RMT:
         """The wrapped :class:`rmt.RMT` (stem, stages and per-stage norms)."""
+        if not isinstance(getattr(self.body, "model", None), RMT):
+            raise AttributeError("this pyramid's body is not an RMT")
         return self.body.model
 
     @property
@@ -162,6 +184,7 @@ def build_rmt_fpn(
         frozen_stages: int = -1,
         frozen_bn: bool = False,
         attn_forms: str = DETECTION_FORMS,
+        p7_relu: bool = False,
         **model_kwargs,
 ) -> RMTFeaturePyramid:
     """Create an RMT + FPN backbone for a torchvision detector.
@@ -174,6 +197,7 @@ def build_rmt_fpn(
         frozen_stages: -1 trains all; 0 freezes the stem; k also freezes stages 0..k-1.
         frozen_bn: replace the BatchNorms of the stem and downsamples by FrozenBatchNorm2d.
         attn_forms: MaSA form per stage (T = decomposed, F = full).
+        p7_relu: ReLU between P6 and P7 (``p3-p7`` only; off as in the released RetinaNet).
         **model_kwargs: passed to ``timm.create_model`` (e.g. ``drop_path_rate``, ``embed_dims``).
     """
     if pyramid not in PYRAMIDS:
@@ -193,7 +217,29 @@ def build_rmt_fpn(
         for stage in rmt.stages:
             freeze_batchnorm(stage.downsample)
     channels: Tuple[int, ...] = tuple(body.feature_info.channels())
-    extra = LastLevelMaxPool() if cfg["extra"] == "maxpool" else LastLevelP6P7(channels[-1], out_channels)
+    extra = LastLevelMaxPool() if cfg["extra"] == "maxpool" else P6P7(channels[-1], out_channels, p7_relu)
     backbone = RMTFeaturePyramid(body, channels, out_channels, extra)
     backbone.freeze_stages(frozen_stages)
     return backbone
+
+
+def build_feature_pyramid(model_name: str, pyramid: str = "p2-p6", out_channels: int = 256,
+                          p7_relu: bool = False, **kwargs) -> RMTFeaturePyramid:
+    """An FPN backbone on ``model_name``: :func:`build_rmt_fpn` for RMT variants, else any timm model
+    with ``features_only`` (``convnext_tiny``, ``resnet50`` ...; random weights unless
+    ``pretrained=True`` is passed through ``kwargs`` to timm), on the stages of strides 4-32 / 8-32.
+    """
+    if model_name.startswith("rmt"):
+        return build_rmt_fpn(model_name, pyramid, out_channels, p7_relu=p7_relu, **kwargs)
+    if pyramid not in PYRAMIDS:
+        raise ValueError(f"pyramid must be one of {sorted(PYRAMIDS)}, got {pyramid!r}")
+    probe = timm.create_model(model_name, features_only=True, pretrained=False)
+    reductions = list(probe.feature_info.reduction())
+    wanted = _PYRAMID_STRIDES[pyramid]
+    if not set(wanted) <= set(reductions):
+        raise ValueError(f"{model_name} has features of strides {reductions}, not all of {list(wanted)}")
+    indices = tuple(reductions.index(s) for s in wanted)
+    body = timm.create_model(model_name, features_only=True, out_indices=indices, **kwargs)
+    channels = tuple(body.feature_info.channels())
+    extra = LastLevelMaxPool() if PYRAMIDS[pyramid]["extra"] == "maxpool" else P6P7(channels[-1], out_channels, p7_relu)
+    return RMTFeaturePyramid(body, channels, out_channels, extra)

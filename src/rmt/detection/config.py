@@ -1,6 +1,8 @@
-"""Settings of a detection training run, their defaults (the paper's 1x recipe) and resume rules.
+"""Settings of a detection training run, their defaults (the released recipes) and resume rules.
 
-A run is fully described by a :class:`TrainConfig`, stored in every checkpoint. Resuming takes the
+A run is fully described by a :class:`TrainConfig`, stored in every checkpoint. Settings left
+unset come from the named ``recipe`` or, without one, from the released recipe of the detector,
+variant and schedule (:func:`rmt.detection.recipes.default_recipe`). Resuming takes the
 checkpoint's settings; only the fields in :data:`RUN_FIELDS` (where and how fast the run executes,
 not what it computes) may change on the command line.
 """
@@ -8,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple
+
+from .recipes import default_recipe, get_recipe
 
 
 @dataclass(frozen=True)
@@ -22,7 +26,7 @@ SCHEDULES = {
     "1x": Schedule(epochs=12, milestones=(8, 11), multiscale=False),
     "3x": Schedule(epochs=36, milestones=(27, 33), multiscale=True),
 }
-BASE_LR, BASE_BATCH = 1e-4, 16      # AdamW LR at a total batch of 16, scaled linearly
+BASE_BATCH = 16                     # the recipes' AdamW LR is for a total batch of 16, scaled linearly
 WARMUP_RATIO = 1e-3                 # linear warm-up starts at lr * WARMUP_RATIO
 TEST_SIZE = (800, 1333)             # shorter side, longer side limit
 
@@ -36,25 +40,29 @@ class TrainConfig:
     val_images: Optional[str] = None
     val_ann: Optional[str] = None
     shapes_size: int = 256          # image size of the built-in shapes dataset
+    # a released recipe (rmt.detection.recipes.RECIPES) supplying the defaults below
+    recipe: Optional[str] = None
     # model
-    detector: str = "mask_rcnn"
-    model: str = "rmt_tiny"
+    detector: Optional[str] = None  # None: the recipe's, else mask_rcnn
+    model: Optional[str] = None     # None: the recipe's, else rmt_tiny
     pretrained: Optional[str] = None
     backbone_kwargs: Dict[str, Any] = field(default_factory=dict)
     detector_kwargs: Dict[str, Any] = field(default_factory=dict)
-    attn_forms: str = "TTTF"
+    attn_forms: Optional[str] = None  # None: the recipe's (TTFF for RMT-T, TTTF otherwise)
+    drop_path: Optional[float] = None  # backbone drop path; None: the recipe's
     frozen_stages: int = -1
     bn: str = "sync"                # sync (SyncBatchNorm under multi-GPU DDP), batch, frozen
     fpn_channels: int = 256
     mask_head_channels: int = 256   # Mask R-CNN mask head conv width
     box_head_size: int = 1024       # Mask R-CNN box head FC width
-    # schedule (None: from the schedule preset)
-    schedule: str = "1x"
+    # schedule (None: from the recipe and schedule)
+    schedule: Optional[str] = None  # None: the recipe's, else 1x
     epochs: Optional[int] = None
     milestones: Optional[List[int]] = None
     multiscale: Optional[bool] = None
-    lr: Optional[float] = None      # None: 1e-4 x total batch / 16
-    weight_decay: float = 0.05
+    crop: Optional[bool] = None     # the 3x pipeline's random-crop policy; None: on for 3x
+    lr: Optional[float] = None      # None: the recipe's lr x total batch / 16
+    weight_decay: Optional[float] = None
     warmup_iters: int = 500
     batch_size: int = 2             # images per process
     min_size: Optional[int] = None  # shorter side; None: 800 (the shapes dataset: its own size)
@@ -73,17 +81,36 @@ class TrainConfig:
     skip_bad_images: bool = False   # count and skip images that cannot be loaded instead of stopping
 
     def resolved(self, world_size: int) -> "TrainConfig":
-        """A copy with the schedule preset and the linear LR scaling filled in."""
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        """A copy with the recipe, the schedule preset and the linear LR scaling filled in."""
+        d = asdict(self)
+        if self.recipe:
+            recipe = get_recipe(self.recipe)
+            for key in ("detector", "model"):
+                if d[key] is not None and d[key] != getattr(recipe, key):
+                    raise ValueError(f"recipe {recipe.name} trains {key} {getattr(recipe, key)!r}, not {d[key]!r}: "
+                                     f"drop --{key} or choose another recipe")
+            if d["schedule"] not in (None, recipe.schedule):
+                raise ValueError(f"recipe {recipe.name} is a {recipe.schedule} schedule, not {d['schedule']}")
+        else:
+            recipe = default_recipe(d["detector"] or "mask_rcnn", d["model"] or "rmt_tiny", d["schedule"] or "1x")
+        kwargs_drop = d["backbone_kwargs"].get("drop_path_rate")
+        if kwargs_drop is not None:
+            if d["drop_path"] is not None and d["drop_path"] != kwargs_drop:
+                raise ValueError(f"drop path given twice: {d['drop_path']} and backbone_kwargs drop_path_rate "
+                                 f"{kwargs_drop}; give one")
+            d["drop_path"] = kwargs_drop
+        for key in ("detector", "model", "schedule", "attn_forms", "weight_decay", "drop_path"):
+            if d[key] is None:
+                d[key] = getattr(recipe, key)
+        if d["schedule"] not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {d['schedule']!r}")
         if self.bn not in ("sync", "batch", "frozen"):
             raise ValueError(f"bn must be 'sync', 'batch' or 'frozen', got {self.bn!r}")
         if self.amp not in (None, "bf16", "none"):
             raise ValueError(f"amp must be 'bf16' or 'none', got {self.amp!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
-        preset = SCHEDULES[self.schedule]
-        d = asdict(self)
+        preset = SCHEDULES[d["schedule"]]
         d["epochs"] = self.epochs if self.epochs is not None else preset.epochs
         if self.milestones is not None:
             d["milestones"] = list(self.milestones)
@@ -92,13 +119,20 @@ class TrainConfig:
         else:  # keep the preset's position of the LR steps for a custom length (8/12, 11/12)
             d["milestones"] = [max(1, round(m * d["epochs"] / preset.epochs)) for m in preset.milestones]
         d["multiscale"] = preset.multiscale if self.multiscale is None else self.multiscale
+        d["crop"] = preset.multiscale if self.crop is None else self.crop
         shapes = self.data == "shapes" and not (self.train_ann or self.val_ann)
         if self.min_size is None:
             d["min_size"] = self.shapes_size if shapes else TEST_SIZE[0]
         if self.max_size is None:
             d["max_size"] = self.shapes_size if shapes else TEST_SIZE[1]
-        d["lr"] = self.lr if self.lr is not None else BASE_LR * self.batch_size * world_size / BASE_BATCH
+        d["lr"] = self.lr if self.lr is not None else recipe.lr * self.batch_size * world_size / BASE_BATCH
         return TrainConfig(**d)
+
+    def crop_sizes(self) -> Tuple[Tuple[int, ...], Tuple[int, int]]:
+        """The crop policy's first shorter sides and crop size range: (400, 500, 600) and (384, 600)
+        at ``min_size`` 800, scaled with ``min_size``."""
+        f = self.min_size / TEST_SIZE[0]
+        return tuple(round(s * f) for s in (400, 500, 600)), (round(384 * f), round(600 * f))
 
     def train_min_sizes(self) -> List[int]:
         """Shorter sides drawn per batch in multi-scale training (480..min_size step 32), else one."""

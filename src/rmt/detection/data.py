@@ -6,8 +6,11 @@ A dataset is a folder of images and an ``instances`` JSON (COCO format). Images 
 ``masks (n, H, W)`` uint8 when asked for, and ``image_id``.
 
 Training drops crowd regions and boxes under one pixel, and images left without objects, as the
-mmdetection recipes do. The horizontal flip is a function of ``(seed, epoch, index)``, so a resumed
-run sees exactly the data the uninterrupted one would have.
+mmdetection recipes do. The horizontal flip, and the random crop of the 3x recipes (``crop``: with
+probability 1/2, resize to a shorter side of 400/500/600, cut a random crop of 384-600 pixels a
+side, keep the boxes left with an area; the detector then resizes to its multi-scale sizes), are
+functions of ``(seed, epoch, index)``, so a resumed run sees exactly the data the uninterrupted
+one would have.
 """
 from __future__ import annotations
 
@@ -23,9 +26,11 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection
+from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from ..bad_images import SkippedImage, drop_skipped, load_sample, read_error
+from .numerics import released_size
 
 Target = Dict[str, torch.Tensor]
 
@@ -60,13 +65,18 @@ class CocoInstances(Dataset):
         train: drop crowd/degenerate objects and empty images, and flip half of the images.
         with_masks: decode segmentations into ``masks`` (Mask R-CNN).
         hflip_prob: probability of a horizontal flip in training.
-        seed: seed of the flips.
+        seed: seed of the flips and crops.
+        crop: ``(shorter sides, (min crop side, max crop side))`` of the 3x recipes' crop policy,
+            e.g. ``((400, 500, 600), (384, 600))``, applied to half of the training images; None: off.
+        crop_max_size: longer-side limit of the resize before the crop.
         skip_bad: return a :class:`~rmt.bad_images.SkippedImage` for an image that cannot be read
             or prepared (:func:`collate_train` drops it); otherwise raise a BadImageError naming it.
     """
 
     def __init__(self, image_dir: str | Path, ann_file: str | Path, train: bool = False,
-                 with_masks: bool = True, hflip_prob: float = 0.5, seed: int = 0, skip_bad: bool = False):
+                 with_masks: bool = True, hflip_prob: float = 0.5, seed: int = 0,
+                 crop: Optional[Tuple[Sequence[int], Tuple[int, int]]] = None, crop_max_size: int = 1333,
+                 skip_bad: bool = False):
         ann_file = Path(ann_file)
         if not ann_file.is_file():
             raise FileNotFoundError(f"annotation file '{ann_file}' does not exist")
@@ -88,6 +98,8 @@ class CocoInstances(Dataset):
         self.hflip_prob = hflip_prob if train else 0.0
         self.seed = seed
         self.skip_bad = skip_bad
+        self.crop = crop if train else None
+        self.crop_max_size = crop_max_size
         self.epoch = 0
         self.ids: List[int] = list(self.base.ids)
         self._base_index = {image_id: i for i, image_id in enumerate(self.ids)}
@@ -109,11 +121,43 @@ class CocoInstances(Dataset):
             anns = [a for a in anns if not a.get("iscrowd", 0) and a["bbox"][2] >= 1 and a["bbox"][3] >= 1]
         return anns
 
+    def _generator(self, index: int, stream: int) -> torch.Generator:
+        """Random numbers of one image in one epoch (stream 0: flip, 1: crop)."""
+        return torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) * 2 + stream)
+
     def _flip(self, index: int) -> bool:
         if self.hflip_prob <= 0:
             return False
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
-        return bool(torch.rand((), generator=g) < self.hflip_prob)
+        return bool(torch.rand((), generator=self._generator(index, 0)) < self.hflip_prob)
+
+    def _random_crop(self, index: int, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
+                     masks: Optional[torch.Tensor]):
+        """The 3x recipes' second policy (half of the images): resize, random crop, drop emptied boxes."""
+        g = self._generator(index, 1)
+        if torch.rand((), generator=g) >= 0.5:
+            return image, boxes, labels, masks
+
+        def draw(low: int, high: int) -> int:  # uniform integer in [low, high]
+            return int(torch.randint(low, high + 1, (), generator=g))
+
+        sides, (low, high) = self.crop
+        h, w = image.shape[-2:]
+        nh, nw = released_size(h, w, sides[draw(0, len(sides) - 1)], self.crop_max_size)
+        image = TF.resize(image, [nh, nw], antialias=False)
+        boxes = boxes * torch.tensor([nw / w, nh / h, nw / w, nh / h])
+        if masks is not None and len(masks):
+            masks = TF.resize(masks, [nh, nw], interpolation=InterpolationMode.NEAREST)
+        elif masks is not None:
+            masks = masks.new_zeros((0, nh, nw))
+        ch, cw = draw(min(nh, low), min(nh, high)), draw(min(nw, low), min(nw, high))
+        y0, x0 = draw(0, nh - ch), draw(0, nw - cw)
+        image = image[:, y0:y0 + ch, x0:x0 + cw]
+        boxes = boxes - torch.tensor([x0, y0, x0, y0], dtype=boxes.dtype)
+        boxes[:, 0::2].clamp_(0, cw)
+        boxes[:, 1::2].clamp_(0, ch)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        masks = masks[keep][:, y0:y0 + ch, x0:x0 + cw] if masks is not None else None
+        return image, boxes[keep], labels[keep], masks
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, Target]:
         image_id = self.ids[index]
@@ -145,6 +189,8 @@ class CocoInstances(Dataset):
             image = TF.horizontal_flip_image(image)
             boxes = TF.horizontal_flip_bounding_boxes(boxes, tv_tensors.BoundingBoxFormat.XYXY, (h, w))
             masks = TF.horizontal_flip_mask(masks) if masks is not None else None
+        if self.crop is not None:
+            image, boxes, labels, masks = self._random_crop(index, image, boxes, labels, masks)
         target: Target = {"boxes": boxes, "labels": labels, "image_id": torch.tensor(image_id)}
         if masks is not None:
             target["masks"] = masks

@@ -24,7 +24,7 @@ from ..engine import (DistInfo, JsonlLogger, capture_rng_state, cleanup_distribu
                       plot_curves, remove_partial_writes, restore_rng_state, save_checkpoint, seed_everything,
                       setup_distributed)
 from ..engine.distributed import all_reduce_mean
-from .config import WARMUP_RATIO, TrainConfig, merge_config
+from .config import TEST_SIZE, WARMUP_RATIO, TrainConfig, merge_config
 from .data import CocoInstances, TrainSampler, collate, collate_train, find_split, shard_indices
 from .evaluation import coco_evaluate, format_metrics, to_coco_results
 from .models import build_detector, detector_has_masks
@@ -156,13 +156,16 @@ def evaluate(model: nn.Module, dataset: CocoInstances, info: DistInfo, amp: bool
 
 def build_from_config(cfg: TrainConfig, num_classes: int, pretrained: Optional[str] = None) -> nn.Module:
     """The detector a run trains (or evaluates), from its settings."""
+    backbone_kwargs = dict(cfg.backbone_kwargs)
+    if cfg.drop_path is not None and cfg.model.startswith("rmt"):
+        backbone_kwargs.setdefault("drop_path_rate", cfg.drop_path)
     return build_detector(
         cfg.detector, cfg.model, num_classes, pretrained=pretrained,
         min_size=tuple(cfg.train_min_sizes()) if cfg.multiscale else cfg.min_size,
         max_size=cfg.max_size, frozen_stages=cfg.frozen_stages, frozen_bn=cfg.bn == "frozen",
-        attn_forms=cfg.attn_forms, fpn_channels=cfg.fpn_channels,
+        attn_forms=cfg.attn_forms or "TTTF", fpn_channels=cfg.fpn_channels,
         mask_head_channels=cfg.mask_head_channels, box_head_size=cfg.box_head_size,
-        backbone_kwargs=cfg.backbone_kwargs, **cfg.detector_kwargs)
+        backbone_kwargs=backbone_kwargs, **cfg.detector_kwargs)
 
 
 def _checkpoint_state(model: nn.Module, optimizer, scheduler, cfg: TrainConfig, epoch: int, batch: int,
@@ -200,6 +203,7 @@ def _train(cfg: TrainConfig, info: DistInfo, state: Optional[Dict[str, Any]], re
     prepare_shapes(cfg, info)
     with_masks = detector_has_masks(cfg.detector)
     train_set = CocoInstances(*resolve_split(cfg, "train"), train=True, with_masks=with_masks, seed=cfg.seed,
+                              crop=cfg.crop_sizes() if cfg.crop else None, crop_max_size=cfg.max_size,
                               skip_bad=cfg.skip_bad_images)
     val_set = CocoInstances(*resolve_split(cfg, "val"), train=False, with_masks=False)
     if val_set.cat_ids != train_set.cat_ids:
@@ -248,7 +252,9 @@ def _train(cfg: TrainConfig, info: DistInfo, state: Optional[Dict[str, Any]], re
     if info.is_main and not state:
         print(f"training {cfg.detector} with {cfg.model} on {len(train_set)} images ({len(train_set.cat_ids)} "
               f"classes), {cfg.epochs} epochs of {iters} iterations, batch {cfg.batch_size}x{info.world_size}, "
-              f"lr {cfg.lr:.3g}, {'bf16' if amp else 'fp32'} on {info.device}")
+              f"lr {cfg.lr:.3g}, weight decay {cfg.weight_decay:g}, drop path {cfg.drop_path:g}, "
+              f"{'bf16' if amp else 'fp32'} on {info.device}"
+              + (f" (recipe {cfg.recipe})" if cfg.recipe else ""))
         logger.log({"event": "config", "step": 0, "config": asdict(cfg)})
     loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                         collate_fn=collate_train, pin_memory=info.device.type == "cuda",
@@ -350,16 +356,24 @@ def _train(cfg: TrainConfig, info: DistInfo, state: Optional[Dict[str, Any]], re
 
 def load_detector(path: str | Path, device: torch.device | str = "cpu",
                   min_size: Optional[int] = None, max_size: Optional[int] = None,
+                  detector: Optional[str] = None, model_name: Optional[str] = None,
+                  backbone_kwargs: Optional[Dict[str, Any]] = None, attn_forms: Optional[str] = None,
                   ) -> Tuple[nn.Module, Dict[str, Any]]:
-    """A detector saved by :func:`train`, in eval mode, and its checkpoint's metadata.
+    """A detector saved by :func:`train`, or a released mmdetection 2.x detector, in eval mode, and
+    its metadata: ``config`` (a :class:`TrainConfig`), ``classes``, ``cat_ids``, ``epoch``, ``step``,
+    ``metrics``, ``released`` (a :class:`~rmt.detection.released.ReleasedDetector` or None).
 
-    Metadata: ``config`` (a :class:`TrainConfig`), ``classes``, ``cat_ids``, ``epoch``, ``step``, ``metrics``.
-    ``min_size``/``max_size`` override the test image size.
+    ``min_size``/``max_size`` override the test image size. ``detector``, ``model_name``,
+    ``backbone_kwargs`` and ``attn_forms`` apply to released files (see
+    :func:`~rmt.detection.released.load_released_detector`).
     """
+    from .released import released_state_dict
     state = load_checkpoint(path)
+    if released_state_dict(state) is not None:
+        return _load_released(path, device, min_size, max_size, detector, model_name, backbone_kwargs, attn_forms)
     if "model" not in state or "config" not in state or "classes" not in state:
-        raise ValueError(f"'{path}' is not a checkpoint written by 'rmt detect train' "
-                         "(it lacks the model settings and class names)")
+        raise ValueError(f"'{path}' is not a checkpoint written by 'rmt detect train' nor a whole released "
+                         "mmdetection detector (it lacks the model settings and class names)")
     cfg = merge_config({}, state["config"])
     cfg.multiscale = False  # inference at one size
     if min_size:
@@ -370,5 +384,24 @@ def load_detector(path: str | Path, device: torch.device | str = "cpu",
     model.load_state_dict(state["model"])
     model.to(device).eval()
     meta = {k: state.get(k) for k in ("classes", "cat_ids", "epoch", "step", "metrics")}
-    meta["config"] = cfg
+    meta.update(config=cfg, released=None)
+    return model, meta
+
+
+def _load_released(path, device, min_size, max_size, detector, model_name, backbone_kwargs, attn_forms):
+    from .released import coco_classes, load_released_detector
+    sizes = dict(min_size=min_size or TEST_SIZE[0], max_size=max_size or TEST_SIZE[1])
+    model, info = load_released_detector(
+        path, lambda *a, **k: build_detector(*a, **k, **sizes), detector, model_name, backbone_kwargs, attn_forms)
+    model.to(device).eval()
+    names, ids = coco_classes()
+    if info.num_classes == len(ids):
+        classes, cat_ids = info.classes or names, ids
+    else:
+        classes = info.classes or [f"class {i}" for i in range(1, info.num_classes + 1)]
+        cat_ids = list(range(1, info.num_classes + 1))
+    cfg = merge_config(dict(detector=info.detector, model=model_name or info.variant, attn_forms=attn_forms
+                            or info.attn_forms, **sizes))
+    meta = dict(classes=classes, cat_ids=cat_ids, epoch=info.meta.get("epoch"), step=info.meta.get("iter"),
+                metrics=None, config=cfg, released=info)
     return model, meta

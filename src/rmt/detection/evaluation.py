@@ -19,7 +19,7 @@ def masks_to_rles(masks: torch.Tensor, threshold: float = 0.5) -> List[Dict]:
     """``(n, 1, H, W)`` mask probabilities -> n COCO RLEs (``size``, ``counts`` as text)."""
     if not len(masks):
         return []
-    binary = (masks[:, 0] > threshold).cpu().numpy().astype(np.uint8)
+    binary = (masks[:, 0] >= threshold).cpu().numpy().astype(np.uint8)  # as mmdetection binarises
     rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
     return [dict(size=[int(v) for v in r["size"]], counts=r["counts"].decode("ascii")) for r in rles]
 

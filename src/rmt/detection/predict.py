@@ -26,7 +26,7 @@ def draw_detections(image: torch.Tensor, det: Dict[str, torch.Tensor], classes: 
     labels = det["labels"].tolist()
     colours = [PALETTE[(lab - 1) % len(PALETTE)] for lab in labels]
     if "masks" in det and len(labels):
-        image = draw_segmentation_masks(image, det["masks"][:, 0] > mask_threshold, alpha=0.45, colors=colours)
+        image = draw_segmentation_masks(image, det["masks"][:, 0] >= mask_threshold, alpha=0.45, colors=colours)
     if len(labels):
         names = [f"{classes[lab - 1] if 1 <= lab <= len(classes) else lab} {s:.2f}"
                  for lab, s in zip(labels, det["scores"].tolist())]
