@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .linear import column_sum
 from .triton_support import (HAS_TRITON, SUPPORTED_DTYPES, as_dtype, cdiv, eager_launch, next_power_of_2,
-                             triton_runs_on)
+                             triton_runs_on, unit_channel_stride)
 
 if HAS_TRITON:
     import triton
@@ -472,7 +472,7 @@ if HAS_TRITON:
     def dwconv_train_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: bool,
                         gelu: bool) -> torch.Tensor:
         """:func:`_forward` on ``x`` of any strides (copied when its channels are not unit-strided)."""
-        return _forward(eager_launch, _unit_channel_stride(x), weight, bias, residual, gelu)
+        return _forward(eager_launch, unit_channel_stride(x), weight, bias, residual, gelu)
 
     @dwconv_train_op.register_fake
     def _(x, weight, bias, residual, gelu):
@@ -483,7 +483,7 @@ if HAS_TRITON:
                                  gelu: bool, has_bias: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(dx, dweight, dbias)`` of :func:`dwconv_train_op`, the weight's gradients in its dtype
         (``dbias`` is zeros of the weight's channel count when there is no bias)."""
-        gx, gw, gb = _backward(eager_launch, grad, _unit_channel_stride(x), weight, residual, gelu,
+        gx, gw, gb = _backward(eager_launch, grad, unit_channel_stride(x), weight, residual, gelu,
                                True, True, has_bias)
         gb = gb.to(weight.dtype) if gb is not None else weight.new_zeros(weight.shape[0])
         return gx, gw.to(weight.dtype).contiguous(), gb.clone() if gb._base is not None else gb
@@ -492,22 +492,12 @@ if HAS_TRITON:
     def _(grad, x, weight, residual, gelu, has_bias):
         return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])
 
-    def _setup_train_context(ctx, inputs, output) -> None:
-        x, weight, bias, residual, gelu = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.residual, ctx.gelu, ctx.has_bias = residual, gelu, bias is not None
-
     def _train_backward(ctx, grad):
         x, weight = ctx.saved_tensors
         gx, gw, gb = dwconv_train_backward_op(grad, x, weight, ctx.residual, ctx.gelu, ctx.has_bias)
         return gx, gw, gb if ctx.has_bias else None, None, None
 
-    dwconv_train_op.register_autograd(_train_backward, setup_context=_setup_train_context)
-
-
-def _unit_channel_stride(x: torch.Tensor) -> torch.Tensor:
-    """``x`` when its channels have unit stride (what the kernels assume), else a contiguous copy."""
-    return x if x.stride(-1) == 1 else x.contiguous()
+    dwconv_train_op.register_autograd(_train_backward, setup_context=_setup_context)
 
 
 class _DWConv(torch.autograd.Function):

@@ -163,3 +163,9 @@ def as_dtype(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Te
     """``t.to(dtype)``, without the call when ``t`` already has that dtype (or is ``None``): a training
     step passes hundreds of gradients through such casts, most of them no-ops that still cost a call."""
     return t.to(dtype) if t is not None and t.dtype != dtype else t
+
+
+def unit_channel_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dimension has unit stride (what the kernels assume of their inputs),
+    else a contiguous copy: the opaque ops make what they need instead of reading out of bounds."""
+    return t if t.stride(-1) == 1 else t.contiguous()

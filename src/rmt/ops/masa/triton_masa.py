@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 from torch.library import triton_op, wrap_triton
 
-from ..triton_support import SUPPORTED_DTYPES, cdiv, eager_launch, next_power_of_2
+from ..triton_support import SUPPORTED_DTYPES, cdiv, eager_launch, next_power_of_2, unit_channel_stride
 from .triton_kernels import (MODE_COL, MODE_FULL, MODE_ROW, masa_bwd_dkdv_kernel, masa_bwd_dq_kernel,
                              masa_bwd_tile_kernel, masa_fwd_kernel, masa_fwd_seqs_kernel)
 
@@ -281,12 +281,6 @@ masa_attend.register_autograd(_backward, setup_context=_setup_context)
 # strides of the tensors seen while tracing as constants, and in a backward graph Inductor promises
 # only their order, not their values; the opaque ops also launch exactly what eager mode launches.
 OPAQUE_TRAINING_OPS = True
-
-
-def unit_channel_stride(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when its last dimension has unit stride (what the kernels assume), else a
-    contiguous copy."""
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 @torch.library.custom_op("rmt::masa_attend_train", mutates_args=())
