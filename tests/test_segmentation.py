@@ -61,20 +61,22 @@ def test_smp_timm_universal_encoder_takes_rmt_unchanged(arch):
 
 @pytest.mark.parametrize("variant", rmt.VARIANTS)
 @pytest.mark.parametrize("head", ["fpn", "upernet"])
-def test_heads_build_for_every_variant(variant, head):
-    model = build_segmenter(variant, head, 150, device="meta").eval()
+@pytest.mark.parametrize("decoder", ["mmseg", "smp"])
+def test_heads_build_for_every_variant(variant, head, decoder):
+    model = build_segmenter(variant, head, 150, decoder=decoder, device="meta").eval()
     assert model.backbone.feature_norms is not None
     assert (model.aux_head is not None) == (head == "upernet")
-    if head == "upernet":  # the backbone's per-stage LayerNorms replace smp's own
+    if head == "upernet" and decoder == "smp":  # the backbone's per-stage LayerNorms replace smp's own
         assert all(isinstance(n, torch.nn.Identity) for n in model.net.decoder.feature_norms)
-    x = torch.empty(1, 3, 80, 112, device="meta")  # not a multiple of 32: padded and cropped back
+    x = torch.empty(1, 3, 80, 112, device="meta")  # not a multiple of 32
     logits, aux = model(x, return_aux=True)
     assert logits.shape == (1, 150, 80, 112)
     assert aux is None if head == "fpn" else aux.shape == (1, 150, 80, 112)
 
 
-def test_segmenter_pads_any_size_and_keeps_batch_independence():
-    model = build_segmenter("rmt_tiny", "upernet", 4, backbone_kwargs=TINY).eval()
+@pytest.mark.parametrize("decoder", ["mmseg", "smp"])
+def test_segmenter_takes_any_size_and_keeps_batch_independence(decoder):
+    model = build_segmenter("rmt_tiny", "upernet", 4, decoder=decoder, backbone_kwargs=TINY).eval()
     x = torch.randn(2, 3, 50, 70)
     with torch.no_grad():
         out = model(x)
