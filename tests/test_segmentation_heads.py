@@ -26,12 +26,7 @@ TINY = dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(2, 2, 
 SMALL_HEADS = {"upernet": dict(decode=32, aux=16), "fpn": dict(neck=24, decode=16)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _features(channels, size, batch=2):
@@ -231,7 +226,8 @@ def test_released_checkpoint_round_trips_with_identical_outputs(tmp_path, head):
     logs = []
     loaded, spec = load_trained(path, log=logs.append)
     assert isinstance(loaded, EncoderDecoder) and not loaded.training
-    assert (spec["model"], spec["head"], spec["num_classes"], spec["aux_head"]) == ("rmt_tiny", head, 5, head == "upernet")
+    described = (spec["model"], spec["head"], spec["num_classes"], spec["aux_head"])
+    assert described == ("rmt_tiny", head, 5, head == "upernet")
     assert spec["class_names"] == ["a", "b", "c", "d", "e"] and spec["reduce_zero_label"]
     assert any("holds no config" in line for line in logs)
     for k, v in model.state_dict().items():
@@ -250,7 +246,7 @@ def test_released_checkpoint_errors_name_both_sides(tmp_path, capsys):
     _, path = _released_file(tmp_path, "upernet")
     with pytest.raises(CheckpointError, match=r"released UperNet on rmt_tiny .* but --head fpn was asked"):
         load_trained(path, head="fpn")
-    with pytest.raises(CheckpointError, match=r"UperNet on rmt_tiny .* but --model rmt_small was asked.*--model rmt_tiny"):
+    with pytest.raises(CheckpointError, match=r"UperNet on rmt_tiny .* --model rmt_small was asked.*--model rmt_tiny"):
         load_trained(path, model="rmt_small")
     assert main(["segment", "eval", str(path), "--data", str(tmp_path), "--head", "fpn", "--device", "cpu"]) == 1
     assert "--head fpn" in capsys.readouterr().err
@@ -282,7 +278,8 @@ def test_smp_files_written_before_the_mmseg_decoder_still_load(tmp_path):
     model = build_segmenter("rmt_tiny", "fpn", 4, decoder="smp", aux_head=True, backbone_kwargs=TINY).eval()
     legacy = {}
     for k, v in model.state_dict().items():  # the auxiliary head's old names
-        for new, old in (("aux_head.convs.0.conv.", "aux_head.conv.0."), ("aux_head.convs.0.bn.", "aux_head.conv.1."),
+        for new, old in (("aux_head.convs.0.conv.", "aux_head.conv.0."),
+                         ("aux_head.convs.0.bn.", "aux_head.conv.1."),
                          ("aux_head.conv_seg.", "aux_head.classifier.")):
             k = k.replace(new, old)
         legacy[k] = v
@@ -331,5 +328,6 @@ def test_eval_of_a_released_file_reproduces_mmseg_whole_inference(tmp_path):
             cm = cm + confusion_matrix(out.softmax(1).argmax(1)[0], label, len(SYNTHETIC_CLASSES))
     assert size == (96, 120)
     want = scores(cm, SYNTHETIC_CLASSES)
-    assert got["mIoU"] == pytest.approx(want["mIoU"], abs=1e-9) and got["aAcc"] == pytest.approx(want["aAcc"], abs=1e-9)
+    assert got["mIoU"] == pytest.approx(want["mIoU"], abs=1e-9)
+    assert got["aAcc"] == pytest.approx(want["aAcc"], abs=1e-9)
     assert [c["class"] for c in got["per_class"]] == list(SYNTHETIC_CLASSES)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 
 def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("inference (defaults: a released checkpoint's config, else the training settings)")
+    g = p.add_argument_group("inference (defaults: a released file's config, else the training settings)")
     g.add_argument("--model", default=None, help="fail unless the file is this RMT variant")
     g.add_argument("--head", choices=("fpn", "upernet"), default=None, help="fail unless the file has this head")
     g.add_argument("--mode", choices=("auto", "whole", "slide"), default=None,
@@ -153,18 +153,19 @@ def _inference_options(args: argparse.Namespace, spec: dict) -> dict:
     else:
         ratios = MS_RATIOS if args.ms else tuple(spec.get("ratios") or (1.0,))
     mode = args.mode or spec.get("test_mode", "auto")
-    return dict(scale=scale, crop=crop, stride=stride, ratios=ratios, flip=args.flip or bool(spec.get("flip")),
-                mode=mode)
+    flip = args.flip or bool(spec.get("flip"))
+    return dict(scale=scale, crop=crop, stride=stride, ratios=ratios, flip=flip, mode=mode)
 
 
 def _describe_settings(spec: dict, opts: dict) -> str:
     scale = "original size" if opts["scale"] is None else f"{opts['scale'][0]}x{opts['scale'][1]} (keep ratio)"
     window = (f", crop {opts['crop'][0]}x{opts['crop'][1]} stride {opts['stride'][0]}x{opts['stride'][1]}"
               if opts["mode"] != "whole" else "")
-    test = "multi-scale " + ",".join(f"{r:g}" for r in opts["ratios"]) if len(opts["ratios"]) > 1 else "single-scale"
+    ratios = opts["ratios"]
+    test = "multi-scale " + ",".join(f"{r:g}" for r in ratios) if len(ratios) > 1 else "single-scale"
     source = "released " if spec.get("released") else ""
-    return (f"{source}{spec['head']} on {spec['model']} ({spec.get('decoder', 'smp')} decoder): mode {opts['mode']}"
-            f"{window}, scale {scale}, {test}{' + flip' if opts['flip'] else ''}")
+    return (f"{source}{spec['head']} on {spec['model']} ({spec.get('decoder', 'smp')} decoder): "
+            f"mode {opts['mode']}{window}, scale {scale}, {test}{' + flip' if opts['flip'] else ''}")
 
 
 def _amp(precision: str, device) -> bool:

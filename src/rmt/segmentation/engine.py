@@ -242,8 +242,8 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> Dict[str, Any]:
                             pretrained=cfg.pretrained if ckpt is None else None,
                             backbone_kwargs=backbone_kwargs)
     spec = dict(model=cfg.model, head=cfg.head, decoder=cfg.decoder, num_classes=num_classes,
-                aux_head=aux_weight > 0, backbone_kwargs=backbone_kwargs, class_names=list(class_names), reduce_zero_label=reduce,
-                scale=list(scale), crop_size=list(crop))
+                aux_head=aux_weight > 0, backbone_kwargs=backbone_kwargs, class_names=list(class_names),
+                reduce_zero_label=reduce, scale=list(scale), crop_size=list(crop))
     assert set(spec) == set(SPEC_KEYS)
     if cfg.grad_checkpointing:
         model.backbone.set_grad_checkpointing(True)
@@ -284,8 +284,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> Dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         info = describe(model)
         print(f"{cfg.head} ({cfg.decoder} decoder) on {cfg.model}: {info['params'] / 1e6:.2f}M parameters, "
-              f"{num_classes} classes, "
-              f"{len(train_set)} training images, {iterations} iterations of batch {cfg.batch_size} "
+              f"{num_classes} classes, {len(train_set)} training images, {iterations} iterations of batch {cfg.batch_size} "
               f"({dist.world_size} process{'es' if dist.world_size > 1 else ''}, {precision}), crop "
               f"{crop[0]}x{crop[1]}, scale {scale[0]}x{scale[1]}")
         if ckpt is None:

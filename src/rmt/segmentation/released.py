@@ -72,8 +72,8 @@ def describe_released(sd: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
         channels["aux"] = int(sd["auxiliary_head.conv_seg.weight"].shape[1])
     if head == "fpn":
         channels["neck"] = int(sd["neck.lateral_convs.0.conv.weight"].shape[0])
-    return dict(head=head, model=guess_variant(backbone), num_classes=int(sd["decode_head.conv_seg.weight"].shape[0]),
-                aux_head=aux, head_channels=channels, arch=describe_architecture(backbone))
+    return dict(head=head, model=guess_variant(backbone), aux_head=aux, head_channels=channels,
+                num_classes=int(sd["decode_head.conv_seg.weight"].shape[0]), arch=describe_architecture(backbone))
 
 
 def _name(info: Mapping[str, Any]) -> str:
@@ -94,9 +94,8 @@ def _check_relpos(backbone_sd: Mapping[str, torch.Tensor], model: nn.Module) -> 
             got = backbone_sd.get(f"layers.{i}.Relpos.{name}")
             if got is not None and (got.shape != value.shape or not torch.allclose(got.float(), value, atol=1e-6)):
                 raise CheckpointError(
-                    f"backbone.layers.{i}.Relpos.{name} differs from the variant's (other init_values, "
-                    f"heads_ranges or head count than the registered variant); pass the matching "
-                    f"--backbone-kwargs")
+                    f"backbone.layers.{i}.Relpos.{name} differs from the registered variant's: the file's "
+                    "backbone has other init_values, heads_ranges or head counts")
 
 
 def released_to_segmentor_state(sd: Mapping[str, torch.Tensor], model: EncoderDecoder) -> Tuple[StateDict, list]:
