@@ -20,8 +20,11 @@ paper's extras on top:
   3x3 output conv per level, and with GroupNorm where mmsegmentation uses (Sync)BatchNorm.
 * ``upernet``: smp's UPerNet with 512 channels (PPM 1/2/3/6 + FPN + fusion, BatchNorm), dropout
   0.1 before the classifier and the auxiliary FCN head on the stride-16 feature. smp's own
-  per-feature LayerNorms are removed (the backbone applies its per-stage LayerNorms already).
-  Images are zero-padded (after normalisation) to a multiple of 32 and the logits cropped back.
+  per-feature LayerNorms are removed (the backbone applies its per-stage LayerNorms already); the
+  decoder then computes what mmsegmentation's UPerHead does, but smp upsamples the logits 4x with
+  ``align_corners=True``.
+
+Images are zero-padded (after normalisation) to a multiple of 32 for smp and the logits cropped back.
 
 smp's other decoders take the same encoder name, e.g. ``smp.Unet(encoder_name="tu-rmt_small")``.
 """
