@@ -14,8 +14,9 @@ with ``norm_cfg=dict(type='SyncBN')``; resizing is bilinear with ``align_corners
   convs with biases, no norm or activation, nearest-neighbour top-down path), then per level
   conv3x3-BN-ReLU blocks with 2x upsampling down to stride 4, summed, dropout 0.1, classifier.
 
-Initialisation is mmsegmentation's: convs Kaiming-normal (fan-out, ReLU), the neck's convs
-Xavier-uniform, norms 1/0, classifiers normal(std 0.01).
+Initialisation is what mmsegmentation 0.x gives: every ConvModule's conv Kaiming-normal (fan-out,
+ReLU) with zero bias, norms 1/0, classifiers normal(std 0.01). The FPN neck's own Xavier init is
+never called by mmsegmentation 0.x's EncoderDecoder, so its convs keep the ConvModule init too.
 """
 from __future__ import annotations
 
@@ -45,10 +46,8 @@ class ConvModule(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=not norm)
         self.bn = nn.BatchNorm2d(out_channels) if norm else None
         self.act = nn.ReLU(inplace=True) if norm else None
-        if norm:
-            nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
-        else:
-            nn.init.xavier_uniform_(self.conv.weight)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+        if not norm:
             nn.init.zeros_(self.conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
