@@ -48,6 +48,15 @@ def assert_same_gradients(got: torch.Tensor, want: torch.Tensor, inputs, names, 
         assert a.dtype == e.dtype and rel_err(a, e) <= tol, name
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small models run fastest on one thread (and do not fight other processes for cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def golden():
     z = np.load(DATA / "rmt_mini.npz")

@@ -30,13 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 8))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models run fastest on one thread (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -60,22 +54,23 @@ def test_smp_timm_universal_encoder_takes_rmt_unchanged(arch):
     assert [f.shape[-2:] for f in feats] == [(16, 24), (8, 12), (4, 6), (2, 3)]
 
 
-@pytest.mark.parametrize("variant", rmt.VARIANTS)
 @pytest.mark.parametrize("head", ["fpn", "upernet"])
-def test_heads_build_for_every_variant(variant, head):
-    model = build_segmenter(variant, head, 150, device="meta").eval()
+@pytest.mark.parametrize("variant,decoder", [(v, "mmseg") for v in rmt.VARIANTS] + [("rmt_small", "smp")])
+def test_heads_build_for_every_variant(variant, head, decoder):
+    model = build_segmenter(variant, head, 150, decoder=decoder, device="meta").eval()
     assert model.backbone.feature_norms is not None
     assert (model.aux_head is not None) == (head == "upernet")
-    if head == "upernet":  # the backbone's per-stage LayerNorms replace smp's own
+    if head == "upernet" and decoder == "smp":  # the backbone's per-stage LayerNorms replace smp's own
         assert all(isinstance(n, torch.nn.Identity) for n in model.net.decoder.feature_norms)
-    x = torch.empty(1, 3, 80, 112, device="meta")  # not a multiple of 32: padded and cropped back
+    x = torch.empty(1, 3, 80, 112, device="meta")  # not a multiple of 32
     logits, aux = model(x, return_aux=True)
     assert logits.shape == (1, 150, 80, 112)
     assert aux is None if head == "fpn" else aux.shape == (1, 150, 80, 112)
 
 
-def test_segmenter_pads_any_size_and_keeps_batch_independence():
-    model = build_segmenter("rmt_tiny", "upernet", 4, backbone_kwargs=TINY).eval()
+@pytest.mark.parametrize("decoder", ["mmseg", "smp"])
+def test_segmenter_takes_any_size_and_keeps_batch_independence(decoder):
+    model = build_segmenter("rmt_tiny", "upernet", 4, decoder=decoder, backbone_kwargs=TINY).eval()
     x = torch.randn(2, 3, 50, 70)
     with torch.no_grad():
         out = model(x)
@@ -105,7 +100,7 @@ def test_backbone_loads_released_classification_checkpoint(tmp_path):
                        src.stages[2].blocks[0].attn.qkv.weight)
 
 
-def test_backbone_loads_released_mmseg_checkpoint(tmp_path):
+def test_backbone_loads_released_mmseg_checkpoint(tmp_path, capsys):
     src = timm.create_model("rmt_tiny", feature_norms=True, num_classes=0, **TINY)
     with torch.no_grad():
         for norm in src.feature_norms:
@@ -123,6 +118,7 @@ def test_backbone_loads_released_mmseg_checkpoint(tmp_path):
     got = model.backbone.state_dict()
     for k, v in sd.items():
         assert torch.equal(got[k], v), k
+    assert "other 2 tensors (decoder and heads) are not used" in capsys.readouterr().out
     # a checkpoint of another architecture says so
     with pytest.raises(CheckpointError, match="depths"):
         build_segmenter("rmt_tiny", "fpn", 5, backbone_kwargs=dict(TINY, depths=(1, 1, 2, 1)),
@@ -357,8 +353,9 @@ def test_benchmark_skips_without_cuda_and_runs_on_cpu(tmp_path):
     finally:
         sys.path.pop(0)
     out = tmp_path / "bench.json"
-    assert bench.main(["--device", "cpu", "--size", "64", "--batch", "2", "--infer-batch", "2", "--steps", "1",
-                       "--warmup", "0", "--heads", "upernet", "fpn", "--backbone-kwargs", json.dumps(TINY),
-                       "--json", str(out)]) == 0
+    assert bench.main(["--smoke", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
-    assert [r["head"] for r in rows] == ["upernet", "fpn"] and all(r["train_img_s"] > 0 for r in rows)
+    assert [r["backbone"] for r in rows] == ["rmt_small", "convnext_tiny", "resnet50"]
+    assert all(r["head"] == "upernet" and r["train_img_s"] > 0 and r["infer_img_s"] > 0 for r in rows)
+    # the same decoder on every backbone: only its input widths differ
+    assert rows[1]["params_m"] - rows[1]["backbone_m"] < rows[2]["params_m"] - rows[2]["backbone_m"]

@@ -1,8 +1,11 @@
 """Semantic segmentation with RMT backbones: Semantic FPN or UperNet on ADE20K-layout data.
 
   train    train (or resume) with the paper's recipe for the head; torchrun for several GPUs
-  eval     mIoU and per-class IoU of a trained model, single-scale or multi-scale + flip
+  eval     mIoU and per-class IoU of a trained or released model, single-scale or multi-scale + flip
   predict  colour overlays and label maps for image files
+
+The decoders are mmsegmentation's (--decoder mmseg, the default: the released architecture, whose
+checkpoints eval and predict load whole) or segmentation_models_pytorch's (--decoder smp).
 
 Datasets use the ADE20K layout (images/{training,validation}/NAME.jpg and
 annotations/{training,validation}/NAME.png, 255 = ignore); --data synthetic writes a small
@@ -16,6 +19,7 @@ examples:
   rmt segment train --out runs/upernet-s --resume
   rmt segment eval runs/upernet-s/best.safetensors --data ADEChallengeData2016 --ms --flip
   rmt segment predict runs/seg-demo/best.safetensors photo.jpg photos/ --out predictions
+  rmt segment eval RMT_Uper_s_2x.pth --data ADEChallengeData2016      # a released segmentor, whole
 """
 from __future__ import annotations
 
@@ -26,15 +30,19 @@ from pathlib import Path
 
 
 def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("inference")
-    g.add_argument("--mode", choices=("auto", "whole", "slide"), default="auto",
+    g = p.add_argument_group("inference (defaults: a released file's config, else the training settings)")
+    g.add_argument("--model", default=None, help="fail unless the file is this RMT variant")
+    g.add_argument("--head", choices=("fpn", "upernet"), default=None, help="fail unless the file has this head")
+    g.add_argument("--mode", choices=("auto", "whole", "slide"), default=None,
                    help="whole image, sliding window, or auto: sliding window when the resized image "
-                        "has more than four crops' worth of pixels (default)")
+                        "has more than four crops' worth of pixels (default: the config's mode for a "
+                        "released checkpoint, else auto)")
     g.add_argument("--scale", default=None,
                    help="test scale LONGxSHORT the image is resized into, keeping its aspect ratio "
-                        "(default: the training scale, 2048x512 for ADE20K); 'none' keeps sizes")
+                        "(default: the training or config scale, 2048x512 for ADE20K); 'none' keeps sizes")
     g.add_argument("--crop-size", default=None, help="sliding-window size N or HxW (default: training crop)")
-    g.add_argument("--stride", default=None, help="sliding-window stride N or HxW (default: 2/3 of the crop)")
+    g.add_argument("--stride", default=None, help="sliding-window stride N or HxW (default: the config's, "
+                                                  "else 2/3 of the crop)")
     g.add_argument("--ms", action="store_true", help="multi-scale test: ratios 0.5,0.75,1.0,1.25,1.5,1.75")
     g.add_argument("--ratios", default=None, help="comma-separated scale ratios (implies multi-scale)")
     g.add_argument("--flip", action="store_true", help="also run on horizontally flipped images")
@@ -55,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--model", default="rmt_small", help="rmt_tiny, rmt_small, rmt_base or rmt_large")
     t.add_argument("--head", choices=("fpn", "upernet"), default="upernet",
                    help="fpn: Semantic FPN, 80k recipe; upernet: 160k recipe (default)")
+    t.add_argument("--decoder", choices=("mmseg", "smp"), default="mmseg",
+                   help="mmseg: mmsegmentation's FPN/UperNet as released (default); smp: "
+                        "segmentation_models_pytorch's")
     t.add_argument("--pretrained", default=None,
                    help="backbone checkpoint: ours, a released classification file or a released "
                         "segmentation/detection file (mmseg/mmdet layout)")
@@ -96,10 +107,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "saving a checkpoint to resume from)")
     t.add_argument("--debug", action="store_true", help="show full tracebacks")
 
-    e = sub.add_parser("eval", help="mIoU and per-class IoU of a trained model",
+    e = sub.add_parser("eval", help="mIoU and per-class IoU of a trained or released model",
                        description="Evaluate a model written by 'rmt segment train' (last.pt, best.safetensors "
-                                   "or model.safetensors); several GPUs with torchrun.")
-    e.add_argument("checkpoint", help="trained model file")
+                                   "or model.safetensors) or a released mmsegmentation segmentor "
+                                   "(RMT_FPN_*, RMT_Uper_*), tested as its config says; several GPUs with "
+                                   "torchrun.")
+    e.add_argument("checkpoint", help="trained model file or released segmentor checkpoint")
     e.add_argument("--data", required=True, help="ADE20K-layout dataset folder")
     e.add_argument("--split", default="validation", help="split to evaluate (default validation)")
     e.add_argument("--out", default=None, help="write metrics.json and per_class_iou.png here")
@@ -111,7 +124,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r = sub.add_parser("predict", help="colour overlays and label maps for images",
                        description="Write NAME_overlay.png (colour overlay with a legend) and NAME_mask.png "
                                    "(class ids in the dataset's convention) for every image.")
-    r.add_argument("checkpoint", help="trained model file")
+    r.add_argument("checkpoint", help="trained model file or released segmentor checkpoint")
     r.add_argument("inputs", nargs="+", help="image files or folders of images")
     r.add_argument("--out", default="predictions", help="output folder (default predictions)")
     r.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
@@ -121,6 +134,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _inference_options(args: argparse.Namespace, spec: dict) -> dict:
+    """Test settings: the flags, else the spec's (a released config's or the training run's)."""
     from ..segmentation.data import parse_size
     from ..segmentation.inference import MS_RATIOS
     if args.scale is not None and args.scale.lower() == "none":
@@ -128,15 +142,33 @@ def _inference_options(args: argparse.Namespace, spec: dict) -> dict:
     else:
         scale = parse_size(args.scale) if args.scale else tuple(spec.get("scale") or (2048, 512))
     crop = parse_size(args.crop_size) if args.crop_size else tuple(spec.get("crop_size") or (512, 512))
-    stride = parse_size(args.stride) if args.stride else (max(crop[0] * 2 // 3, 1), max(crop[1] * 2 // 3, 1))
+    if args.stride:
+        stride = parse_size(args.stride)
+    elif spec.get("stride") and not args.crop_size:
+        stride = tuple(spec["stride"])
+    else:
+        stride = (max(crop[0] * 2 // 3, 1), max(crop[1] * 2 // 3, 1))
     if args.ratios:
         try:
             ratios = tuple(float(r) for r in args.ratios.split(","))
         except ValueError:
             raise ValueError(f"--ratios {args.ratios!r} must be comma-separated numbers") from None
     else:
-        ratios = MS_RATIOS if args.ms else (1.0,)
-    return dict(scale=scale, crop=crop, stride=stride, ratios=ratios, flip=args.flip, mode=args.mode)
+        ratios = MS_RATIOS if args.ms else tuple(spec.get("ratios") or (1.0,))
+    mode = args.mode or spec.get("test_mode", "auto")
+    flip = args.flip or bool(spec.get("flip"))
+    return dict(scale=scale, crop=crop, stride=stride, ratios=ratios, flip=flip, mode=mode)
+
+
+def _describe_settings(spec: dict, opts: dict) -> str:
+    scale = "original size" if opts["scale"] is None else f"{opts['scale'][0]}x{opts['scale'][1]} (keep ratio)"
+    window = (f", crop {opts['crop'][0]}x{opts['crop'][1]} stride {opts['stride'][0]}x{opts['stride'][1]}"
+              if opts["mode"] != "whole" else "")
+    ratios = opts["ratios"]
+    test = "multi-scale " + ",".join(f"{r:g}" for r in ratios) if len(ratios) > 1 else "single-scale"
+    source = "released " if spec.get("released") else ""
+    return (f"{source}{spec['head']} on {spec['model']} ({spec.get('decoder', 'smp')} decoder): "
+            f"mode {opts['mode']}{window}, scale {scale}, {test}{' + flip' if opts['flip'] else ''}")
 
 
 def _amp(precision: str, device) -> bool:
@@ -153,7 +185,8 @@ def run_train(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as e:
         raise ValueError(f"--backbone-kwargs is not valid JSON ({e})") from None
     cfg = TrainConfig(
-        data=args.data or "", out=args.out, model=args.model, head=args.head, pretrained=args.pretrained,
+        data=args.data or "", out=args.out, model=args.model, head=args.head, decoder=args.decoder,
+        pretrained=args.pretrained,
         classes=args.classes, reduce_zero_label=args.reduce_zero_label, iterations=args.iters,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_iters=args.warmup_iters, aux_weight=args.aux_weight,
@@ -179,8 +212,11 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..segmentation.metrics import format_scores, plot_per_class
     dist = setup_distributed(args.device)
     try:
-        model, spec = load_trained(args.checkpoint, dist.device)
+        model, spec = load_trained(args.checkpoint, dist.device, model=args.model, head=args.head,
+                                   log=print if dist.is_main else (lambda *a: None))
         opts = _inference_options(args, spec)
+        if dist.is_main:
+            print(_describe_settings(spec, opts))
         dataset = SegmentationFolder(args.data, args.split, EvalTransform(), spec["reduce_zero_label"])
         result = evaluate(model, dataset, spec["num_classes"], dist, class_names=spec["class_names"],
                           amp=_amp(args.precision, dist.device), workers=args.workers,
@@ -189,8 +225,7 @@ def run_eval(args: argparse.Namespace) -> int:
         cleanup_distributed()
     if dist.is_main:
         print(format_scores(result))
-        test = "multi-scale" if len(opts["ratios"]) > 1 else "single-scale"
-        print(f"{result['images']} images, {test}{' + flip' if opts['flip'] else ''}, mode {opts['mode']}")
+        print(f"{result['images']} images; {_describe_settings(spec, opts)}")
         if args.out:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
@@ -208,10 +243,12 @@ def run_predict(args: argparse.Namespace) -> int:
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"--alpha must be between 0 and 1, got {args.alpha}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, spec = load_trained(args.checkpoint, device)
+    model, spec = load_trained(args.checkpoint, device, model=args.model, head=args.head)
+    opts = _inference_options(args, spec)
+    print(_describe_settings(spec, opts))
     written = predict_files(model, spec, args.inputs, args.out, device=device,
                             amp=_amp(args.precision, device), alpha=args.alpha,
-                            legend=not args.no_legend, **_inference_options(args, spec))
+                            legend=not args.no_legend, **opts)
     print(f"wrote {len(written)} overlays and label maps to {args.out}")
     return 0
 

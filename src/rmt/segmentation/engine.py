@@ -71,6 +71,7 @@ class TrainConfig:
     out: str = "runs/segment"
     model: str = "rmt_small"
     head: str = "upernet"
+    decoder: str = "mmseg"                     # mmseg (the released architecture) or smp
     pretrained: Optional[str] = None           # backbone checkpoint (any supported layout)
     classes: Optional[str] = None              # "ade20k", a class-list file, or None (dataset.json/ADE20K)
     reduce_zero_label: Optional[bool] = None   # None: dataset.json, else True (ADE20K)
@@ -170,6 +171,7 @@ def resolve_config(cfg: TrainConfig) -> Tuple[TrainConfig, Optional[Dict[str, An
         raise FileNotFoundError(f"nothing to resume: '{path}' does not exist")
     ckpt = load_checkpoint(path)
     saved = dict(ckpt["config"])
+    saved.setdefault("decoder", "smp")  # runs started before the mmseg decoder existed used smp's
     saved.update({k: getattr(cfg, k) for k in RUNTIME_FIELDS})
     if cfg.data:  # the dataset may have moved
         saved["data"] = cfg.data
@@ -239,12 +241,12 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> Dict[str, Any]:
     backbone_kwargs = dict(cfg.backbone_kwargs)
     if cfg.drop_path_rate is not None:
         backbone_kwargs["drop_path_rate"] = cfg.drop_path_rate
-    model = build_segmenter(cfg.model, cfg.head, num_classes, aux_head=aux_weight > 0,
+    model = build_segmenter(cfg.model, cfg.head, num_classes, decoder=cfg.decoder, aux_head=aux_weight > 0,
                             pretrained=cfg.pretrained if ckpt is None else None,
                             backbone_kwargs=backbone_kwargs)
-    spec = dict(model=cfg.model, head=cfg.head, num_classes=num_classes, aux_head=aux_weight > 0,
-                backbone_kwargs=backbone_kwargs, class_names=list(class_names), reduce_zero_label=reduce,
-                scale=list(scale), crop_size=list(crop))
+    spec = dict(model=cfg.model, head=cfg.head, decoder=cfg.decoder, num_classes=num_classes,
+                aux_head=aux_weight > 0, backbone_kwargs=backbone_kwargs, class_names=list(class_names),
+                reduce_zero_label=reduce, scale=list(scale), crop_size=list(crop))
     assert set(spec) == set(SPEC_KEYS)
     if cfg.grad_checkpointing:
         model.backbone.set_grad_checkpointing(True)
@@ -287,8 +289,8 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> Dict[str, Any]:
         if ckpt is not None:  # the iterations after the checkpoint run (and are logged) again
             logger.drop_after(start)
         info = describe(model)
-        print(f"{cfg.head} on {cfg.model}: {info['params'] / 1e6:.2f}M parameters, {num_classes} classes, "
-              f"{len(train_set)} training images, {iterations} iterations of batch {cfg.batch_size} "
+        print(f"{cfg.head} ({cfg.decoder} decoder) on {cfg.model}: {info['params'] / 1e6:.2f}M parameters, "
+              f"{num_classes} classes, {len(train_set)} training images, {iterations} iterations of batch {cfg.batch_size} "
               f"({dist.world_size} process{'es' if dist.world_size > 1 else ''}, {precision}), crop "
               f"{crop[0]}x{crop[1]}, scale {scale[0]}x{scale[1]}")
         if ckpt is None:

@@ -1,9 +1,10 @@
 """Trained segmentation models: saving and loading them, evaluating mIoU, predicting files.
 
-A trained model travels with its description (``spec``: variant, head, classes, label
+A trained model travels with its description (``spec``: variant, head, decoder, classes, label
 convention, training scale and crop), so ``rmt segment eval`` and ``predict`` need no flags to
-rebuild it. Files are either a training checkpoint (``last.pt``, with optimizer state) or a
-``.safetensors`` file whose metadata holds the spec as JSON.
+rebuild it. Files are a training checkpoint (``last.pt``, with optimizer state), a
+``.safetensors`` file whose metadata holds the spec as JSON, or a released mmsegmentation
+segmentor (:mod:`.released`), whose spec also carries its config's test settings.
 """
 from __future__ import annotations
 
@@ -15,19 +16,23 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ..engine import DistInfo, load_checkpoint
+from ..engine import DistInfo
 from ..engine.distributed import all_reduce_sum
 from .data import IGNORE_INDEX, SegmentationFolder, list_images, normalize, read_image
 from .inference import predict_probs
 from .metrics import confusion_matrix, scores
-from .models import Segmenter, build_segmenter
+from .models import build_segmenter
 from .visualize import palette, save_prediction
 
-SPEC_KEYS = ("model", "head", "num_classes", "aux_head", "backbone_kwargs", "class_names",
+SPEC_KEYS = ("model", "head", "decoder", "num_classes", "aux_head", "backbone_kwargs", "class_names",
              "reduce_zero_label", "scale", "crop_size")
 
+# smp-decoder files written before the auxiliary head became FCNHead
+_LEGACY_AUX_KEYS = (("aux_head.conv.0.", "aux_head.convs.0.conv."), ("aux_head.conv.1.", "aux_head.convs.0.bn."),
+                    ("aux_head.classifier.", "aux_head.conv_seg."))
 
-def save_weights(model: Segmenter, spec: Mapping[str, Any], path: str | Path,
+
+def save_weights(model: torch.nn.Module, spec: Mapping[str, Any], path: str | Path,
                  extra: Optional[Mapping[str, Any]] = None) -> Path:
     """Write the model's weights to ``.safetensors`` (atomically) with ``spec`` in its metadata."""
     from ..checkpoint import save_safetensors
@@ -37,34 +42,52 @@ def save_weights(model: Segmenter, spec: Mapping[str, Any], path: str | Path,
     return Path(path)
 
 
-def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Tuple[Segmenter, Dict[str, Any]]:
-    """Rebuild a trained :class:`Segmenter` from a training checkpoint or a ``.safetensors`` file.
+def load_trained(path: str | Path, device: str | torch.device = "cpu", *, model: Optional[str] = None,
+                 head: Optional[str] = None, log=print) -> Tuple[torch.nn.Module, Dict[str, Any]]:
+    """Rebuild a trained segmentation model from a training checkpoint, a ``.safetensors`` file or a
+    released mmsegmentation checkpoint.
 
-    Returns ``(model in eval mode on device, spec)``.
+    ``model`` / ``head``, when given, must match the file (the error names both). Returns
+    ``(model in eval mode on device, spec)``.
     """
+    from ..checkpoint import read_checkpoint
+    from .released import is_released_segmentor, load_released, whole_state_dict
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file '{path}' does not exist")
-    if path.suffix == ".safetensors":
-        from ..checkpoint import read_checkpoint
-        state, meta = read_checkpoint(path)
-        if "rmt_segmenter" not in meta:
-            raise ValueError(f"'{path}' holds no segmentation model description; it was not written "
-                             "by 'rmt segment train' (for a backbone checkpoint use --pretrained)")
-        spec = json.loads(meta["rmt_segmenter"])
+    obj, meta = read_checkpoint(path)
+    if "rmt_segmenter" in meta:
+        spec, state = json.loads(meta["rmt_segmenter"]), obj
+    elif path.suffix != ".safetensors" and isinstance(obj.get("segmenter"), dict) and "model" in obj:
+        spec, state = obj["segmenter"], obj["model"]
+    elif is_released_segmentor(whole_state_dict(obj)):
+        return load_released(obj, str(path), device, model=model, head=head, log=log)
     else:
-        ckpt = load_checkpoint(path)
-        if "segmenter" not in ckpt or "model" not in ckpt:
-            raise ValueError(f"'{path}' is not a checkpoint of 'rmt segment train' (no model "
-                             "description); for a backbone checkpoint use --pretrained with train")
-        spec, state = ckpt["segmenter"], ckpt["model"]
-    model = build_segmenter(spec["model"], spec["head"], spec["num_classes"], aux_head=spec["aux_head"],
-                            backbone_kwargs=spec.get("backbone_kwargs"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+        raise ValueError(f"'{path}' is neither a model of 'rmt segment train' (no model description) nor "
+                         "a released mmsegmentation segmentor (no backbone.* and decode_head.* tensors); "
+                         "for a backbone checkpoint use --pretrained with train")
+    spec = dict(spec, decoder=spec.get("decoder", "smp"))  # files without it predate the mmseg decoder
+    for key, value in (("model", model), ("head", head)):
+        if value is not None and spec[key] != value:
+            raise ValueError(f"'{path}' is {spec['head']} on {spec['model']}, but --{key} {value} was asked; "
+                             f"use --model {spec['model']} --head {spec['head']} or another file")
+    if spec["decoder"] == "smp":
+        state = {_legacy_key(k): v for k, v in state.items()}
+    net = build_segmenter(spec["model"], spec["head"], spec["num_classes"], decoder=spec["decoder"],
+                          aux_head=spec["aux_head"], backbone_kwargs=spec.get("backbone_kwargs"),
+                          head_channels=spec.get("head_channels"))
+    missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"'{path}' does not fit the model it describes: {len(missing)} missing, "
                          f"{len(unexpected)} unexpected tensors (e.g. {(missing + unexpected)[:3]})")
-    return model.to(device).eval(), dict(spec)
+    return net.to(device).eval(), spec
+
+
+def _legacy_key(key: str) -> str:
+    for old, new in _LEGACY_AUX_KEYS:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
 
 
 @torch.no_grad()
@@ -99,7 +122,7 @@ def evaluate(model: torch.nn.Module, dataset: SegmentationFolder, num_classes: i
 
 
 @torch.no_grad()
-def predict_files(model: Segmenter, spec: Mapping[str, Any], inputs: Sequence[str], out_dir: str | Path, *,
+def predict_files(model: torch.nn.Module, spec: Mapping[str, Any], inputs: Sequence[str], out_dir: str | Path, *,
                   device: torch.device, scale: Optional[Tuple[int, int]], ratios: Sequence[float] = (1.0,),
                   flip: bool = False, mode: str = "auto", crop: Tuple[int, int] = (512, 512),
                   stride: Tuple[int, int] = (341, 341), amp: bool = False, alpha: float = 0.5,
