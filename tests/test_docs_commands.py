@@ -53,13 +53,15 @@ def _relative(path: Path) -> str:
 
 def _split_document(text: str):
     """(line number, line) of fenced code, and the prose with code blocks blanked out."""
-    code, prose, inside = [], [], False
+    code, prose, inside, output = [], [], False, False
     for number, line in enumerate(text.splitlines(), 1):
         if FENCE.match(line):
             inside = not inside
+            # a block marked as output (```text) shows what a command printed: not commands
+            output = inside and line.strip().lstrip("`~").strip() in ("text", "console", "output")
             prose.append("")
             continue
-        if inside:
+        if inside and not output:
             code.append((number, line))
         prose.append("" if inside else line)
     return code, prose
