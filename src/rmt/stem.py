@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .compat import nchw_for_conv
 from .ops import stem_conv
 from .ops.residual import hook_free
 from .ops.triton_support import fused_allowed
@@ -169,10 +170,9 @@ class Downsample(nn.Module):
         self.norm = nn.BatchNorm2d(out_chs, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 3, 1, 2)
         if torch.jit.is_scripting():
-            return self.norm(self.conv(x)).permute(0, 2, 3, 1)
-        return self._conv_norm(x).permute(0, 2, 3, 1)
+            return self.norm(self.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+        return self._conv_norm(nchw_for_conv(x)).permute(0, 2, 3, 1)
 
     @torch.jit.ignore
     def _conv_norm(self, x: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..compat import nchw_for_conv
 from .linear import column_sum
 from .triton_support import (HAS_TRITON, SUPPORTED_DTYPES, as_dtype, cdiv, eager_launch, next_power_of_2,
                              triton_runs_on)
@@ -58,7 +59,7 @@ def dwconv_nhwc_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     if gelu:
         x = F.gelu(x)
     k = weight.shape[-1]
-    y = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=k // 2, groups=weight.shape[0])
+    y = F.conv2d(nchw_for_conv(x), weight, bias, padding=k // 2, groups=weight.shape[0])
     y = y.permute(0, 2, 3, 1)
     return x + y if residual else y
 

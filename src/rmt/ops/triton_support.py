@@ -7,6 +7,8 @@ from typing import Optional
 
 import torch
 
+from ..compat import is_export_tracing
+
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs may lack it
     import triton
     HAS_TRITON = True
@@ -26,14 +28,29 @@ def triton_runs_on(x: torch.Tensor) -> bool:
 
 def fused_allowed(impl: str, x: torch.Tensor) -> bool:
     """Whether a module set to ``impl`` may use fused kernels for ``x``: with ``"auto"`` on CUDA,
-    always with ``"triton"`` (which also covers Triton's CPU interpreter)."""
-    return impl == "triton" or (impl == "auto" and x.is_cuda)
+    always with ``"triton"`` (which also covers Triton's CPU interpreter); never with ``"auto"`` while
+    an exporter traces the model (exported graphs take the plain ops)."""
+    if impl == "triton":
+        refuse_onnx_tracing()
+        return True
+    return impl == "auto" and not is_export_tracing() and x.is_cuda   # x last: a torch.fx Proxy stays one
+
+
+@torch.jit.ignore
+def refuse_onnx_tracing() -> None:
+    """Raise while ``torch.onnx.export`` or ``torch.jit.trace`` traces a module set to ``"triton"``:
+    the kernels have no ONNX form and a trace would not record them."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        raise RuntimeError(
+            "masa_impl='triton' does not export to ONNX or trace with torch.jit.trace: the Triton kernels "
+            "have no ONNX form. Use model.set_masa_impl('auto') (exports then take the reference ops) or "
+            "rmt.export.export_onnx(model, path).")
 
 
 def cpu_path_allowed(impl: str, x: torch.Tensor) -> bool:
     """Whether a module set to ``impl`` may take the CPU fast path for ``x`` (``"auto"`` or ``"cpu"``
-    on a CPU tensor; ``"reference"`` keeps the plain ops)."""
-    return (impl == "auto" or impl == "cpu") and x.device.type == "cpu"
+    on a CPU tensor, except while an exporter traces the model; ``"reference"`` keeps the plain ops)."""
+    return (impl == "auto" or impl == "cpu") and not is_export_tracing() and x.device.type == "cpu"
 
 
 def cdiv(a: int, b: int) -> int:

@@ -28,9 +28,11 @@ def cached_stage_positions(h: int, w: int, head_dim: int, num_heads: int, init_v
 
     Saves a dozen small kernels per stage and step. The tables are never modified in place and are
     made outside inference mode, so one cache serves inference and training. Under ``torch.compile``
-    on CUDA they come from :func:`stage_positions_op` (copies of the cached tables); under export
-    and on other devices they are computed in the graph.
+    on CUDA they come from :func:`stage_positions_op` (copies of the cached tables); under export,
+    ``torch.jit.trace`` and on other devices they are computed in the graph.
     """
+    if torch.jit.is_tracing():   # a traced graph computes them from its (traced) grid size
+        return stage_positions(h, w, head_dim, num_heads, init_value, heads_range, device)
     if torch.compiler.is_compiling():
         if TABLE_OP and device.type == "cuda" and not is_exporting():
             return stage_positions_op(h, w, head_dim, num_heads, init_value, heads_range, device)
