@@ -6,18 +6,19 @@
 A mode is ``eager`` or ``compiled`` (``torch.compile(model)``, default mode) with optional switches:
 
 * ``convref``: the depthwise convolutions through ``F.conv2d`` (cuDNN; under ``torch.compile`` what
-  Inductor makes of them) instead of the fused Triton kernels (``rmt.ops.dwconv.FUSED_KERNELS``);
-* ``torchln``: PyTorch's LayerNorm instead of the multi-row Triton kernels in eager mode;
+  Inductor makes of them) instead of the fused Triton kernels (``rmt.set_fast_path(dwconv_kernels=False)``);
+* ``torchln``: PyTorch's LayerNorm instead of the multi-row Triton kernels in eager mode
+  (``layernorm_kernels=False``);
 * ``convstem``: the stem's first conv, BatchNorm and GELU as modules (cuDNN) instead of one Triton
-  kernel (``rmt.ops.stem_conv.FUSED_KERNELS``);
+  kernel (``stem_kernel=False``);
 * ``exactgelu``: fc1's exact GELU as its own pass instead of cuBLASLt's GEMM epilogue
-  (``rmt.ops.linear.GELU_EPILOGUE``);
+  (``gelu_epilogue=False``);
 * ``unfusedinfer``: blocks module by module instead of :func:`rmt.ops.block_infer.block_infer`
-  (``rmt.ops.block_infer.FUSED_INFERENCE``);
+  (``fused_inference_block=False``);
 * ``graphtables``: compiled CUDA models compute MaSA's position tables in the graph instead of
-  through the op ``rmt::stage_positions`` (``rmt.ops.masa.positions.TABLE_OP``);
+  through the op ``rmt::stage_positions`` (``position_table_op=False``);
 * ``inductorln``: under ``torch.compile`` the blocks' add+LayerNorm from Inductor instead of the
-  Triton kernel (``rmt.ops.layernorm.COMPILED_KERNELS``);
+  Triton kernel (``layernorm_compiled_kernels=False``);
 * ``reference``: the whole model on the reference MaSA path (``masa_impl="reference"``).
 
 Timing is ``rmt benchmark``'s harness (bf16 autocast, channels-last random batch, median of CUDA
@@ -28,7 +29,6 @@ the most GPU time in one batch (grouped by kernel name) and the GPU time of the 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from pathlib import Path
@@ -40,35 +40,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import timm  # noqa: E402
 
-import rmt  # noqa: E402,F401
+import rmt  # noqa: E402
 from rmt.benchmark import environment, save_rows, time_step  # noqa: E402
-from rmt.ops import block_infer, dwconv, layernorm, linear, stem_conv  # noqa: E402
-from rmt.ops.masa import positions  # noqa: E402
 
 SWITCHES = ("convref", "torchln", "reference", "exactgelu", "convstem", "unfusedinfer", "graphtables",
             "inductorln")
 
 
-@contextlib.contextmanager
+# mode switch -> the fast-path switch (rmt.config) it turns off
+SWITCH_OFF = {"convref": "dwconv_kernels", "torchln": "layernorm_kernels", "exactgelu": "gelu_epilogue",
+              "convstem": "stem_kernel", "unfusedinfer": "fused_inference_block",
+              "graphtables": "position_table_op", "inductorln": "layernorm_compiled_kernels"}
+
+
 def _switches(switches: List[str]):
     """Turn the fast-path pieces named in ``switches`` off while the model is built and run."""
-    saved = [(dwconv, "FUSED_KERNELS", dwconv.FUSED_KERNELS), (layernorm, "FUSED_KERNELS", layernorm.FUSED_KERNELS),
-             (linear, "GELU_EPILOGUE", linear.GELU_EPILOGUE),
-             (stem_conv, "FUSED_KERNELS", stem_conv.FUSED_KERNELS),
-             (block_infer, "FUSED_INFERENCE", block_infer.FUSED_INFERENCE),
-             (positions, "TABLE_OP", positions.TABLE_OP), (layernorm, "COMPILED_KERNELS", layernorm.COMPILED_KERNELS)]
-    dwconv.FUSED_KERNELS = "convref" not in switches
-    layernorm.FUSED_KERNELS = "torchln" not in switches
-    linear.GELU_EPILOGUE = "exactgelu" not in switches
-    stem_conv.FUSED_KERNELS = "convstem" not in switches
-    block_infer.FUSED_INFERENCE = "unfusedinfer" not in switches
-    positions.TABLE_OP = "graphtables" not in switches
-    layernorm.COMPILED_KERNELS = "inductorln" not in switches
-    try:
-        yield
-    finally:
-        for module, attr, value in saved:
-            setattr(module, attr, value)
+    return rmt.fast_path_switches(**{SWITCH_OFF[s]: False for s in switches if s in SWITCH_OFF})
 
 
 def _kernel_table(prof, rows: int) -> str:

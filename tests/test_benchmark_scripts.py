@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rmt.config import fast_path
 from rmt.ops.triton_support import HAS_TRITON
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,12 +89,11 @@ def test_kernel_ncu_workload_labels_each_triton_launch(tmp_path):
     gets its op's label: one per depthwise and LayerNorm op, two per decomposed MaSA forward (row and
     column passes), one for the full form."""
     import torch
-    from rmt.ops import triton_support
     ncu = _load("kernel_ncu")
     labels = ncu.run_workload(1, str(tmp_path / "labels.json"), torch.device("cpu"),
                               [(5, 32, 2, "decomposed"), (3, 32, 2, "full")])
     assert json.loads((tmp_path / "labels.json").read_text()) == labels
-    assert triton_support.DIRECT_LAUNCH  # restored
+    assert fast_path.direct_launch  # restored
     ops = [op for op, _ in labels]
     assert ops.count("dwconv lepe 5x5 fwd 5x5x32") == 1 and ops.count("layernorm bwd 3x3x32") == 1
     assert ops.count("masa infer decomposed 5x5x32/2") == 2 and ops.count("masa infer full 3x3x32/2") == 1
@@ -189,7 +189,7 @@ def test_infer_switches_alternates_the_order_and_raises_malloc_thresholds_on_cpu
 
         def measure(*args, **kwargs):
             if switch != "malloc":
-                seen.append(switches.masa_cpu.PAD_KEYS)
+                seen.append(fast_path.cpu_pad_keys)
             return SimpleNamespace(img_per_s=1.0 + len(seen))
         monkeypatch.setattr(switches.bm, "measure", measure)
         monkeypatch.setattr(switches.bm, "format_row", lambda row: "")
@@ -198,4 +198,4 @@ def test_infer_switches_alternates_the_order_and_raises_malloc_thresholds_on_cpu
         assert switches.main() == 0
         assert seen[:6] == [True, False, False, True, True, False]  # (malloc: then switched on again)
         assert kept == want_kept
-    assert switches.masa_cpu.PAD_KEYS is True  # left on afterwards
+    assert fast_path.cpu_pad_keys is True  # left on afterwards

@@ -17,7 +17,7 @@ input row it loads serves all of them) and write the result once:
   times ``gelu'(x)``;
 * bias gradient: per-program partial sums of ``dy`` written by the input-gradient kernel;
 * weight gradient: cuDNN's reduction kernel on ``g`` (recomputed from ``x``), or with
-  ``TRITON_WEIGHT_GRAD`` per-program partial sums of ``dy * g[shifted]`` for every tap, then one GEMV
+  ``rmt.config.fast_path.dwconv_triton_weight_grad`` per-program partial sums of ``dy * g[shifted]`` for every tap, then one GEMV
   over the programs (cheaper to launch than cuDNN's call, slower on the GPU so far).
 
 Only ``x`` is kept for the backward pass, so the FFN stores its hidden activation once instead of
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..compat import nchw_for_conv
+from ..config import fast_path
 from .linear import column_sum
 from .triton_support import (HAS_TRITON, SUPPORTED_DTYPES, as_dtype, cdiv, eager_launch, next_power_of_2,
                              triton_runs_on)
@@ -40,17 +41,6 @@ if HAS_TRITON:
     import triton.language as tl
     from torch.library import triton_op, wrap_triton
 
-# False: only inference uses the kernels; training runs F.conv2d (cuDNN) and autograd instead
-TRAINING_KERNELS = True
-# False: F.conv2d everywhere (benchmarks/inference_modes.py compares the two)
-FUSED_KERNELS = True
-# True: the depthwise weight gradients through _dwconv_wgrad_kernel instead of cuDNN. Off by default:
-# on an H200 the kernel takes 3.2x cuDNN's GPU time (14.0 against 4.4 ms per RMT-S step at batch 128),
-# which costs a CUDA-graph step 14%, while an eager step bound by the host's launch rate gains 6% from
-# the cheaper launches (BENCHMARKS.md, run L; benchmarks/training_step.py's switch "tritonwgrad")
-TRITON_WEIGHT_GRAD = False
-# False: the CPU path adds the residual in its own pass (benchmarks/infer_switches.py compares the two)
-FOLD_RESIDUAL_ON_CPU = True
 
 
 def dwconv_nhwc_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -422,7 +412,7 @@ def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
             gb = column_sum(parts)
     if need_weight or (need_bias and gb is None):
         g = (activated if activated is not None else F.gelu(x)) if gelu else x
-        if TRITON_WEIGHT_GRAD and ks <= 5:
+        if fast_path.dwconv_triton_weight_grad and ks <= 5:
             gw, gb_parts = _weight_grad(launch, grad, g, ks, need_bias and gb is None)
             return gx, gw if need_weight else None, gb if gb is not None else gb_parts
         # cuDNN's weight-gradient kernel (a reduction over batch and space) on NCHW views of the
@@ -512,11 +502,11 @@ def dwconv_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     or with ``cpu_fast`` on a CPU tensor :func:`dwconv_nhwc_folded`.
     """
     training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if (fused and FUSED_KERNELS and triton_dwconv_supported(x, weight)
-            and (TRAINING_KERNELS or not training)):
+    if (fused and fast_path.dwconv_kernels and triton_dwconv_supported(x, weight)
+            and (fast_path.dwconv_training_kernels or not training)):
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         return dwconv_nhwc_triton(x, weight, bias, residual, gelu)
-    if cpu_fast and residual and FOLD_RESIDUAL_ON_CPU and x.device.type == "cpu":
+    if cpu_fast and residual and fast_path.cpu_fold_residual and x.device.type == "cpu":
         return dwconv_nhwc_folded(x, weight, bias, gelu)
     return dwconv_nhwc_reference(x, weight, bias, residual, gelu)

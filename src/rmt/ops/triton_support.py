@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from ..compat import is_export_tracing
+from ..config import fast_path
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs may lack it
     import triton
@@ -64,10 +65,6 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-# True: eager launches of a kernel's already-compiled specialisations go straight to the compiled
-# kernel (:class:`DirectLauncher`); False: every launch through Triton's own dispatch
-# (``benchmarks/training_step.py`` switch ``jitlaunch`` compares the two).
-DIRECT_LAUNCH = True
 
 
 class _NotKeyed(Exception):
@@ -114,7 +111,7 @@ class DirectLauncher:
         return functools.partial(self.launch, grid)
 
     def launch(self, grid, *args, **meta):
-        if not DIRECT_LAUNCH or type(grid) is not tuple:  # a grid function: Triton evaluates it
+        if not fast_path.direct_launch or type(grid) is not tuple:  # a grid function: Triton evaluates it
             return self.kernel[grid](*args, **meta)
         try:
             constexprs = (tuple(args[i] for i in self.constexpr_positions if i < len(args))

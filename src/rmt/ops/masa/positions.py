@@ -4,10 +4,9 @@ from typing import Any, Dict, Tuple
 import torch
 
 from ...compat import is_exporting
+from ...config import fast_path
 from .naive import head_decays, rotation_tables
 
-# False: compiled CUDA models compute the tables in the graph (benchmarks/inference_modes.py's "graphtables")
-TABLE_OP = True
 
 
 def stage_positions(h: int, w: int, head_dim: int, num_heads: int, init_value: float,
@@ -34,7 +33,7 @@ def cached_stage_positions(h: int, w: int, head_dim: int, num_heads: int, init_v
     if torch.jit.is_tracing():   # a traced graph computes them from its (traced) grid size
         return stage_positions(h, w, head_dim, num_heads, init_value, heads_range, device)
     if torch.compiler.is_compiling():
-        if TABLE_OP and device.type == "cuda" and not is_exporting():
+        if fast_path.position_table_op and device.type == "cuda" and not is_exporting():
             return stage_positions_op(h, w, head_dim, num_heads, init_value, heads_range, device)
         return stage_positions(h, w, head_dim, num_heads, init_value, heads_range, device)
     key = (h, w, head_dim, num_heads, init_value, heads_range, device)

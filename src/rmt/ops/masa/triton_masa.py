@@ -12,17 +12,12 @@ from typing import Optional, Tuple
 import torch
 from torch.library import triton_op, wrap_triton
 
+from ...config import fast_path
 from ..triton_support import SUPPORTED_DTYPES, cdiv, eager_launch, next_power_of_2
 from .triton_kernels import (MODE_COL, MODE_FULL, MODE_ROW, masa_bwd_dkdv_kernel, masa_bwd_dq_kernel,
                              masa_bwd_tile_kernel, masa_fwd_kernel, masa_fwd_seqs_kernel)
 
 MAX_HEAD_DIM = 128
-# sequences that fit one tile (rows and columns up to 64 tokens, full-form grids up to 64 tokens) take
-# their whole backward pass from one kernel; False: the dq and dk/dv kernels (as for longer sequences)
-SINGLE_TILE_BACKWARD = True
-# rows and columns that fit one tile take their forward pass from the kernel that batches several
-# of them per program (masa_fwd_seqs_kernel); False: one sequence per program (masa_fwd_kernel)
-SEQUENCES_PER_PROGRAM_FORWARD = True
 
 
 def _geometry(shape: Tuple[int, ...], mode: int) -> Tuple[int, int]:
@@ -108,7 +103,7 @@ def _attend(launch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torc
     block_m, block_n, warps = config or _forward_config(seq, d)
     extra = add if add is not None else out
     if seqs is None:
-        seqs = _seqs_per_program(block_m, nseq) if SEQUENCES_PER_PROGRAM_FORWARD else 0
+        seqs = _seqs_per_program(block_m, nseq) if fast_path.masa_sequences_per_program else 0
     if seqs and mode != MODE_FULL and seq <= block_m:
         if config is None:
             warps = _seqs_warps(block_m)
@@ -133,7 +128,7 @@ def _attend(launch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torc
 def _one_tile_backward(shape: Tuple[int, ...], mode: int) -> bool:
     """Whether the backward pass of ``mode`` on a ``(b, h, w, n, d)`` input takes the single-tile kernel."""
     seq, _ = _geometry(shape, mode)
-    return SINGLE_TILE_BACKWARD and seq <= _launch_config(seq, shape[-1])[0]
+    return fast_path.masa_single_tile_backward and seq <= _launch_config(seq, shape[-1])[0]
 
 
 def _attend_backward(launch, grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
