@@ -269,7 +269,7 @@ if HAS_TRITON:
 
 def _blocks(w: int, c: int, ks: int) -> Tuple[int, int, int, int]:
     """``(BLOCK_W, BLOCK_C, num_warps, ROWS)`` for token rows of width ``w``, ``c`` channels and a
-    ``ks x ks`` kernel, as ``benchmarks/kernel_tiles.py`` (which times the alternatives through the
+    ``ks x ks`` kernel, as ``tools/kernel_tiles.py`` (which times the alternatives through the
     ``tile`` argument of :func:`_forward`) found best at the RMT-S shapes on an H200:
 
     * 3x3 on grids of 16 tokens or more: 4 rows of 32 x 64 tiles (stage 1: 97 -> 51 us for the
@@ -306,7 +306,7 @@ def _taps_outer(w: int, ks: int) -> bool:
 def _backward_blocks(w: int, c: int, ks: int, gelu: bool) -> Tuple[int, int, int, int]:
     """``(BLOCK_W, BLOCK_C, num_warps, ROWS)`` of the input-gradient kernel, which also reads the
     pre-activation for GELU's derivative (``gelu``) and sums the bias gradient, so it prefers other
-    tiles than the forward pass. ``benchmarks/kernel_tiles.py --kernels dwconv_bwd`` at the RMT-S
+    tiles than the forward pass. ``tools/kernel_tiles.py --kernels dwconv_bwd`` at the RMT-S
     shapes (batch 128, H200, graph-timed), against the forward tiles: stage 1 CPE 95 -> 77 us, LePE
     168 -> 147 us, FFN 578 -> 466 us; stage 2 FFN 299 -> 237 us; stage 3 FFN 161 -> 135 us; stage 4
     FFN 113 -> 76 us: 4 rows of 32-channel tiles on small grids, 2 rows of wider tiles on large ones

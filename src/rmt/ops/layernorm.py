@@ -118,7 +118,7 @@ if HAS_TRITON:
 
 def _tile(c: int, backward: bool = False) -> Tuple[int, int, int]:
     """``(BLOCK_M, BLOCK_C, num_warps)``: about 4096 elements per forward tile (at least 16 rows up to
-    512 channels) and 8192 per backward tile, as ``benchmarks/kernel_tiles.py`` found best at the
+    512 channels) and 8192 per backward tile, as ``tools/kernel_tiles.py`` found best at the
     RMT-S shapes (64-512 channels) on an H200."""
     block_c = next_power_of_2(c)
     if backward:
@@ -140,7 +140,7 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: flo
              out_dtype: torch.dtype, block_m: Optional[int] = None, num_warps: Optional[int] = None
              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y, mean, rstd)`` for ``x`` ``(m, c)`` contiguous; ``y`` in ``out_dtype``, the others float32 ``(m,)``.
-    ``block_m``/``num_warps`` replace :func:`_tile`'s choice (benchmarks/kernel_tiles.py times them)."""
+    ``block_m``/``num_warps`` replace :func:`_tile`'s choice (tools/kernel_tiles.py times them)."""
     m, c = x.shape
     y = torch.empty((m, c), dtype=out_dtype, device=x.device)
     mean = torch.empty((m,), dtype=torch.float32, device=x.device)

@@ -39,7 +39,7 @@ def _launch_config(seq: int, head_dim: int) -> Tuple[int, int, int]:
 
 def _forward_config(seq: int, head_dim: int) -> Tuple[int, int, int]:
     """Forward-pass tiles: :func:`_launch_config` for sequences that fit one tile (keys in tiles of at
-    most 32); longer ones take wider query tiles, as ``benchmarks/kernel_tiles.py --size 1024`` found
+    most 32); longer ones take wider query tiles, as ``tools/kernel_tiles.py --size 1024`` found
     best on an H200 (batch 16:
     256-token rows 1,475 -> 1,223 us with 128 x 64 tiles, 128-token rows 971 -> 819 us with 2 warps,
     the 1,024-token full form 1,286 -> 721 us with 128 x 128 tiles)."""
@@ -54,7 +54,7 @@ def _forward_config(seq: int, head_dim: int) -> Tuple[int, int, int]:
 
 
 def _seqs_per_program(block: int, nseq: int) -> int:
-    """Rows or columns per program of the batched forward kernel, as ``benchmarks/kernel_tiles.py``
+    """Rows or columns per program of the batched forward kernel, as ``tools/kernel_tiles.py``
     found best on an H200 (timed from CUDA-graph replays): about 128 token slots per program (2 rows
     of 56 tokens, 4 of 28), but two per program for sequences of at most 16 tokens (14-token rows at
     batch 256: 45.0 -> 38.7 us per pass against one per program since the rotation tables load whole
@@ -92,7 +92,7 @@ def _attend(launch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torc
 
     ``launch`` maps a kernel to its launcher: :func:`~rmt.ops.triton_support.eager_launch` in eager mode, ``wrap_triton``
     inside ``torch.compile``. ``config``: ``(BLOCK_M, BLOCK_N, num_warps)`` instead of
-    :func:`_launch_config` (benchmarks/kernel_tiles.py times the alternatives). Rows and columns
+    :func:`_launch_config` (tools/kernel_tiles.py times the alternatives). Rows and columns
     that fit one tile go through the batched kernel with ``seqs`` of them per program (default
     :func:`_seqs_per_program`; 0: the one-sequence kernel).
     """

@@ -1,7 +1,7 @@
 """Nsight Compute's view of the fused kernels at RMT-S's shapes: registers, occupancy, DRAM and SM throughput.
 
-    python benchmarks/kernel_ncu.py --batch 256 --json OUT/kernel_ncu.json   # runs the workload under ncu
-    python benchmarks/kernel_ncu.py --workload --batch 256 --labels L.json   # the launches alone
+    python tools/kernel_ncu.py --batch 256 --json OUT/kernel_ncu.json   # runs the workload under ncu
+    python tools/kernel_ncu.py --workload --batch 256 --labels L.json   # the launches alone
 
 The workload launches every Triton kernel of the fast path once per RMT-S stage (224x224: grids
 56/28/14/7, widths 64/128/256/512, heads 4/4/8/16, decomposed MaSA in stages 1-3, full in stage 4) on
