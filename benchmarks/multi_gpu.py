@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import rmt  # noqa: E402
 from rmt.classification import config  # noqa: E402
 from rmt.classification.train import Trainer, make_run_dir  # noqa: E402
 from rmt.engine import cleanup_distributed, setup_distributed  # noqa: E402
@@ -64,8 +65,7 @@ def main() -> int:
     args = p.parse_args()
 
     if args.dwconv_cudnn:
-        from rmt.ops import dwconv
-        dwconv.TRAINING_KERNELS = False
+        rmt.set_fast_path(dwconv_training_kernels=False)
     info = setup_distributed(args.device)
     options = dict(dataset="fashion-mnist", data=args.data, model=args.model, input_size=args.input_size,
                    pipeline="tensor", aa="none", mixup=0.0, cutmix=0.0, reprob=0.0, aug_repeats=0,

@@ -12,25 +12,25 @@ is an execution mode with optional switches, e.g. ``graphed-torchln`` or ``eager
   (no kernel-launch cost on the CPU; the optimizer is ``capturable``);
 * ``compiled`` - ``torch.compile(model)`` (default mode), the step otherwise eager;
 * switch ``cudnn``: the depthwise convolutions of training through cuDNN instead of the fused
-  Triton kernels (``rmt.ops.dwconv.TRAINING_KERNELS = False``);
+  Triton kernels (``rmt.set_fast_path(dwconv_training_kernels=False)``);
 * switch ``torchln``: PyTorch's LayerNorm in training instead of the multi-row Triton kernels
-  (``rmt.ops.layernorm.TRAINING_KERNELS = False``);
+  (``layernorm_training_kernels=False``);
 * switch ``twokernel``: the MaSA backward pass through the dq and dk/dv kernels also for sequences
-  that fit one tile (``rmt.ops.masa.triton_masa.SINGLE_TILE_BACKWARD = False``);
+  that fit one tile (``masa_single_tile_backward=False``);
 * switch ``oneseq``: the MaSA forward pass with one row or column per program
-  (``rmt.ops.masa.triton_masa.SEQUENCES_PER_PROGRAM_FORWARD = False``);
+  (``masa_sequences_per_program=False``);
 * switch ``unfused``: blocks train module by module instead of as one autograd node each
-  (``rmt.ops.block.FUSED_BLOCK = False``);
+  (``fused_training_block=False``);
 * switch ``tritonwgrad``: the depthwise weight gradients through the Triton kernel instead of cuDNN
-  (``rmt.ops.dwconv.TRITON_WEIGHT_GRAD = True``);
+  (``dwconv_triton_weight_grad=True``);
 * switch ``gelugrad``: the FFN's input-gradient kernel evaluates GELU's derivative itself instead of
-  reading it from the recompute of GELU (``rmt.ops.ffn.DERIVATIVE_WITH_GELU = False``);
+  reading it from the recompute of GELU (``ffn_derivative_with_gelu=False``);
 * switch ``blockgraphs``: each block's training kernels replayed from CUDA graphs
   (``model.set_block_graphs(True)``, :mod:`rmt.ops.block_graphs`; not with ``--interleave``);
 * switch ``calling``: autograd runs the backward on the calling thread instead of its device thread
   (``torch.autograd.set_multithreading_enabled(False)``);
 * switch ``jitlaunch``: every Triton launch through Triton's own dispatch instead of straight to the
-  compiled kernel (``rmt.ops.triton_support.DIRECT_LAUNCH = False``).
+  compiled kernel (``direct_launch=False``).
 
 ``--interleave ROUNDS`` measures eager modes of one model built once, alternating them round by round
 (paired ratios that a drifting host pace does not bias), e.g.
@@ -57,9 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import timm  # noqa: E402
 
-import rmt  # noqa: E402,F401
-from rmt.ops import block, dwconv, ffn, layernorm, triton_support  # noqa: E402
-from rmt.ops.masa import triton_masa  # noqa: E402
+import rmt  # noqa: E402
 from rmt.benchmark import environment, save_rows, time_step  # noqa: E402
 from rmt.engine.cuda_graph import GraphedTrainStep  # noqa: E402
 from rmt.profiling import profile_model  # noqa: E402
@@ -100,14 +98,14 @@ SWITCHES = ("cudnn", "torchln", "twokernel", "oneseq", "unfused", "jitlaunch", "
 
 def _set_switches(switches: List[str]) -> None:
     """Turn the fast-path pieces named in ``switches`` off (see the module docstring), the others on."""
-    dwconv.TRAINING_KERNELS = "cudnn" not in switches
-    layernorm.TRAINING_KERNELS = "torchln" not in switches
-    triton_masa.SINGLE_TILE_BACKWARD = "twokernel" not in switches
-    triton_masa.SEQUENCES_PER_PROGRAM_FORWARD = "oneseq" not in switches
-    block.FUSED_BLOCK = "unfused" not in switches
-    triton_support.DIRECT_LAUNCH = "jitlaunch" not in switches
-    dwconv.TRITON_WEIGHT_GRAD = "tritonwgrad" in switches
-    ffn.DERIVATIVE_WITH_GELU = "gelugrad" not in switches
+    rmt.set_fast_path(dwconv_training_kernels="cudnn" not in switches,
+                      layernorm_training_kernels="torchln" not in switches,
+                      masa_single_tile_backward="twokernel" not in switches,
+                      masa_sequences_per_program="oneseq" not in switches,
+                      fused_training_block="unfused" not in switches,
+                      direct_launch="jitlaunch" not in switches,
+                      dwconv_triton_weight_grad="tritonwgrad" in switches,
+                      ffn_derivative_with_gelu="gelugrad" not in switches)
 
 
 def measure(name: str, mode: str, batch: int, device: torch.device, warmup: int, iters: int) -> Dict:

@@ -79,3 +79,11 @@ def golden_model_kwargs(cfg):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fast_path_restored():
+    """Tests switch the fast path with ``rmt.set_fast_path(...)``; every switch is restored afterwards."""
+    saved = rmt.config.fast_path.values()
+    yield
+    rmt.set_fast_path(**saved)

@@ -1,4 +1,5 @@
-"""The GPU benchmark scripts' code paths, run at a tiny size on CPU (Triton's interpreter)."""
+"""The GPU benchmark and kernel-tool scripts' code paths (benchmarks/, tools/), run at a tiny size on CPU
+(Triton's interpreter)."""
 import json
 import os
 import subprocess
@@ -8,16 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from rmt.config import fast_path
 from rmt.ops.triton_support import HAS_TRITON
 
 ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ROOT / "tools"
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_kernel_tiles_smoke_run_writes_a_row_per_kernel(tmp_path):
     out = tmp_path / "tiles.json"
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_tiles.py"), "--device", "cpu",
+    proc = subprocess.run([sys.executable, str(TOOLS / "kernel_tiles.py"), "--device", "cpu",
                            "--batch", "1", "--smoke", "--iters", "1", "--json", str(out)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -32,7 +35,7 @@ def test_kernel_tiles_smoke_run_writes_a_row_per_kernel(tmp_path):
 def test_kernel_tiles_weight_gradient_sweep_has_a_cudnn_baseline(tmp_path):
     out = tmp_path / "wgrad.json"
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_tiles.py"), "--device", "cpu",
+    proc = subprocess.run([sys.executable, str(TOOLS / "kernel_tiles.py"), "--device", "cpu",
                            "--batch", "1", "--smoke", "--iters", "1", "--kernels", "dwconv_wgrad",
                            "--json", str(out)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -42,9 +45,9 @@ def test_kernel_tiles_weight_gradient_sweep_has_a_cudnn_baseline(tmp_path):
 
 
 def _load(name: str):
-    """The benchmark script ``benchmarks/<name>.py`` as a module."""
+    """The kernel tool ``tools/<name>.py`` as a module."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -88,12 +91,11 @@ def test_kernel_ncu_workload_labels_each_triton_launch(tmp_path):
     gets its op's label: one per depthwise and LayerNorm op, two per decomposed MaSA forward (row and
     column passes), one for the full form."""
     import torch
-    from rmt.ops import triton_support
     ncu = _load("kernel_ncu")
     labels = ncu.run_workload(1, str(tmp_path / "labels.json"), torch.device("cpu"),
                               [(5, 32, 2, "decomposed"), (3, 32, 2, "full")])
     assert json.loads((tmp_path / "labels.json").read_text()) == labels
-    assert triton_support.DIRECT_LAUNCH  # restored
+    assert fast_path.direct_launch  # restored
     ops = [op for op, _ in labels]
     assert ops.count("dwconv lepe 5x5 fwd 5x5x32") == 1 and ops.count("layernorm bwd 3x3x32") == 1
     assert ops.count("masa infer decomposed 5x5x32/2") == 2 and ops.count("masa infer full 3x3x32/2") == 1
@@ -108,7 +110,7 @@ def test_kernel_ab_compares_a_revision_with_itself(tmp_path):
     call of the smoke stage appears once, with identical outputs on both sides."""
     out = tmp_path / "ab.json"
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_ab.py"), "--old", str(ROOT / "src"),
+    proc = subprocess.run([sys.executable, str(TOOLS / "kernel_ab.py"), "--old", str(ROOT / "src"),
                            "--device", "cpu", "--smoke", "--json", str(out)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -121,7 +123,7 @@ def test_kernel_ab_compares_a_revision_with_itself(tmp_path):
 
 
 def test_kernel_ab_names_a_missing_old_tree(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_ab.py"), "--old", str(tmp_path),
+    proc = subprocess.run([sys.executable, str(TOOLS / "kernel_ab.py"), "--old", str(tmp_path),
                            "--device", "cpu", "--smoke"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "no rmt/ops/dwconv.py" in proc.stderr
 
@@ -129,7 +131,7 @@ def test_kernel_ab_names_a_missing_old_tree(tmp_path):
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_inference_pieces_smoke_run_prints_every_piece():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "inference_pieces.py"), "--device", "cpu",
+    proc = subprocess.run([sys.executable, str(TOOLS / "inference_pieces.py"), "--device", "cpu",
                            "--batch", "1", "--size", "32", "--iters", "1"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -138,7 +140,7 @@ def test_inference_pieces_smoke_run_prints_every_piece():
     assert len(fc1) == 4 and any(line.startswith("per RMT-S batch (29 blocks)") for line in lines)
     stem = [line for line in lines if line.startswith("stem conv+bn+gelu 1x3x32x32")]
     assert len(stem) == 1 and float(stem[0].split()[-1]) <= 1e-4   # kernel against the modules
-    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "inference_pieces.py"), "--device", "cpu",
+    bad = subprocess.run([sys.executable, str(TOOLS / "inference_pieces.py"), "--device", "cpu",
                           "--parts", "gemm"], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode != 0 and "unknown parts ['gemm']" in bad.stderr
 
@@ -176,26 +178,36 @@ def test_step_breakdown_books_each_kernel_to_its_innermost_range():
     assert dwconv._forward is original
 
 
-def test_infer_switches_alternates_the_order_and_raises_malloc_thresholds_on_cpu(monkeypatch):
-    """The switch is timed on then off, then off then on, ...; on CPU glibc's thresholds are raised first
-    (as the rmt commands do), except when the switch is that setting itself."""
+def test_inference_switches_parses_modes_into_switches():
+    tool = _load("inference_switches")
+    assert tool.parse_mode("eager") == ("eager", {}, [])
+    assert tool.parse_mode("compiled-convref-cpu_chunk-reference") == (
+        "compiled", {"dwconv_kernels": False, "cpu_chunk_logit_bytes": 0}, ["reference"])
+    assert tool.parse_mode("eager-fold_conv_bias_devices-gelu_epilogue") == (
+        "eager", {"fold_conv_bias_devices": (), "gelu_epilogue": False}, [])
+    with pytest.raises(SystemExit, match="unknown part 'convrf'"):
+        tool.parse_mode("eager-convrf")
+    with pytest.raises(SystemExit, match="starts with eager or compiled"):
+        tool.parse_mode("graphed")
+
+
+def test_inference_switches_alternates_the_order_and_sets_malloc_thresholds_on_cpu(monkeypatch):
+    """``--switch X`` times eager and eager-X, then eager-X and eager, ...; each CPU mode sets glibc's
+    thresholds (raised as the rmt commands do, initial for ``malloc``) and the switch is on afterwards."""
     from types import SimpleNamespace
-    switches = _load("infer_switches")
-    for switch, want_kept in (("cpu_pad", [switches.DEFAULT_THRESHOLD]), ("malloc", [])):
+    tool = _load("inference_switches")
+    for switch in ("cpu_pad", "malloc"):
         seen, kept = [], []
-        monkeypatch.setattr(switches, "keep_freed_memory", lambda threshold=switches.DEFAULT_THRESHOLD: kept.append(threshold))
-        if switch == "malloc":  # its setter calls the patched function too: tell those calls apart
-            monkeypatch.setitem(switches.SETTERS, "malloc", lambda on: seen.append(on))
+        monkeypatch.setattr(tool, "keep_freed_memory", lambda threshold=tool.DEFAULT_THRESHOLD: kept.append(threshold))
 
         def measure(*args, **kwargs):
-            if switch != "malloc":
-                seen.append(switches.masa_cpu.PAD_KEYS)
+            seen.append(fast_path.cpu_pad_keys if switch == "cpu_pad" else kept[-1] == tool.DEFAULT_THRESHOLD)
             return SimpleNamespace(img_per_s=1.0 + len(seen))
-        monkeypatch.setattr(switches.bm, "measure", measure)
-        monkeypatch.setattr(switches.bm, "format_row", lambda row: "")
-        monkeypatch.setattr(sys, "argv", ["infer_switches.py", "--device", "cpu", "--switch", switch,
+        monkeypatch.setattr(tool.bm, "measure", measure)
+        monkeypatch.setattr(tool.bm, "format_row", lambda row: "")
+        monkeypatch.setattr(sys, "argv", ["inference_switches.py", "--device", "cpu", "--switch", switch,
                                           "--repeats", "3", "--batch", "1", "--size", "32", "--iters", "1"])
-        assert switches.main() == 0
-        assert seen[:6] == [True, False, False, True, True, False]  # (malloc: then switched on again)
-        assert kept == want_kept
-    assert switches.masa_cpu.PAD_KEYS is True  # left on afterwards
+        assert tool.main() == 0
+        assert seen == [True, False, False, True, True, False]
+        assert kept[-1] == tool.DEFAULT_THRESHOLD and len(kept) == 7   # one per run, then left raised
+    assert fast_path.cpu_pad_keys is True

@@ -3,6 +3,7 @@ import pytest
 import timm
 import torch
 
+from rmt.config import set_fast_path
 from rmt.ops.masa import HAS_TRITON
 
 from conftest import SMALL_ARGS, rel_err, saved_bytes
@@ -42,7 +43,7 @@ def _fused_nodes(out: torch.Tensor) -> int:
 
 def _run(model, x, fused: bool, monkeypatch, autocast: bool = False):
     from rmt.ops import block
-    monkeypatch.setattr(block, "FUSED_BLOCK", fused)
+    set_fast_path(fused_training_block=fused)
     torch.manual_seed(1)  # the same drop-path masks on both paths
     model.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_()
@@ -104,14 +105,14 @@ def test_fused_block_keeps_no_more_for_backward(monkeypatch):
     x = torch.randn(2, 6, 5, 32, device=DEVICE, requires_grad=True)
     sizes = []
     for fused in (True, False):
-        monkeypatch.setattr(block, "FUSED_BLOCK", fused)
+        set_fast_path(fused_training_block=fused)
         sizes.append(saved_bytes(lambda: blk(x, sin, cos, decay))[1])
     assert 0 < sizes[0] <= sizes[1]
 
 
 def test_hooked_or_frozen_blocks_keep_the_module_path(monkeypatch):
     from rmt.ops import block
-    monkeypatch.setattr(block, "FUSED_BLOCK", True)
+    set_fast_path(fused_training_block=True)
     model = _model(drop_path_rate=0.0)
     x = torch.randn(2, 3, 32, 32, device=DEVICE)
     calls = []

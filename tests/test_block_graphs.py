@@ -10,6 +10,7 @@ import pytest
 import timm
 import torch
 
+from rmt.config import set_fast_path
 from rmt.ops.masa import HAS_TRITON
 
 from conftest import SMALL_ARGS, rel_err
@@ -101,10 +102,9 @@ def test_block_graphs_setting_is_per_model_and_survives_copies():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback")
-def test_block_graphs_on_cpu_train_eagerly_with_the_same_numbers(monkeypatch):
-    from rmt.ops import block_graphs
+def test_block_graphs_on_cpu_train_eagerly_with_the_same_numbers():
     from rmt.ops.block_graphs import graphs_of
-    monkeypatch.setattr(block_graphs, "WARMUP_CALLS", 0)  # on CUDA the second step would capture
+    set_fast_path(block_graph_warmup_calls=0)  # on CUDA the second step would capture
     model, twin = _twins()
     x = torch.randn(1, 3, 32, 36)
     with warnings.catch_warnings():

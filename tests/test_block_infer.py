@@ -3,6 +3,7 @@ import pytest
 import timm
 import torch
 
+from rmt.config import set_fast_path
 from rmt.ops.masa import HAS_TRITON
 
 from conftest import SMALL_ARGS, rel_err
@@ -39,7 +40,7 @@ def _both(model, x, monkeypatch, autocast: bool = False):
     calls = _count_calls(monkeypatch)
     outs = []
     for fused in (True, False):
-        monkeypatch.setattr(block_infer, "FUSED_INFERENCE", fused)
+        set_fast_path(fused_inference_block=fused)
         with torch.inference_mode(), torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
             outs.append(model(x))
     return outs[0], outs[1], len(calls)
@@ -94,7 +95,7 @@ def test_training_hooks_and_active_drop_path_keep_other_paths(monkeypatch):
     outs = []
     from rmt.ops import block_infer
     for fused in (True, False):
-        monkeypatch.setattr(block_infer, "FUSED_INFERENCE", fused)
+        set_fast_path(fused_inference_block=fused)
         torch.manual_seed(5)
         with torch.no_grad():
             outs.append(model(x))
@@ -133,9 +134,9 @@ def test_add_layer_norm_kernel_matches_torch(monkeypatch):
         assert s.dtype == y.dtype == dtype and s.shape == y.shape == x.shape
         tol = 1e-6 if dtype == torch.float32 else 2e-3
         assert rel_err(s.float(), total + shift.to(dtype).float()) <= tol and rel_err(y.float(), want_y) <= tol
-        monkeypatch.setattr(layernorm, "FUSED_KERNELS", False)   # the PyTorch composition
+        set_fast_path(layernorm_kernels=False)   # the PyTorch composition
         s2, y2 = layernorm.add_layer_norm(x, r, shift.to(dtype), w, b, 1e-6)
-        monkeypatch.setattr(layernorm, "FUSED_KERNELS", True)
+        set_fast_path(layernorm_kernels=True)
         assert rel_err(s2.float(), s.float()) <= tol and rel_err(y2.float(), y.float()) <= tol
         s3, y3 = layernorm.add_layer_norm_op(x, r, shift.to(dtype), w, b, 1e-6)   # under torch.compile
         assert torch.equal(s3, s) and torch.equal(y3, y)
@@ -166,11 +167,10 @@ def test_compiled_blocks_take_the_inference_path_where_dynamo_misreports_export(
     the export paths stay for ``torch.export``. The Triton ops, which do not trace in the CPU
     interpreter, are swapped for their references (the routing is what is checked)."""
     from rmt import compat
-    from rmt.ops import block_infer, dwconv, layernorm, stem_conv
+    from rmt.ops import block_infer
     import rmt.norm
     monkeypatch.setattr(torch.compiler, "is_exporting", lambda: torch.compiler.is_compiling())
-    for module in (dwconv, layernorm, stem_conv):
-        monkeypatch.setattr(module, "FUSED_KERNELS", False)
+    set_fast_path(dwconv_kernels=False, layernorm_kernels=False, stem_kernel=False)
     monkeypatch.setattr(rmt.norm, "triton_layer_norm_supported", lambda *args: False)
     masa = block_infer.masa
     monkeypatch.setattr(block_infer, "masa", lambda *args: masa(*args[:8], "reference", *args[9:]))
@@ -256,7 +256,7 @@ def test_inference_block_holds_no_more_memory_than_modules(monkeypatch):
     x = torch.randn(2, 6, 5, 32, device=DEVICE)
     peaks = []
     for fused in (True, False):
-        monkeypatch.setattr(block_infer, "FUSED_INFERENCE", fused)
+        set_fast_path(fused_inference_block=fused)
         with torch.inference_mode(), _PeakStorageBytes() as mode:
             stage.blocks[0](x, sin, cos, decay)
         peaks.append(mode.peak)

@@ -6,6 +6,7 @@ set in conftest.py) at small sizes.
 import pytest
 import torch
 
+from rmt.config import set_fast_path
 from rmt.ops.dwconv import HAS_TRITON, dwconv_nhwc, dwconv_nhwc_reference, dwconv_nhwc_triton
 
 from conftest import assert_same_gradients, rel_err, saved_bytes
@@ -140,10 +141,10 @@ def test_weight_gradient_kernel_tiles_match_autograd(ks, rows, block_w, monkeypa
 @needs_triton
 @pytest.mark.parametrize("frozen_input", [False, True])
 def test_triton_weight_gradient_switch(frozen_input, monkeypatch):
-    """``TRITON_WEIGHT_GRAD = True`` takes the weight-gradient kernel in the backward pass (with the
+    """``dwconv_triton_weight_grad=True`` takes the weight-gradient kernel in the backward pass (with the
     bias sums too when no input gradient is computed): the reference's gradients, float32 ones."""
     from rmt.ops import dwconv
-    monkeypatch.setattr(dwconv, "TRITON_WEIGHT_GRAD", True)
+    set_fast_path(dwconv_triton_weight_grad=True)
     wide, x, weight, bias = _inputs((2, 6, 9, 12), 3)
     if frozen_input:
         x = x.detach()
@@ -196,7 +197,7 @@ def test_ffn_tail_recomputes_the_depthwise_output_and_matches_reference(with_gel
     (the default) or evaluated inside the input-gradient kernel."""
     from rmt.ops import ffn
     from rmt.ops.ffn import ffn_tail
-    monkeypatch.setattr(ffn, "DERIVATIVE_WITH_GELU", with_gelu)
+    set_fast_path(ffn_derivative_with_gelu=with_gelu)
     b, h, w, hidden, dim = 2, 5, 7, 24, 8
     a = torch.randn(b, h, w, hidden, device=DEVICE, requires_grad=True)
     dw_w = torch.randn(hidden, 1, 3, 3, device=DEVICE, requires_grad=True)
@@ -279,7 +280,7 @@ def test_mlp_inference_in_bf16_takes_the_gelu_epilogue(monkeypatch):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             got = mlp(x)
         assert calls == [1]
-        monkeypatch.setattr(linear, "GELU_EPILOGUE", False)
+        set_fast_path(gelu_epilogue=False)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             exact = mlp(x)
         assert calls == [1]

@@ -159,9 +159,16 @@ def test_rmt_deit_small_forward_backward():
     assert not missing, missing[:5]
     model.eval()
     with torch.no_grad():
-        assert model.forward_features(x).shape == (2, 24, 384)
+        features = model.forward_features(x)
+        assert features.shape == (2, 4, 6, 384) and model.output_fmt == "NHWC"   # the token grid
+        assert torch.allclose(model.forward_head(features), model(x))
         final, inter = model.forward_intermediates(x, indices=2)
-        assert final.shape == (2, 24, 384) and [t.shape for t in inter] == [(2, 384, 4, 6)] * 2
+        assert torch.equal(final, features) and [t.shape for t in inter] == [(2, 384, 4, 6)] * 2
+        _, inter = model.forward_intermediates(x, indices=1, output_fmt="NLC")
+        assert [t.shape for t in inter] == [(2, 24, 384)]
+        model.reset_classifier(0, "")
+        assert model(x).shape == (2, 4, 6, 384)          # no pooling: the grid
+        model.reset_classifier(10, "avg")
         assert model(torch.randn(1, 3, 224, 224)).shape == (1, 10)   # the paper's 14x14 grid
     model.reset_classifier(3)
     assert model(x).shape == (2, 3)
@@ -178,6 +185,8 @@ def test_rmt_deit_small_options_and_errors():
         timm.create_model("rmt_deit_small", patch_drop_rate=0.1, device="meta")
     with pytest.raises(ValueError, match="attention mask"):
         model.blocks[0](torch.randn(1, 3, 5, 64), attn_mask=torch.ones(15, 15, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="do not compile with TorchScript"):
+        torch.jit.script(model)
 
 
 def test_rmt_swin_tiny_forward_backward_and_forms():

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rmt.config import set_fast_path
 from rmt.ops import linear as lin
 
 from conftest import rel_err
@@ -144,7 +145,7 @@ def test_gelu_epilogue_on_cuda_matches_exact_gelu_within_rounding(dtype, monkeyp
         # the tanh approximation of the same GEMM, the switch off: the exact GELU again
         tanh = F.gelu(F.linear(x.to(dtype), w.to(dtype), b.to(dtype)).float(), approximate="tanh")
         assert (got.float() - tanh).abs().max() <= 8e-3 * tanh.abs().max()
-        monkeypatch.setattr(lin, "GELU_EPILOGUE", False)
+        set_fast_path(gelu_epilogue=False)
         assert not lin.gelu_epilogue_applies(x.to(dtype), w, b)
     assert not lin.gelu_epilogue_applies(x.to(dtype), w, b)  # gradients recorded: never
 
@@ -174,7 +175,7 @@ def test_cpu_linear_through_onednn_matches_f_linear(shape, bias, monkeypatch):
     assert not lin.cpu_linear_applies(x.double(), w.double(), None)     # float32 only
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not lin.cpu_linear_applies(x, w, None)
-    monkeypatch.setattr(lin, "ONEDNN_CPU_LINEAR", False)
+    set_fast_path(cpu_onednn_linear=False)
     assert not lin.cpu_linear_applies(x, w, None)
 
 

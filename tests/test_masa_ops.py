@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 
+from rmt.config import set_fast_path
 from rmt.ops.masa import HAS_TRITON, masa, masa_reference, rotation_tables, head_decays
 
 from conftest import SMALL_ARGS, golden_model_kwargs, rel_err
@@ -67,7 +68,7 @@ def test_triton_backward_single_tile_and_two_kernel_paths(single_tile, form, mon
     """Short sequences take one backward kernel (dq, dk, dv from one tile) unless switched off;
     both paths match the reference."""
     from rmt.ops.masa import triton_masa
-    monkeypatch.setattr(triton_masa, "SINGLE_TILE_BACKWARD", single_tile)
+    set_fast_path(masa_single_tile_backward=single_tile)
     launched = []
     launcher = triton_masa.eager_launch
     monkeypatch.setattr(triton_masa, "eager_launch",
@@ -85,7 +86,7 @@ def test_backward_writes_into_slices_of_the_qkv_gradient(single_tile, form, monk
     ``(b, h, w, 3c)`` gradient (as the fused block's backward does) with the same values as into
     tensors of their own, and leaves nothing else of that buffer written."""
     from rmt.ops.masa import triton_masa
-    monkeypatch.setattr(triton_masa, "SINGLE_TILE_BACKWARD", single_tile)
+    set_fast_path(masa_single_tile_backward=single_tile)
     b, h, w, n, d = 2, 5, 7, 2, 16
     c = n * d
     qkv = torch.randn(b, h, w, 3 * c, device=DEVICE)
@@ -193,7 +194,7 @@ def test_torch_compile_fullgraph_has_no_graph_breaks(impl, monkeypatch):
     import rmt.norm
     import rmt.stem
     monkeypatch.setattr(rmt.norm, "triton_layer_norm_supported", lambda *args: False)
-    monkeypatch.setattr(rmt.stem, "FOLD_CONV_BIAS", False)
+    set_fast_path(fold_conv_bias=False)
     torch._dynamo.reset()
     model = timm.create_model("rmt_tiny", masa_impl=impl, num_classes=0, **SMALL_ARGS).to(DEVICE).eval()
     compiled = torch.compile(model, fullgraph=True, backend="eager")
@@ -293,14 +294,14 @@ def test_cpu_path_pads_short_key_rows_without_changing_results(shape, form, monk
     _check("cpu", shape, form)
     _, args, extra = _inputs(shape, device="cpu")
     padded = masa(*args, form=form, impl="cpu", add=extra)
-    monkeypatch.setattr(masa_cpu, "PAD_KEYS", False)
+    set_fast_path(cpu_pad_keys=False)
     assert masa_cpu._key_padding(14) == 0
     assert rel_err(padded, masa(*args, form=form, impl="cpu", add=extra)) <= 1e-6
 
 
 @pytest.mark.parametrize("shape", [(5, 9, 14, 2, 16), (3, 8, 7, 1, 8)])
 def test_cpu_path_takes_images_in_groups_at_inference_with_the_same_results(shape, monkeypatch):
-    """With logits above :data:`CHUNK_LOGIT_BYTES` the decomposed form runs image groups (an uneven
+    """With logits above ``fast_path.cpu_chunk_logit_bytes`` the decomposed form runs image groups (an uneven
     last group included): the same values as the whole batch at once and as the reference; training
     keeps the whole batch."""
     from rmt.ops.masa import cpu as masa_cpu
@@ -309,7 +310,7 @@ def test_cpu_path_takes_images_in_groups_at_inference_with_the_same_results(shap
     with torch.no_grad():
         whole = masa(*args, form="decomposed", impl="cpu", add=extra)
         keys = max(w + masa_cpu._key_padding(w), h + masa_cpu._key_padding(h))
-        monkeypatch.setattr(masa_cpu, "CHUNK_LOGIT_BYTES", 2 * n * h * w * keys * 4)
+        set_fast_path(cpu_chunk_logit_bytes=2 * n * h * w * keys * 4)
         assert masa_cpu._image_group(b, n, h, w, keys, 4) == 2   # what masa below uses
         grouped = masa(*args, form="decomposed", impl="cpu", add=extra)
         ref = masa_reference(*args, "decomposed", add=extra)

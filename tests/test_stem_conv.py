@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from rmt.config import fast_path, set_fast_path
 from rmt.stem import Stem
 from rmt.ops import stem_conv
 from rmt.ops.triton_support import HAS_TRITON
@@ -138,7 +139,7 @@ def test_fused_stem_under_torch_compile_fullgraph():
 
 def test_conv_bias_folded_into_the_norm_shift_at_inference(monkeypatch):
     from rmt import stem
-    monkeypatch.setattr(stem, "FOLD_DEVICES", ("cuda", "cpu"))
+    set_fast_path(fold_conv_bias_devices=("cuda", "cpu"))
     conv, norm, _ = _layers(cin=8, cout=16, stride=2, device="cpu")
     x = torch.randn(2, 8, 11, 10)
     with torch.no_grad():
@@ -169,7 +170,7 @@ def test_conv_bias_left_out_with_batch_statistics(affine, monkeypatch):
     batch count as the modules, over two steps; a momentum of None (cumulative average) and a hooked
     norm run as the modules."""
     from rmt import stem
-    monkeypatch.setattr(stem, "FOLD_DEVICES", ("cuda", "cpu"))
+    set_fast_path(fold_conv_bias_devices=("cuda", "cpu"))
     conv, norm, _ = _layers(cin=8, cout=16, stride=2, device="cpu")
     norm = nn.BatchNorm2d(16, affine=affine).train()
     if affine:
@@ -216,7 +217,7 @@ def test_conv_bias_left_out_with_batch_statistics(affine, monkeypatch):
 
 def test_downsample_and_stem_fold_match_the_modules_in_eval(monkeypatch):
     from rmt import stem
-    monkeypatch.setattr(stem, "FOLD_DEVICES", ("cuda", "cpu"))
+    set_fast_path(fold_conv_bias_devices=("cuda", "cpu"))
     calls = []
     original = stem.conv_norm
     monkeypatch.setattr(stem, "conv_norm", lambda *a: calls.append(stem.folds_bias(*a)) or original(*a))
@@ -238,7 +239,7 @@ def test_downsample_and_stem_fold_match_the_modules_in_eval(monkeypatch):
 
 def test_folded_shift_is_cached_until_a_parameter_changes(monkeypatch):
     from rmt import stem
-    monkeypatch.setattr(stem, "FOLD_DEVICES", ("cuda", "cpu"))
+    set_fast_path(fold_conv_bias_devices=("cuda", "cpu"))
     conv, norm, _ = _layers(cin=4, cout=8, device="cpu")
     x = torch.randn(1, 4, 6, 6)
     with torch.no_grad():
@@ -259,5 +260,5 @@ def test_bias_fold_stays_off_on_cpu_by_default():
     from rmt import stem
     conv, norm, _ = _layers(cin=4, cout=8, device="cpu")
     with torch.no_grad():
-        assert stem.FOLD_DEVICES == ("cuda",)
+        assert fast_path.fold_conv_bias_devices == ("cuda",)
         assert not stem.folds_bias(torch.randn(1, 4, 6, 6), conv, norm)

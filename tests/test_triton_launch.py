@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rmt.config import set_fast_path
 from rmt.ops import triton_support
 from rmt.ops.triton_support import HAS_TRITON, DirectLauncher, _specialisation
 
@@ -89,7 +90,7 @@ def test_direct_launch_passes_all_parameters_in_order_and_recompiles_per_special
     launcher[(4,)](x, 32, 3, BLOCK=16, num_warps=8)          # another launch option: Triton again
     assert [c[0] for c in kernel.calls if c[0] != "load"] == ["jit"] * 5
     kernel.calls.clear()
-    monkeypatch.setattr(triton_support, "DIRECT_LAUNCH", False)
+    set_fast_path(direct_launch=False)
     launcher[(4,)](x, 32, 3, BLOCK=16, num_warps=4)
     assert [c[0] for c in kernel.calls] == ["jit"]
 
@@ -118,7 +119,7 @@ def test_direct_launches_compute_what_triton_dispatch_computes(monkeypatch):
     from rmt.ops.layernorm import layer_norm_triton
     outs = {}
     for direct in (True, False):
-        monkeypatch.setattr(triton_support, "DIRECT_LAUNCH", direct)
+        set_fast_path(direct_launch=direct)
         torch.manual_seed(0)
         runs = []
         for rows in (64, 37, 64):

@@ -1,10 +1,13 @@
 """Export to ONNX and to AOTInductor packages with dynamic batch and image size, and check the result.
 
 Both exports go through ``torch.export`` with symbolic batch, height and width. The RMT model
-computes its rotation tables and decays from the run-time grid size, which traces fine.
-:func:`exportable` puts a copy of the model on the reference MaSA ops (the Triton kernels and the
-CPU path's complex-number rotation have no ONNX form; the reference gives the same numbers), whose
-full form runs in one block while exporting so that no size is pinned to the example.
+computes its rotation tables and decays from the run-time grid size, which traces fine. While an
+exporter traces (``torch.export``, ``torch.onnx.export`` with ``dynamo`` on or off, ``torch.jit.trace``)
+the model takes the reference ops by itself (the Triton kernels and the CPU path's complex-number
+rotation have no ONNX form; the reference gives the same numbers), whose full form runs in one block
+so that no size is pinned to the example: users' own ``torch.onnx.export(model, x, f,
+dynamic_axes=...)`` calls work from a batch-1 example too. :func:`exportable` also covers a model
+set to ``masa_impl="triton"`` (an eval-mode copy on the reference ops).
 
 Every export is checked against the original eager model: :func:`check_onnx` runs the file with
 onnxruntime on CPU, :func:`check_pt2` loads the package, each at several batch/image sizes, and

@@ -32,7 +32,7 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.layers._fx import register_notrace_module
 
-from .compat import is_exporting
+from .compat import is_exporting, nchw_for_conv
 from .ops.masa import FORMS, IMPLS, head_decays, masa, rotation_tables
 
 __all__ = ["MaSALayer"]
@@ -99,6 +99,13 @@ class MaSALayer(nn.Module):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
 
+    def __prepare_scriptable__(self) -> "MaSALayer":
+        """``torch.jit.script`` calls this first: refuse with the alternatives (the layer does not script)."""
+        raise RuntimeError(
+            "MaSALayer, and the plug-in models built on it (rmt_deit_small, rmt_swin_tiny), do not compile "
+            "with TorchScript (torch.jit.script). Use torch.compile, torch.export or torch.onnx.export; the "
+            "RMT models (rmt_tiny ... rmt_large) do script.")
+
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, form={self.form!r}, decay={self.use_decay}, "
                 f"rotation={self.use_rotation}, lepe={self.lepe is not None}, data_format={self.data_format!r}")
@@ -138,7 +145,7 @@ class MaSALayer(nn.Module):
         out = masa(q, k, v_heads, sin, cos, decay, self.scale, form=self.form, impl=impl)
         out = out.view(b, h, w, c)
         if self.lepe is not None:
-            out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            out = out + self.lepe(nchw_for_conv(v)).permute(0, 2, 3, 1)
         out = self.proj_drop(self.proj(out))
         return out.permute(0, 3, 1, 2) if self.data_format == "NCHW" else out
 

@@ -23,6 +23,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from .compat import is_exporting
 from .head import ClassifierHead
 from .inputs import MIN_INPUT_SIZE, FormSpec, check_image, normalize_forms
 from .norm import LayerNorm
@@ -445,8 +446,9 @@ class RMT(nn.Module):
         self.head.reset(num_classes, global_pool)
 
     def _stem_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Image ``(b, C, H, W)`` -> contiguous tokens ``(b, H/4, W/4, c0)`` (convs run channels-last)."""
-        x = self.stem(x.contiguous(memory_format=torch.channels_last))
+        """Image ``(b, C, H, W)`` -> contiguous tokens ``(b, H/4, W/4, c0)`` (convs run channels-last,
+        except under ``torch.export``: see :func:`rmt.compat.nchw_for_conv`)."""
+        x = self.stem(x if is_exporting() else x.contiguous(memory_format=torch.channels_last))
         return x.permute(0, 2, 3, 1).contiguous()
 
     def forward_intermediates(

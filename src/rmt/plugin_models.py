@@ -14,7 +14,8 @@ block's attention replaced by full-form MaSA on the 14x14 token grid (at 224x224
 * no absolute position embedding (``pos_embed='none'``): MaSA's rotation, decay and LePE carry the
   position; pass ``pos_embed='learn'`` to keep DeiT's learned table;
 * the tokens stay an NHWC grid ``(b, h, w, c)`` between the blocks (timm's block, norm and MLP
-  work per token), so any image size whose sides are multiples of 16 works;
+  work per token), so any image size whose sides are multiples of 16 works; ``forward_features``
+  returns that grid (``output_fmt = "NHWC"``, as timm's Swin does), not a ViT's ``(b, N, c)``;
 * decay ``init_value=2, heads_range=6``: the values of RMT's own stride-16 stage, which sees the
   same 14x14 grid at 224x224.
 
@@ -76,6 +77,7 @@ class MaSAVisionTransformer(VisionTransformer):
             raise ValueError("patch_drop_rate would remove tokens from MaSA's 2-D grid; leave it at 0")
         super().__init__(class_token=False, reg_tokens=0, global_pool=global_pool, pos_embed=pos_embed,
                          dynamic_img_size=dynamic_img_size, **kwargs)
+        self.output_fmt = "NHWC"
         dd = dict(device=kwargs.get("device"), dtype=kwargs.get("dtype"))
         for blk in self.blocks:
             old = blk.attn
@@ -87,7 +89,7 @@ class MaSAVisionTransformer(VisionTransformer):
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embedding ``(b, h, w, c)`` (or ``(b, h*w, c)`` at a fixed size) -> ``(b, h, w, c)``."""
-        if x.ndim == 4:
+        if self.dynamic_img_size:   # the patch embedding's output is NHWC (read from the module: torch.fx)
             b, h, w, c = x.shape
         else:
             (h, w), b, c = self.patch_embed.grid_size, x.shape[0], x.shape[-1]
@@ -95,27 +97,31 @@ class MaSAVisionTransformer(VisionTransformer):
 
     def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                          is_causal: bool = False) -> torch.Tensor:
-        """``(b, 3, H, W) -> (b, H/16 * W/16, c)`` normalised tokens, as timm's ViT returns them."""
-        return super().forward_features(x, attn_mask, is_causal).flatten(1, 2)
+        """``(b, 3, H, W) -> (b, H/16, W/16, c)`` normalised tokens (NHWC, ``output_fmt``, as timm's Swin)."""
+        return super().forward_features(x, attn_mask, is_causal)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """NHWC tokens ``(b, h, w, c)`` (or ``(b, N, c)``) -> logits, or pooled features with ``pre_logits``;
+        without global pooling (``global_pool=''``) the tokens keep their layout."""
+        return super().forward_head(x.flatten(1, -2) if self.global_pool else x, pre_logits)
 
     def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any):
-        """timm's ``forward_intermediates``; token outputs are ``(b, N, c)`` as for a ViT."""
+        """timm's ``forward_intermediates``; the final output is NHWC as :meth:`forward_features`'s,
+        intermediates NCHW or, with ``output_fmt='NLC'``, ``(b, N, c)`` as for a ViT."""
         out = super().forward_intermediates(x, *args, **kwargs)
-        nlc = kwargs.get("output_fmt", "NCHW") == "NLC"
+        if kwargs.get("output_fmt", "NCHW") != "NLC":
+            return out
 
-        def fix(t):
+        def nlc(t):
             return t.flatten(1, 2) if torch.is_tensor(t) and t.ndim == 4 else t
 
         if isinstance(out, dict):
-            if "image_features" in out:
-                out["image_features"] = fix(out["image_features"])
-            if nlc:
-                out["image_intermediates"] = [fix(t) for t in out["image_intermediates"]]
+            out["image_intermediates"] = [nlc(t) for t in out["image_intermediates"]]
             return out
         if isinstance(out, tuple):
             final, inter = out
-            return fix(final), [fix(t) for t in inter] if nlc else inter
-        return [fix(t) for t in out] if nlc else out
+            return final, [nlc(t) for t in inter]
+        return [nlc(t) for t in out]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,7 +187,7 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
-    "rmt_deit_small.untrained": _cfg(first_conv="patch_embed.proj", classifier="head"),
+    "rmt_deit_small.untrained": _cfg(first_conv="patch_embed.proj", classifier="head", pool_size=(14, 14)),
     "rmt_swin_tiny.untrained": _cfg(first_conv="patch_embed.proj", classifier="head.fc", pool_size=(7, 7)),
 })
 

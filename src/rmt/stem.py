@@ -23,15 +23,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import fast_path
+from .compat import nchw_for_conv
 from .ops import stem_conv
 from .ops.residual import hook_free
 from .ops.triton_support import fused_allowed
 
-# False: conv and BatchNorm run as modules at inference too
-FOLD_CONV_BIAS = True
-# where the fold applies: on CPU oneDNN adds a conv bias inside the conv, and the fold measured
-# 15.3-16.0 against 15.9-16.1 img/s without it (RMT-S, 2 threads, batch 8)
-FOLD_DEVICES = ("cuda",)
 
 
 def _foldable(x: torch.Tensor, conv: nn.Module, norm: nn.Module) -> bool:
@@ -40,7 +37,7 @@ def _foldable(x: torch.Tensor, conv: nn.Module, norm: nn.Module) -> bool:
     plain hook-free modules, a bias to fold."""
     if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
-    return (FOLD_CONV_BIAS and x.device.type in FOLD_DEVICES
+    return (fast_path.fold_conv_bias and x.device.type in fast_path.fold_conv_bias_devices
             and type(conv) is nn.Conv2d and type(norm) is nn.BatchNorm2d and conv.bias is not None
             and conv.padding_mode == "zeros" and hook_free(conv) and hook_free(norm))
 
@@ -169,10 +166,9 @@ class Downsample(nn.Module):
         self.norm = nn.BatchNorm2d(out_chs, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 3, 1, 2)
         if torch.jit.is_scripting():
-            return self.norm(self.conv(x)).permute(0, 2, 3, 1)
-        return self._conv_norm(x).permute(0, 2, 3, 1)
+            return self.norm(self.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+        return self._conv_norm(nchw_for_conv(x)).permute(0, 2, 3, 1)
 
     @torch.jit.ignore
     def _conv_norm(self, x: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from typing import List, NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..config import fast_path
 from . import dwconv, layernorm
 from .ffn import ffn_tail_backward, ffn_tail_forward
 from .linear import linear_backward
@@ -32,8 +33,6 @@ from .residual import scaled_add
 from .masa.triton_masa import MAX_HEAD_DIM, attention_backward, attention_forward
 from .triton_support import SUPPORTED_DTYPES, as_dtype, eager_launch, fused_allowed, triton_runs_on
 
-# False: blocks train module by module (benchmarks/training_step.py's switch "unfused" compares)
-FUSED_BLOCK = True
 
 
 class BlockSpec(NamedTuple):
@@ -198,11 +197,11 @@ def kernels_apply(x: torch.Tensor, impl: str, head_dim: int, form: str) -> bool:
     """Whether a block set to ``impl`` trains ``x`` ``(b, h, w, c)`` through :func:`block_train`: eager
     mode with gradients, the fused kernels allowed and switched on for training, a tensor they take
     (CUDA, or CPU under Triton's interpreter; unit channel stride; a supported compute dtype)."""
-    if (not (FUSED_BLOCK and torch.is_grad_enabled() and fused_allowed(impl, x) and triton_runs_on(x))
+    if (not (fast_path.fused_training_block and torch.is_grad_enabled() and fused_allowed(impl, x) and triton_runs_on(x))
             or torch.compiler.is_compiling()):
         return False
-    if not (dwconv.FUSED_KERNELS and dwconv.TRAINING_KERNELS and layernorm.FUSED_KERNELS
-            and layernorm.TRAINING_KERNELS):
+    if not (fast_path.dwconv_kernels and fast_path.dwconv_training_kernels and fast_path.layernorm_kernels
+            and fast_path.layernorm_training_kernels):
         return False
     return block_input_fits(x, head_dim, form)
 

@@ -14,7 +14,7 @@ A block replays its graphs when
 
 * the same signature (input shape and dtype, the drop-path and layer-scale factors, which inputs want
   gradients, the parameters' addresses, the stage's position tables, autocast) came in more than
-  :data:`WARMUP_CALLS` consecutive calls and an eager backward has run since it first came (so every
+  ``rmt.config.fast_path.block_graph_warmup_calls`` consecutive calls and an eager backward has run since it first came (so every
   kernel is compiled before capture);
 * the previous replay's backward has run or its autograd graph is gone: a second forward before the
   backward (two views through one model) runs eagerly;
@@ -37,10 +37,9 @@ from typing import Dict, NamedTuple, Optional, Sequence
 
 import torch
 
+from ..config import fast_path
 from .block import BlockSpec, block_backward, block_forward, output_dtype
 
-# calls with one signature that run eagerly before the block is captured
-WARMUP_CALLS = 2
 
 
 class _Captured(NamedTuple):
@@ -124,7 +123,7 @@ class BlockGraphs:
             if signature != self.candidate:
                 self.candidate, self.count, self.backwards_at_first = signature, 0, self.eager_backwards
             self.count += 1
-            if (self.count <= WARMUP_CALLS or self.eager_backwards == self.backwards_at_first
+            if (self.count <= fast_path.block_graph_warmup_calls or self.eager_backwards == self.backwards_at_first
                     or self.pending() or signature in self.failed):
                 return None
             captured = self._capture(signature, x, scale1, scale2, spec, params, needs)

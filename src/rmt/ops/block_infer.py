@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..compat import is_exporting
+from ..config import fast_path
 from ..norm import layer_norm
 from .block import BlockSpec, block_input_fits, cast_together
 from .dwconv import dwconv_nhwc
@@ -33,8 +34,6 @@ from .linear import gelu_epilogue_applies, linear_gelu
 from .masa import masa
 from .triton_support import fused_allowed, triton_runs_on
 
-# False: blocks infer module by module (benchmarks/inference_modes.py's switch "unfusedinfer")
-FUSED_INFERENCE = True
 
 
 def _accumulate_linear(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -59,7 +58,7 @@ def inference_applies(x: torch.Tensor, impl: str, head_dim: int, form: str) -> b
     """Whether a block set to ``impl`` runs ``x`` ``(b, h, w, c)`` through :func:`block_infer`: no
     gradients to record (the caller checks its parameters), the fused kernels allowed for ``x``
     (CUDA, or CPU under Triton's interpreter), an input the kernels take (:func:`block_input_fits`)."""
-    if (not (FUSED_INFERENCE and fused_allowed(impl, x) and triton_runs_on(x)) or x.requires_grad
+    if (not (fast_path.fused_inference_block and fused_allowed(impl, x) and triton_runs_on(x)) or x.requires_grad
             or is_exporting()):   # an exported graph keeps the modules' plain ops
         return False
     return block_input_fits(x, head_dim, form)

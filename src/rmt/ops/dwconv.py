@@ -17,7 +17,7 @@ input row it loads serves all of them) and write the result once:
   times ``gelu'(x)``;
 * bias gradient: per-program partial sums of ``dy`` written by the input-gradient kernel;
 * weight gradient: cuDNN's reduction kernel on ``g`` (recomputed from ``x``), or with
-  ``TRITON_WEIGHT_GRAD`` per-program partial sums of ``dy * g[shifted]`` for every tap, then one GEMV
+  ``rmt.config.fast_path.dwconv_triton_weight_grad`` per-program partial sums of ``dy * g[shifted]`` for every tap, then one GEMV
   over the programs (cheaper to launch than cuDNN's call, slower on the GPU so far).
 
 Only ``x`` is kept for the backward pass, so the FFN stores its hidden activation once instead of
@@ -30,6 +30,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..compat import nchw_for_conv
+from ..config import fast_path
 from .linear import column_sum
 from .triton_support import (HAS_TRITON, SUPPORTED_DTYPES, as_dtype, cdiv, eager_launch, next_power_of_2,
                              triton_runs_on, unit_channel_stride)
@@ -39,20 +41,6 @@ if HAS_TRITON:
     import triton.language as tl
     from torch.library import triton_op, wrap_triton
 
-# False: only inference uses the kernels; training runs F.conv2d (cuDNN) and autograd instead
-TRAINING_KERNELS = True
-# False: F.conv2d everywhere (benchmarks/inference_modes.py compares the two)
-FUSED_KERNELS = True
-# True: the depthwise weight gradients through _dwconv_wgrad_kernel instead of cuDNN. Off by default:
-# on an H200 the kernel takes 3.2x cuDNN's GPU time (14.0 against 4.4 ms per RMT-S step at batch 128),
-# which costs a CUDA-graph step 14%, while an eager step bound by the host's launch rate gains 6% from
-# the cheaper launches (BENCHMARKS.md, run L; benchmarks/training_step.py's switch "tritonwgrad")
-TRITON_WEIGHT_GRAD = False
-# under torch.compile, training graphs launch the kernels from opaque ops (see dwconv_train_op);
-# False: traced through as the forward's triton_op
-OPAQUE_TRAINING_OPS = True
-# False: the CPU path adds the residual in its own pass (benchmarks/infer_switches.py compares the two)
-FOLD_RESIDUAL_ON_CPU = True
 
 
 def dwconv_nhwc_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -61,7 +49,7 @@ def dwconv_nhwc_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     if gelu:
         x = F.gelu(x)
     k = weight.shape[-1]
-    y = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=k // 2, groups=weight.shape[0])
+    y = F.conv2d(nchw_for_conv(x), weight, bias, padding=k // 2, groups=weight.shape[0])
     y = y.permute(0, 2, 3, 1)
     return x + y if residual else y
 
@@ -281,7 +269,7 @@ if HAS_TRITON:
 
 def _blocks(w: int, c: int, ks: int) -> Tuple[int, int, int, int]:
     """``(BLOCK_W, BLOCK_C, num_warps, ROWS)`` for token rows of width ``w``, ``c`` channels and a
-    ``ks x ks`` kernel, as ``benchmarks/kernel_tiles.py`` (which times the alternatives through the
+    ``ks x ks`` kernel, as ``tools/kernel_tiles.py`` (which times the alternatives through the
     ``tile`` argument of :func:`_forward`) found best at the RMT-S shapes on an H200:
 
     * 3x3 on grids of 16 tokens or more: 4 rows of 32 x 64 tiles (stage 1: 97 -> 51 us for the
@@ -318,7 +306,7 @@ def _taps_outer(w: int, ks: int) -> bool:
 def _backward_blocks(w: int, c: int, ks: int, gelu: bool) -> Tuple[int, int, int, int]:
     """``(BLOCK_W, BLOCK_C, num_warps, ROWS)`` of the input-gradient kernel, which also reads the
     pre-activation for GELU's derivative (``gelu``) and sums the bias gradient, so it prefers other
-    tiles than the forward pass. ``benchmarks/kernel_tiles.py --kernels dwconv_bwd`` at the RMT-S
+    tiles than the forward pass. ``tools/kernel_tiles.py --kernels dwconv_bwd`` at the RMT-S
     shapes (batch 128, H200, graph-timed), against the forward tiles: stage 1 CPE 95 -> 77 us, LePE
     168 -> 147 us, FFN 578 -> 466 us; stage 2 FFN 299 -> 237 us; stage 3 FFN 161 -> 135 us; stage 4
     FFN 113 -> 76 us: 4 rows of 32-channel tiles on small grids, 2 rows of wider tiles on large ones
@@ -424,7 +412,7 @@ def _backward(launch, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
             gb = column_sum(parts)
     if need_weight or (need_bias and gb is None):
         g = (activated if activated is not None else F.gelu(x)) if gelu else x
-        if TRITON_WEIGHT_GRAD and ks <= 5:
+        if fast_path.dwconv_triton_weight_grad and ks <= 5:
             gw, gb_parts = _weight_grad(launch, grad, g, ks, need_bias and gb is None)
             return gx, gw if need_weight else None, gb if gb is not None else gb_parts
         # cuDNN's weight-gradient kernel (a reduction over batch and space) on NCHW views of the
@@ -467,7 +455,8 @@ if HAS_TRITON:
 
 
     # --- torch.compile, training: opaque ops launching at run time with the given strides -----------
-    # (see rmt.ops.masa.triton_masa.OPAQUE_TRAINING_OPS for why training graphs do not trace through)
+    # (see rmt.ops.masa.triton_masa for why training graphs do not trace through; switch:
+    # rmt.config's compiled_training_opaque_ops)
     @torch.library.custom_op("rmt::dwconv_nhwc_train", mutates_args=())
     def dwconv_train_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: bool,
                         gelu: bool) -> torch.Tensor:
@@ -527,7 +516,7 @@ def dwconv_nhwc_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     """
     if torch.compiler.is_compiling():
         training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        if training and OPAQUE_TRAINING_OPS:
+        if training and fast_path.compiled_training_opaque_ops:
             return dwconv_train_op(x, weight, bias, residual, gelu)
         return dwconv_op(x, weight, bias, residual, gelu)
     return _DWConv.apply(x, weight, bias, residual, gelu)
@@ -551,11 +540,11 @@ def dwconv_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     or with ``cpu_fast`` on a CPU tensor :func:`dwconv_nhwc_folded`.
     """
     training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if (fused and FUSED_KERNELS and triton_dwconv_supported(x, weight)
-            and (TRAINING_KERNELS or not training)):
+    if (fused and fast_path.dwconv_kernels and triton_dwconv_supported(x, weight)
+            and (fast_path.dwconv_training_kernels or not training)):
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         return dwconv_nhwc_triton(x, weight, bias, residual, gelu)
-    if cpu_fast and residual and FOLD_RESIDUAL_ON_CPU and x.device.type == "cpu":
+    if cpu_fast and residual and fast_path.cpu_fold_residual and x.device.type == "cpu":
         return dwconv_nhwc_folded(x, weight, bias, gelu)
     return dwconv_nhwc_reference(x, weight, bias, residual, gelu)

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..config import fast_path
 from . import dwconv
 from .dwconv import dwconv_nhwc, triton_dwconv_supported
 from .linear import cpu_linear, gelu_epilogue_applies, linear, linear_backward, linear_gelu
@@ -28,9 +29,6 @@ if HAS_TRITON:
 
     from .dwconv import _gelu_grad
 
-# False: the backward recomputes GELU alone and the input-gradient kernel evaluates GELU's
-# derivative itself (benchmarks/training_step.py's switch "gelugrad" compares the two)
-DERIVATIVE_WITH_GELU = True
 
 if HAS_TRITON:
     @triton.jit
@@ -71,7 +69,7 @@ def ffn_tail_backward(grad: torch.Tensor, a: torch.Tensor, dw_weight: torch.Tens
     grad = grad.contiguous()
     # GELU recomputed once, for u and for the depthwise weight gradient; with it its derivative
     # (for the input gradient), which is cheaper to write here than to evaluate in that kernel
-    g, d = gelu_and_derivative(a) if DERIVATIVE_WITH_GELU and need_input else (F.gelu(a), None)
+    g, d = gelu_and_derivative(a) if fast_path.ffn_derivative_with_gelu and need_input else (F.gelu(a), None)
     u = dwconv._forward(eager_launch, g, dw_weight, dw_bias, True, False)
     _, grad_w, grad_b = linear_backward(grad, u, w, weight_dtype, bias_dtype, False,
                                         need_weight, need_bias)
@@ -111,7 +109,7 @@ def ffn_tail(a: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torch.T
     """
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (a, dw_weight, dw_bias, weight, bias))
-    if (fused and training and dwconv.TRAINING_KERNELS and dwconv.FUSED_KERNELS
+    if (fused and training and fast_path.dwconv_training_kernels and fast_path.dwconv_kernels
             and not torch.compiler.is_compiling()
             and triton_dwconv_supported(a, dw_weight)):
         if torch.is_autocast_enabled(a.device.type):

@@ -25,6 +25,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..config import fast_path
 from .linear import column_sum
 from .triton_support import HAS_TRITON, SUPPORTED_DTYPES, cdiv, eager_launch, next_power_of_2, triton_runs_on
 
@@ -33,13 +34,6 @@ if HAS_TRITON:
     import triton.language as tl
     from torch.library import triton_op, wrap_triton
 
-# False: only inference uses the kernels; training runs PyTorch's LayerNorm and autograd instead
-TRAINING_KERNELS = True
-# False: PyTorch's LayerNorm everywhere (benchmarks/inference_modes.py compares the two)
-FUSED_KERNELS = True
-# False: under torch.compile the inference blocks' add+LayerNorm is left to Inductor instead of the
-# kernel here (benchmarks/inference_modes.py's switch "inductorln")
-COMPILED_KERNELS = True
 MAX_CHANNELS = 4096
 
 if HAS_TRITON:
@@ -124,7 +118,7 @@ if HAS_TRITON:
 
 def _tile(c: int, backward: bool = False) -> Tuple[int, int, int]:
     """``(BLOCK_M, BLOCK_C, num_warps)``: about 4096 elements per forward tile (at least 16 rows up to
-    512 channels) and 8192 per backward tile, as ``benchmarks/kernel_tiles.py`` found best at the
+    512 channels) and 8192 per backward tile, as ``tools/kernel_tiles.py`` found best at the
     RMT-S shapes (64-512 channels) on an H200."""
     block_c = next_power_of_2(c)
     if backward:
@@ -146,7 +140,7 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: flo
              out_dtype: torch.dtype, block_m: Optional[int] = None, num_warps: Optional[int] = None
              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y, mean, rstd)`` for ``x`` ``(m, c)`` contiguous; ``y`` in ``out_dtype``, the others float32 ``(m,)``.
-    ``block_m``/``num_warps`` replace :func:`_tile`'s choice (benchmarks/kernel_tiles.py times them)."""
+    ``block_m``/``num_warps`` replace :func:`_tile`'s choice (tools/kernel_tiles.py times them)."""
     m, c = x.shape
     y = torch.empty((m, c), dtype=out_dtype, device=x.device)
     mean = torch.empty((m,), dtype=torch.float32, device=x.device)
@@ -183,11 +177,11 @@ def add_layer_norm(x: torch.Tensor, r: torch.Tensor, shift: torch.Tensor, weight
     """``(s + shift, layer_norm(s))`` with ``s = x + r`` for ``x``, ``r`` ``(..., c)`` of one dtype and
     ``shift`` ``(c,)``, both results in that dtype, without autograd: one pass where the Triton kernel
     takes the tensors (contiguous, in a supported dtype; under ``torch.compile`` as the op
-    ``rmt::add_layer_norm`` unless ``COMPILED_KERNELS`` is off), else the same ops in PyTorch (which
+    ``rmt::add_layer_norm`` unless ``fast_path.layernorm_compiled_kernels`` is off), else the same ops in PyTorch (which
     Inductor fuses into one kernel)."""
     c = x.shape[-1]
     compiling = torch.compiler.is_compiling()
-    if (FUSED_KERNELS and (COMPILED_KERNELS or not compiling) and triton_runs_on(x)
+    if (fast_path.layernorm_kernels and (fast_path.layernorm_compiled_kernels or not compiling) and triton_runs_on(x)
             and x.dtype in SUPPORTED_DTYPES and r.dtype == x.dtype and x.is_contiguous() and r.is_contiguous()
             and weight.dtype in SUPPORTED_DTYPES and 0 < c <= MAX_CHANNELS):
         if compiling:
@@ -239,9 +233,9 @@ class _LayerNorm(torch.autograd.Function):
 def triton_layer_norm_supported(x: torch.Tensor, weight: Optional[torch.Tensor],
                                 bias: Optional[torch.Tensor]) -> bool:
     """Whether the kernels handle this input here (CUDA, or CPU under ``TRITON_INTERPRET=1``; in
-    training only while :data:`TRAINING_KERNELS`)."""
+    training only while ``fast_path.layernorm_training_kernels``)."""
     training = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
-    return (FUSED_KERNELS and (TRAINING_KERNELS or not training) and triton_runs_on(x)
+    return (fast_path.layernorm_kernels and (fast_path.layernorm_training_kernels or not training) and triton_runs_on(x)
             and weight is not None and bias is not None and x.dtype in SUPPORTED_DTYPES
             and weight.dtype in SUPPORTED_DTYPES and 0 < x.shape[-1] <= MAX_CHANNELS)
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..compat import is_exporting
+from ..config import fast_path
 from .triton_support import as_dtype
 
 _HALF = (torch.bfloat16, torch.float16)
@@ -127,17 +128,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
     return cpu_linear(x, weight, bias) if cpu_fast else F.linear(x, weight, bias)
 
 
-# The CPU path's Linear layers at float32 inference through oneDNN's matmul instead of F.linear's
-# MKL sgemm; False: F.linear (benchmarks/infer_switches.py's switch "onednn_linear")
-ONEDNN_CPU_LINEAR = True
 _HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def cpu_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    """Whether :func:`cpu_linear` takes oneDNN's matmul: :data:`ONEDNN_CPU_LINEAR` on, a PyTorch
+    """Whether :func:`cpu_linear` takes oneDNN's matmul: ``fast_path.cpu_onednn_linear`` on, a PyTorch
     built with oneDNN, float32 CPU tensors without gradients to record or autocast, and neither
     ``torch.compile`` nor ``torch.export`` tracing (they keep ``F.linear``)."""
-    return (ONEDNN_CPU_LINEAR and _HAS_ONEDNN_LINEAR and x.device.type == "cpu"
+    return (fast_path.cpu_onednn_linear and _HAS_ONEDNN_LINEAR and x.device.type == "cpu"
             and x.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
             and weight.dim() == 2 and weight.is_contiguous() and x.numel() > 0
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
@@ -157,15 +155,12 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-# Half-precision inference on CUDA: fc1's GELU in cuBLASLt's GEMM epilogue (saves the GELU's own
-# read-write pass of the 3x-wide hidden tensor); False: the exact GELU as its own op
-GELU_EPILOGUE = True
 
 
 def _epilogue_dtype(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.dtype]:
     """The half-precision dtype :func:`linear_gelu`'s GEMM epilogue computes in, or ``None`` where it
-    does not apply (:data:`GELU_EPILOGUE` off, not CUDA, gradients to record, no bias, float32)."""
-    if not (GELU_EPILOGUE and x.is_cuda and bias is not None and x.dim() >= 2):
+    does not apply (``fast_path.gelu_epilogue`` off, not CUDA, gradients to record, no bias, float32)."""
+    if not (fast_path.gelu_epilogue and x.is_cuda and bias is not None and x.dim() >= 2):
         return None
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
         return None
@@ -175,7 +170,7 @@ def _epilogue_dtype(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 
 @torch.jit.ignore
 def gelu_epilogue_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    """Whether :func:`linear_gelu` takes the GEMM epilogue for these tensors: :data:`GELU_EPILOGUE`
+    """Whether :func:`linear_gelu` takes the GEMM epilogue for these tensors: ``fast_path.gelu_epilogue``
     on, a CUDA input without gradients to record, a half-precision compute dtype and a bias."""
     return _epilogue_dtype(x, weight, bias) is not None
 

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..config import fast_path
 from .residual import hook_free
 from .triton_support import HAS_TRITON, SUPPORTED_DTYPES, cdiv, eager_launch, next_power_of_2, triton_runs_on
 
@@ -27,8 +28,6 @@ if HAS_TRITON:
     import triton.language as tl
     from torch.library import triton_op, wrap_triton
 
-# False: the stem's first conv, BatchNorm and GELU always run as modules
-FUSED_KERNELS = True
 MAX_PATCH = 64          # c_in * k * k (image inputs): a program holds its pixels' patches whole
 MAX_OUT_CHANNELS = 128  # one program holds every output channel of its pixels
 BLOCK_PIXELS = 128      # output pixels per program on a GPU
@@ -128,7 +127,7 @@ def fuses(x: torch.Tensor, conv: nn.Module, norm: nn.Module, act: nn.Module, all
     (``c_in * k * k``), an affine BatchNorm on its running statistics, an exact GELU)."""
     if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing():  # symbolic tracing: the modules
         return False
-    if (not (FUSED_KERNELS and allowed and HAS_TRITON) or not triton_runs_on(x) or x.dim() != 4
+    if (not (fast_path.stem_kernel and allowed and HAS_TRITON) or not triton_runs_on(x) or x.dim() != 4
             or x.dtype not in SUPPORTED_DTYPES):
         return False
     if not (type(conv) is nn.Conv2d and type(norm) is nn.BatchNorm2d and type(act) in (nn.GELU, nn.Identity)):

@@ -7,6 +7,9 @@ from typing import Optional
 
 import torch
 
+from ..compat import is_export_tracing
+from ..config import fast_path
+
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs may lack it
     import triton
     HAS_TRITON = True
@@ -26,14 +29,29 @@ def triton_runs_on(x: torch.Tensor) -> bool:
 
 def fused_allowed(impl: str, x: torch.Tensor) -> bool:
     """Whether a module set to ``impl`` may use fused kernels for ``x``: with ``"auto"`` on CUDA,
-    always with ``"triton"`` (which also covers Triton's CPU interpreter)."""
-    return impl == "triton" or (impl == "auto" and x.is_cuda)
+    always with ``"triton"`` (which also covers Triton's CPU interpreter); never with ``"auto"`` while
+    an exporter traces the model (exported graphs take the plain ops)."""
+    if impl == "triton":
+        refuse_onnx_tracing()
+        return True
+    return impl == "auto" and not is_export_tracing() and x.is_cuda   # x last: a torch.fx Proxy stays one
+
+
+@torch.jit.ignore
+def refuse_onnx_tracing() -> None:
+    """Raise while ``torch.onnx.export`` or ``torch.jit.trace`` traces a module set to ``"triton"``:
+    the kernels have no ONNX form and a trace would not record them."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        raise RuntimeError(
+            "masa_impl='triton' does not export to ONNX or trace with torch.jit.trace: the Triton kernels "
+            "have no ONNX form. Use model.set_masa_impl('auto') (exports then take the reference ops) or "
+            "rmt.export.export_onnx(model, path).")
 
 
 def cpu_path_allowed(impl: str, x: torch.Tensor) -> bool:
     """Whether a module set to ``impl`` may take the CPU fast path for ``x`` (``"auto"`` or ``"cpu"``
-    on a CPU tensor; ``"reference"`` keeps the plain ops)."""
-    return (impl == "auto" or impl == "cpu") and x.device.type == "cpu"
+    on a CPU tensor, except while an exporter traces the model; ``"reference"`` keeps the plain ops)."""
+    return (impl == "auto" or impl == "cpu") and not is_export_tracing() and x.device.type == "cpu"
 
 
 def cdiv(a: int, b: int) -> int:
@@ -47,10 +65,6 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-# True: eager launches of a kernel's already-compiled specialisations go straight to the compiled
-# kernel (:class:`DirectLauncher`); False: every launch through Triton's own dispatch
-# (``benchmarks/training_step.py`` switch ``jitlaunch`` compares the two).
-DIRECT_LAUNCH = True
 
 
 class _NotKeyed(Exception):
@@ -97,7 +111,7 @@ class DirectLauncher:
         return functools.partial(self.launch, grid)
 
     def launch(self, grid, *args, **meta):
-        if not DIRECT_LAUNCH or type(grid) is not tuple:  # a grid function: Triton evaluates it
+        if not fast_path.direct_launch or type(grid) is not tuple:  # a grid function: Triton evaluates it
             return self.kernel[grid](*args, **meta)
         try:
             constexprs = (tuple(args[i] for i in self.constexpr_positions if i < len(args))

@@ -6,12 +6,16 @@ Implementations (``impl``):
 * ``"triton"``    - :mod:`.triton_masa`, fused Triton kernels (CUDA; CPU under ``TRITON_INTERPRET=1``).
 * ``"cpu"``       - :mod:`.cpu`, the reference math reorganised for CPU speed.
 * ``"auto"``      - Triton on CUDA when the inputs are supported, ``"cpu"`` on CPU, else reference.
+
+While an exporter traces the model (``torch.export``, ``torch.onnx.export``, ``torch.jit.trace``),
+``"auto"`` and ``"cpu"`` run the reference, whose ops have ONNX forms and keep sizes symbolic.
 """
 from typing import Optional
 
 import torch
 
-from ..triton_support import HAS_TRITON, triton_runs_on
+from ...compat import is_export_tracing
+from ..triton_support import HAS_TRITON, refuse_onnx_tracing, triton_runs_on
 from .cpu import masa_cpu
 from .naive import (
     default_scale,
@@ -60,6 +64,10 @@ def masa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor, c
     """
     if form not in FORMS:
         raise ValueError("unknown MaSA form '" + form + "'; expected 'decomposed' or 'full'")
+    if impl in ("auto", "cpu") and is_export_tracing():
+        impl = "reference"
+    elif impl == "triton":
+        refuse_onnx_tracing()
     if impl == "auto":
         if q.is_cuda:
             impl = "triton" if triton_available(q, k, v) else "reference"

@@ -13,7 +13,7 @@ Differences from :mod:`.naive` (same results up to float rounding):
   are left alone: padding 56 or 28 keys to 64 or 32 made the softmax 15-20% faster but the pass
   slower (22 -> 31 ms, 4.3 -> 5.3 ms), and padding 4 keys to 16 slowed the pass by 15-35%;
 * at inference the decomposed form takes the images in groups whose logits of one axis fit in
-  :data:`CHUNK_LOGIT_BYTES` (stage 1 of RMT-S: one image, 2.8 MB), so the product, the bias, the
+  ``rmt.config.fast_path.cpu_chunk_logit_bytes`` (stage 1 of RMT-S: one image, 2.8 MB), so the product, the bias, the
   softmax and the second product find them in the cache: on a 2-vCPU AMD EPYC one axis of stage 1
   at batch 8 took 11.0 against 14.2 ms, RMT-S 9.80 against 9.09 img/s (medians of 6 alternating
   runs). On an Intel Xeon, chunks of rows had been slower.
@@ -23,15 +23,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ...config import fast_path
 from .naive import (_distance_1d, axis_attention, full_form_row_blocks, masa_decomposed_reference,
                     masa_full_reference)
 
-# False: no padding of short key rows (benchmarks/infer_switches.py compares the two)
-PAD_KEYS = True
-# Decomposed form at inference: images in groups whose logits of one axis take at most this many
-# bytes, so they stay in the cache between the product, the bias, the softmax and the second
-# product (0: the whole batch at once; benchmarks/infer_switches.py switch cpu_chunk)
-CHUNK_LOGIT_BYTES = 4 << 20
 
 
 def _rotate_complex(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -57,8 +52,8 @@ def _rotate_complex(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, scale
 
 def _key_padding(n: int) -> int:
     """How many keys to append to a row of ``n`` keys: up to 16 for rows of 8-15 keys (see the module
-    notes; none with :data:`PAD_KEYS` off)."""
-    return 16 - n if PAD_KEYS and 8 <= n < 16 else 0
+    notes; none with ``fast_path.cpu_pad_keys`` off)."""
+    return 16 - n if fast_path.cpu_pad_keys and 8 <= n < 16 else 0
 
 
 def _pad_keys(x: torch.Tensor, pad: int) -> torch.Tensor:
@@ -82,14 +77,15 @@ def _axis_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
 
 
 def _image_group(b: int, n: int, h: int, w: int, keys: int, element_size: int) -> int:
-    """How many images the decomposed form takes at once (see :data:`CHUNK_LOGIT_BYTES`), for rows
+    """How many images the decomposed form takes at once (``fast_path.cpu_chunk_logit_bytes``), for rows
     of at most ``keys`` keys (padding included): all of them while training, under
     ``torch.compile`` or with chunking off."""
     per_image = n * h * w * keys * element_size
-    if (CHUNK_LOGIT_BYTES <= 0 or torch.is_grad_enabled() or torch.compiler.is_compiling()
-            or per_image * b <= CHUNK_LOGIT_BYTES):
+    limit = fast_path.cpu_chunk_logit_bytes
+    if (limit <= 0 or torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or per_image * b <= limit):
         return b
-    return max(1, CHUNK_LOGIT_BYTES // per_image)
+    return max(1, limit // per_image)
 
 
 def masa_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,

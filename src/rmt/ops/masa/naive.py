@@ -21,7 +21,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ...compat import is_exporting
+from ...compat import is_export_tracing, is_exporting
 
 
 def rotation_angles(head_dim: int, device: Optional[torch.device] = None) -> torch.Tensor:
@@ -83,12 +83,13 @@ def full_form_row_blocks(b: int, h: int, w: int, n: int, max_logits: int, device
                          ) -> List[Tuple[int, int, torch.Tensor]]:
     """Query-row blocks ``(start, stop, manhattan distance (rows, h*w) float32)`` of the full form.
 
-    Each block holds at most ``max_logits`` logits over the batch and heads; under ``torch.export``
-    there is one block, so that no Python arithmetic pins the symbolic sizes.
+    Each block holds at most ``max_logits`` logits over the batch and heads; while an exporter traces
+    (``torch.export`` or ``torch.jit.trace``) there is one block, so that no Python arithmetic pins
+    the symbolic sizes.
     """
     L = h * w
     rows, cols = grid_coordinates(h, w, device)
-    if is_exporting():
+    if is_export_tracing():
         bounds = [(0, L)]
     else:
         block = max(1, min(L, max_logits // max(1, b * n * L)))
@@ -113,8 +114,11 @@ def axis_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torc
     Under ``torch.compile`` the two leading axes are merged first, so that the chain is 4-D: Inductor's
     attention-fusion pass also matches it in 5-D and then fails to build its 4-D replacement
     ("Attempting to permute a tensor of rank 5, but received a permutation of length 4", torch 2.14).
+    ``torch.export`` keeps the 5-D chain: merging and splitting a symbolic batch with the heads
+    would guard the batch to the example's 1 (broadcasting against the bias's leading 1) and the
+    grid sizes (splitting the merged axis again).
     """
-    if torch.compiler.is_compiling() and q.dim() == 5:
+    if torch.compiler.is_compiling() and not is_exporting() and q.dim() == 5:
         b, n = torch.broadcast_shapes(q.shape[:2], k.shape[:2], v.shape[:2], bias.shape[:2])
         q, k, v, bias = (t.expand(b, n, *t.shape[2:]).reshape(b * n, *t.shape[2:]) for t in (q, k, v, bias))
         out = axis_attention(q, k, v, bias)

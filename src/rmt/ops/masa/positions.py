@@ -4,10 +4,9 @@ from typing import Any, Dict, Tuple
 import torch
 
 from ...compat import is_exporting
+from ...config import fast_path
 from .naive import head_decays, rotation_tables
 
-# False: compiled CUDA models compute the tables in the graph (benchmarks/inference_modes.py's "graphtables")
-TABLE_OP = True
 
 
 def stage_positions(h: int, w: int, head_dim: int, num_heads: int, init_value: float,
@@ -28,11 +27,13 @@ def cached_stage_positions(h: int, w: int, head_dim: int, num_heads: int, init_v
 
     Saves a dozen small kernels per stage and step. The tables are never modified in place and are
     made outside inference mode, so one cache serves inference and training. Under ``torch.compile``
-    on CUDA they come from :func:`stage_positions_op` (copies of the cached tables); under export
-    and on other devices they are computed in the graph.
+    on CUDA they come from :func:`stage_positions_op` (copies of the cached tables); under export,
+    ``torch.jit.trace`` and on other devices they are computed in the graph.
     """
+    if torch.jit.is_tracing():   # a traced graph computes them from its (traced) grid size
+        return stage_positions(h, w, head_dim, num_heads, init_value, heads_range, device)
     if torch.compiler.is_compiling():
-        if TABLE_OP and device.type == "cuda" and not is_exporting():
+        if fast_path.position_table_op and device.type == "cuda" and not is_exporting():
             return stage_positions_op(h, w, head_dim, num_heads, init_value, heads_range, device)
         return stage_positions(h, w, head_dim, num_heads, init_value, heads_range, device)
     key = (h, w, head_dim, num_heads, init_value, heads_range, device)

@@ -12,17 +12,12 @@ from typing import Optional, Tuple
 import torch
 from torch.library import triton_op, wrap_triton
 
+from ...config import fast_path
 from ..triton_support import SUPPORTED_DTYPES, cdiv, eager_launch, next_power_of_2, unit_channel_stride
 from .triton_kernels import (MODE_COL, MODE_FULL, MODE_ROW, masa_bwd_dkdv_kernel, masa_bwd_dq_kernel,
                              masa_bwd_tile_kernel, masa_fwd_kernel, masa_fwd_seqs_kernel)
 
 MAX_HEAD_DIM = 128
-# sequences that fit one tile (rows and columns up to 64 tokens, full-form grids up to 64 tokens) take
-# their whole backward pass from one kernel; False: the dq and dk/dv kernels (as for longer sequences)
-SINGLE_TILE_BACKWARD = True
-# rows and columns that fit one tile take their forward pass from the kernel that batches several
-# of them per program (masa_fwd_seqs_kernel); False: one sequence per program (masa_fwd_kernel)
-SEQUENCES_PER_PROGRAM_FORWARD = True
 
 
 def _geometry(shape: Tuple[int, ...], mode: int) -> Tuple[int, int]:
@@ -44,7 +39,7 @@ def _launch_config(seq: int, head_dim: int) -> Tuple[int, int, int]:
 
 def _forward_config(seq: int, head_dim: int) -> Tuple[int, int, int]:
     """Forward-pass tiles: :func:`_launch_config` for sequences that fit one tile (keys in tiles of at
-    most 32); longer ones take wider query tiles, as ``benchmarks/kernel_tiles.py --size 1024`` found
+    most 32); longer ones take wider query tiles, as ``tools/kernel_tiles.py --size 1024`` found
     best on an H200 (batch 16:
     256-token rows 1,475 -> 1,223 us with 128 x 64 tiles, 128-token rows 971 -> 819 us with 2 warps,
     the 1,024-token full form 1,286 -> 721 us with 128 x 128 tiles)."""
@@ -59,7 +54,7 @@ def _forward_config(seq: int, head_dim: int) -> Tuple[int, int, int]:
 
 
 def _seqs_per_program(block: int, nseq: int) -> int:
-    """Rows or columns per program of the batched forward kernel, as ``benchmarks/kernel_tiles.py``
+    """Rows or columns per program of the batched forward kernel, as ``tools/kernel_tiles.py``
     found best on an H200 (timed from CUDA-graph replays): about 128 token slots per program (2 rows
     of 56 tokens, 4 of 28), but two per program for sequences of at most 16 tokens (14-token rows at
     batch 256: 45.0 -> 38.7 us per pass against one per program since the rotation tables load whole
@@ -97,7 +92,7 @@ def _attend(launch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torc
 
     ``launch`` maps a kernel to its launcher: :func:`~rmt.ops.triton_support.eager_launch` in eager mode, ``wrap_triton``
     inside ``torch.compile``. ``config``: ``(BLOCK_M, BLOCK_N, num_warps)`` instead of
-    :func:`_launch_config` (benchmarks/kernel_tiles.py times the alternatives). Rows and columns
+    :func:`_launch_config` (tools/kernel_tiles.py times the alternatives). Rows and columns
     that fit one tile go through the batched kernel with ``seqs`` of them per program (default
     :func:`_seqs_per_program`; 0: the one-sequence kernel).
     """
@@ -108,7 +103,7 @@ def _attend(launch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torc
     block_m, block_n, warps = config or _forward_config(seq, d)
     extra = add if add is not None else out
     if seqs is None:
-        seqs = _seqs_per_program(block_m, nseq) if SEQUENCES_PER_PROGRAM_FORWARD else 0
+        seqs = _seqs_per_program(block_m, nseq) if fast_path.masa_sequences_per_program else 0
     if seqs and mode != MODE_FULL and seq <= block_m:
         if config is None:
             warps = _seqs_warps(block_m)
@@ -133,7 +128,7 @@ def _attend(launch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torc
 def _one_tile_backward(shape: Tuple[int, ...], mode: int) -> bool:
     """Whether the backward pass of ``mode`` on a ``(b, h, w, n, d)`` input takes the single-tile kernel."""
     seq, _ = _geometry(shape, mode)
-    return SINGLE_TILE_BACKWARD and seq <= _launch_config(seq, shape[-1])[0]
+    return fast_path.masa_single_tile_backward and seq <= _launch_config(seq, shape[-1])[0]
 
 
 def _attend_backward(launch, grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -280,7 +275,7 @@ masa_attend.register_autograd(_backward, setup_context=_setup_context)
 # with the strides of the tensors they are given. Traced through (``triton_op``), a launch keeps the
 # strides of the tensors seen while tracing as constants, and in a backward graph Inductor promises
 # only their order, not their values; the opaque ops also launch exactly what eager mode launches.
-OPAQUE_TRAINING_OPS = True
+# Switch: rmt.config's compiled_training_opaque_ops.
 
 
 @torch.library.custom_op("rmt::masa_attend_train", mutates_args=())
@@ -349,7 +344,7 @@ class _MasaAttend(torch.autograd.Function):
 
 def _attend_op(q, k, v, sin, cos, decay, add, scale: float, mode: int, need_lse: bool) -> torch.Tensor:
     if torch.compiler.is_compiling():
-        if need_lse and add is None and OPAQUE_TRAINING_OPS:
+        if need_lse and add is None and fast_path.compiled_training_opaque_ops:
             return masa_attend_train(q, k, v, sin, cos, decay, scale, mode)[0]
         return masa_attend(q, k, v, sin, cos, decay, add, scale, mode, need_lse)[0]
     return _MasaAttend.apply(q, k, v, sin, cos, decay, add, scale, mode, need_lse)

@@ -1,7 +1,7 @@
 """Nsight Compute's view of the fused kernels at RMT-S's shapes: registers, occupancy, DRAM and SM throughput.
 
-    python benchmarks/kernel_ncu.py --batch 256 --json OUT/kernel_ncu.json   # runs the workload under ncu
-    python benchmarks/kernel_ncu.py --workload --batch 256 --labels L.json   # the launches alone
+    python tools/kernel_ncu.py --batch 256 --json OUT/kernel_ncu.json   # runs the workload under ncu
+    python tools/kernel_ncu.py --workload --batch 256 --labels L.json   # the launches alone
 
 The workload launches every Triton kernel of the fast path once per RMT-S stage (224x224: grids
 56/28/14/7, widths 64/128/256/512, heads 4/4/8/16, decomposed MaSA in stages 1-3, full in stage 4) on
@@ -62,19 +62,21 @@ def _recording(labels: List[List[str]], current: List[Optional[str]]):
     name]`` to ``labels`` when ``current[0]`` is set. Launches go through Triton's dispatch (the
     direct launcher is switched off), whose class (``JITFunction``, or ``InterpretedFunction`` under
     ``TRITON_INTERPRET=1``) gets a recording ``run``."""
-    from rmt.ops import dwconv, triton_support
+    import rmt
+    from rmt.ops import dwconv
     cls = type(dwconv._dwconv_nhwc_kernel)
-    run, direct = cls.run, triton_support.DIRECT_LAUNCH
+    run = cls.run
 
     def recording_run(self, *args, **kwargs):
         if current[0]:
             labels.append([current[0], self.fn.__name__])
         return run(self, *args, **kwargs)
-    cls.run, triton_support.DIRECT_LAUNCH = recording_run, False
+    cls.run = recording_run
     try:
-        yield
+        with rmt.fast_path_switches(direct_launch=False):
+            yield
     finally:
-        cls.run, triton_support.DIRECT_LAUNCH = run, direct
+        cls.run = run
 
 
 def _stage_ops(batch: int, side: int, c: int, heads: int, form: str, device: torch.device):

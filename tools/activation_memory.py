@@ -1,7 +1,7 @@
 """What autograd keeps for the backward pass of one training forward, in bytes, by layer.
 
-    python benchmarks/activation_memory.py --model rmt_small --size 224 --batch 128 --impl auto
-    TRITON_INTERPRET=1 python benchmarks/activation_memory.py --device cpu --impl triton --size 112 --batch 1
+    python tools/activation_memory.py --model rmt_small --size 224 --batch 128 --impl auto
+    TRITON_INTERPRET=1 python tools/activation_memory.py --device cpu --impl triton --size 112 --batch 1
 
 Saved tensors are collected with ``torch.autograd.graph.saved_tensors_hooks`` during a bf16
 autocast forward, counted once per storage (views of one tensor share it), and attributed to the

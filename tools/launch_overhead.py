@@ -1,6 +1,6 @@
 """CPU time per call of the eager Triton launches, beside PyTorch's own kernels (CUDA only).
 
-    python benchmarks/launch_overhead.py [--cprofile]
+    python tools/launch_overhead.py [--cprofile]
 
 An eager training step of RMT-S makes about 800 Triton launches; when the GPU finishes kernels
 faster than the CPU issues them, these microseconds set the step time. Each row is the mean CPU

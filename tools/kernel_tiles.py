@@ -1,7 +1,7 @@
 """Tile sizes of the depthwise-conv, LayerNorm and MaSA forward kernels at RMT-S's shapes: time, bandwidth, best choice.
 
-    python benchmarks/kernel_tiles.py --batch 128 --json OUT/kernel_tiles.json
-    TRITON_INTERPRET=1 python benchmarks/kernel_tiles.py --device cpu --batch 1 --smoke   # runs, times nothing useful
+    python tools/kernel_tiles.py --batch 128 --json OUT/kernel_tiles.json
+    TRITON_INTERPRET=1 python tools/kernel_tiles.py --device cpu --batch 1 --smoke   # runs, times nothing useful
 
 For every stage of RMT-S (token grids 56/28/14/7, widths 64/128/256/512, FFN hidden 3x, heads
 4/4/8/16; decomposed MaSA in stages 1-3, full in stage 4) and bf16 inputs, one table row per

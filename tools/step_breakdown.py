@@ -1,6 +1,6 @@
 """GPU time of one RMT training step, piece by piece and stage by stage.
 
-    python benchmarks/step_breakdown.py --model rmt_small --batch 128
+    python tools/step_breakdown.py --model rmt_small --batch 128
 
 One eager step (bf16 autocast, cross-entropy, backward, fused AdamW) runs under ``torch.profiler``
 with every piece of the fused block (:mod:`rmt.ops.block`: depthwise convolutions, LayerNorms, MaSA,

@@ -1,8 +1,8 @@
 """The fast-path kernels of an older revision against this tree's, at RMT-S's shapes, in one process.
 
     git archive <rev> src | tar -x -C /tmp/old          # the revision to compare against
-    python benchmarks/kernel_ab.py --old /tmp/old/src --batch 256 --json OUT/kernel_ab.json
-    TRITON_INTERPRET=1 python benchmarks/kernel_ab.py --old src --device cpu --smoke   # runs, times nothing useful
+    python tools/kernel_ab.py --old /tmp/old/src --batch 256 --json OUT/kernel_ab.json
+    TRITON_INTERPRET=1 python tools/kernel_ab.py --old src --device cpu --smoke   # runs, times nothing useful
 
 For each kernel call of one RMT-S block per stage (the depthwise convolutions' forward and input
 gradient: CPE 3x3, LePE 5x5 on a strided slice of qkv, FFN 3x3 with GELU's derivative in the backward;

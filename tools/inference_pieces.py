@@ -1,7 +1,7 @@
 """GPU time of single inference pieces of RMT-S, the fast version beside what it replaced.
 
-    python benchmarks/inference_pieces.py --batch 256
-    TRITON_INTERPRET=1 python benchmarks/inference_pieces.py --device cpu --batch 1 --size 32 --iters 1  # smoke
+    python tools/inference_pieces.py --batch 256
+    TRITON_INTERPRET=1 python tools/inference_pieces.py --device cpu --batch 1 --size 32 --iters 1  # smoke
 
 Parts (``--parts``, comma separated):
 

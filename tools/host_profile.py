@@ -1,12 +1,12 @@
 """Where the host (CPU) time of eager training steps goes, by source line, from stack samples.
 
-    python benchmarks/host_profile.py --model rmt_small --batch 16 --steps 40
-    python benchmarks/host_profile.py --model rmt_small --batch 16 --steps 40 --infer
+    python tools/host_profile.py --model rmt_small --batch 16 --steps 40
+    python tools/host_profile.py --model rmt_small --batch 16 --steps 40 --infer
 
 ``--infer`` samples inference forward passes instead (``torch.inference_mode``, eval mode).
 
 An eager step waits on the CPU when its kernels finish faster than Python and PyTorch issue them.
-cProfile (``training_step.py --cprofile``) instruments every Python call and so inflates Python-heavy
+cProfile (``benchmarks/training_step.py --cprofile``) instruments every Python call and so inflates Python-heavy
 paths; this script instead samples the stack of the stepping thread every ``--interval-ms`` from a
 second thread (``sys._current_frames``), which costs the step about 2%. Time spent in C (PyTorch's
 dispatcher, the CUDA driver, cuBLAS) is charged to the Python line that called it. The backward runs
@@ -14,7 +14,7 @@ on the calling thread (``torch.autograd.set_multithreading_enabled(False)``; ``-
 autograd's device thread), so autograd's engine is charged to ``loss.backward()`` and the Python
 backward functions appear with their own lines. Sampling from inside needs the GIL, which biases the
 samples towards calls that release it; an outside sampler has no such bias:
-``py-spy record -f raw -o OUT -- python benchmarks/host_profile.py --interval-ms 1000``.
+``py-spy record -f raw -o OUT -- python tools/host_profile.py --interval-ms 1000``.
 
 Prints three tables: the innermost line of this repository's code in each sample (which of our
 calls cost the time, everything below them included), the innermost frame of any code (where the
@@ -88,7 +88,7 @@ STEPS = ("timed_steps", "timed_inference")
 
 
 def timed_steps(model, x, y, opt, steps: int) -> None:
-    """The eager step of ``training_step.py``, its phases on separate lines for the sampler."""
+    """The eager step of ``benchmarks/training_step.py``, its phases on separate lines for the sampler."""
     for _ in range(steps):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = F.cross_entropy(model(x), y)  # PHASE forward
