@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ALIGN_CORNERS = False
+ALIGN_CORNERS: bool = False   # mmsegmentation's resize rule, not a switch
 
 
 def resize(x: torch.Tensor, size) -> torch.Tensor:
