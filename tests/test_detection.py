@@ -213,6 +213,10 @@ def test_train_sampler_partitions_and_resumes():
     assert list(samplers[0]) == parts[0][4:] and len(samplers[0]) == 2
     samplers[0].set_epoch(5)
     assert samplers[0].indices() != parts[0]
+    # step k of the two ranks at batch 2 = step k of one process at batch 4
+    single = TrainSampler(10, batch_size=4, seed=1)
+    single.set_epoch(4)
+    assert single.indices() == [i for k in range(3) for r in range(2) for i in parts[r][2 * k:2 * k + 2]]
 
 
 def test_perfect_detections_score_100_ap(shapes):
