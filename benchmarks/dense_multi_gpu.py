@@ -238,6 +238,8 @@ def prepare_data(task: str, s: Dict[str, Any], root: Path) -> Path:
 def run_task(task: str, s: Dict[str, Any], work: Path, kill: bool = True, timeout: float = 1800) -> Dict[str, Any]:
     """(a)-(d) for one task; every run writes into ``work/TASK/NAME``."""
     env, steps, batch = run_env(s["device"]), s["steps"], s["batch"]
+    if task == "upernet" and s["seg_head"] == "upernet" and batch < 2:
+        batch = 2  # the pooling branch's BatchNorm sees one value per channel at batch 1 without SyncBN
     data = prepare_data(task, s, work / "data")
     base = work / task
     base.mkdir(parents=True, exist_ok=True)
