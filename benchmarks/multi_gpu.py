@@ -22,25 +22,14 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import rmt  # noqa: E402
 from rmt.classification import config  # noqa: E402
 from rmt.classification.train import Trainer, make_run_dir  # noqa: E402
-from rmt.engine import cleanup_distributed, setup_distributed  # noqa: E402
+from rmt.engine import cleanup_distributed, rank_param_disagreement, setup_distributed  # noqa: E402
 from rmt.engine.metrics_log import read_jsonl  # noqa: E402
-
-
-def rank_disagreement(model: torch.nn.Module) -> float:
-    """Largest absolute difference of any parameter between this rank and the others."""
-    flat = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0.0
-    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, flat)
-    return max((g - gathered[0]).abs().max().item() for g in gathered)
 
 
 def main() -> int:
@@ -77,7 +66,7 @@ def main() -> int:
     cfg = config.resolve(options)
     trainer = Trainer(cfg, info, make_run_dir(cfg, info, None))
     trainer.fit()
-    gap = rank_disagreement(trainer.model)
+    gap = rank_param_disagreement(trainer.model)
     if info.is_main:
         records = read_jsonl(Path(trainer.run_dir) / "log.jsonl")
         windows = [r["img_per_s"] for r in records if r.get("event") == "train" and r.get("img_per_s")]

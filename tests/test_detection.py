@@ -213,6 +213,10 @@ def test_train_sampler_partitions_and_resumes():
     assert list(samplers[0]) == parts[0][4:] and len(samplers[0]) == 2
     samplers[0].set_epoch(5)
     assert samplers[0].indices() != parts[0]
+    # step k of the two ranks at batch 2 = step k of one process at batch 4
+    single = TrainSampler(10, batch_size=4, seed=1)
+    single.set_epoch(4)
+    assert single.indices() == [i for k in range(3) for r in range(2) for i in parts[r][2 * k:2 * k + 2]]
 
 
 def test_perfect_detections_score_100_ap(shapes):
@@ -438,7 +442,9 @@ def test_cli_errors_are_clear(tmp_path, capsys):
 
 
 def test_torchrun_two_processes_train_and_evaluate(shapes, tmp_path):
-    """DDP on CPU (gloo): two ranks train two steps, evaluate sharded, rank 0 writes one checkpoint."""
+    """DDP on CPU (gloo): two ranks train three steps at batch 1, evaluate sharded, rank 0 writes one
+    checkpoint; the ranks end with equal weights, and (frozen BatchNorm, RetinaNet's per-image
+    normalised losses) the loss curve is one process's at batch 2 up to float rounding."""
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("torchrun not installed next to the interpreter")
@@ -446,13 +452,23 @@ def test_torchrun_two_processes_train_and_evaluate(shapes, tmp_path):
            "--train-images", str(shapes / "train"), "--train-ann", str(shapes / "annotations/instances_train.json"),
            "--val-images", str(shapes / "val"), "--val-ann", str(shapes / "annotations/instances_val.json"),
            "--out", str(tmp_path / "ddp"), "--epochs", "1", "--batch-size", "1", "--eval-every", "0",
-           "--detector", "retinanet", *TINY_CLI]
+           "--detector", "retinanet", "--bn", "frozen", "--log-every", "1", *TINY_CLI]
     env = {"OMP_NUM_THREADS": "1", "PATH": str(Path(sys.executable).parent), "PYTHONPATH": ":".join(sys.path)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = torch.load(tmp_path / "ddp/last.pth", weights_only=True)
     assert state["step"] == 3 and len(state["rng"]) == 2  # 6 images / (1 x 2 ranks)
     assert state["metrics"]["num_images"] == 4  # every val image evaluated once across the ranks
+    records = [json.loads(line) for line in (tmp_path / "ddp/log.jsonl").read_text().splitlines()]
+    ranks = [r for r in records if r.get("event") == "ranks"]
+    assert len(ranks) == 1 and ranks[0]["step"] == 3 and ranks[0]["rank_max_param_diff"] == 0.0
+    one = tmp_path / "one"  # one process, the same 3 global batches of 2
+    assert main(cmd[cmd.index("train") - 1:] + ["--out", str(one), "--batch-size", "2"]) == 0
+    curves = [[r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+              for out in (tmp_path / "ddp", one)]
+    assert len(curves[0]) == len(curves[1]) == 3
+    np.testing.assert_allclose(curves[0], curves[1], rtol=1e-4)
+    assert curves[0][0] != curves[0][2]  # the weights moved
 
 
 def _benchmark_module():

@@ -227,7 +227,9 @@ class TrainSampler(Sampler[int]):
     """Shuffled indices of one rank for one epoch, resumable in the middle of the epoch.
 
     Every rank gets the same number of indices (the permutation is padded by wrapping around),
-    so DDP ranks run the same number of steps. The order depends only on ``(seed, epoch)``.
+    so DDP ranks run the same number of steps. The order depends only on ``(seed, epoch)``, and
+    step ``k`` of rank ``r`` takes the ``r``-th slice of the ``k``-th global batch of that order:
+    ``W`` processes at batch ``B`` see the same images per step as one process at batch ``W * B``.
     """
 
     def __init__(self, size: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
@@ -248,7 +250,9 @@ class TrainSampler(Sampler[int]):
         order = torch.randperm(self.size, generator=g).tolist()
         total = self.per_rank * self.world_size
         order = (order * math.ceil(total / self.size))[:total]
-        return order[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+        global_batch = self.batch_size * self.world_size
+        return [i for start in range(self.rank * self.batch_size, total, global_batch)
+                for i in order[start:start + self.batch_size]]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices()[self.skip:])

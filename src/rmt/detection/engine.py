@@ -2,7 +2,8 @@
 
 ``train(config)`` runs the mmdetection-style recipe (AdamW, linear warm-up, step decay), logs to
 ``OUT/log.jsonl`` with a PNG of the curves, evaluates COCO AP, and writes ``OUT/last.pth``
-atomically every ``save_every`` iterations and at each epoch end. A checkpoint holds the model,
+atomically every ``save_every`` iterations and at each epoch end. Under torchrun the run ends by
+logging the largest parameter difference between ranks (``{"event": "ranks", ...}``). A checkpoint holds the model,
 optimizer, scheduler, position in the epoch, the settings and every rank's RNG states, so a
 resumed run continues exactly where the interrupted one was.
 """
@@ -21,8 +22,8 @@ from tqdm import tqdm
 
 from ..bad_images import BadImageError, SkipReport, bad_image_problem
 from ..engine import (DistInfo, JsonlLogger, capture_rng_state, cleanup_distributed, load_checkpoint,
-                      plot_curves, remove_partial_writes, restore_rng_state, save_checkpoint, seed_everything,
-                      setup_distributed)
+                      plot_curves, remove_partial_writes, report_rank_agreement, restore_rng_state,
+                      save_checkpoint, seed_everything, setup_distributed)
 from ..engine.distributed import all_reduce_mean
 from .config import TEST_SIZE, WARMUP_RATIO, TrainConfig, merge_config
 from .data import CocoInstances, TrainSampler, collate, collate_train, find_split, shard_indices
@@ -342,6 +343,7 @@ def _train(cfg: TrainConfig, info: DistInfo, state: Optional[Dict[str, Any]], re
         raise BadImageError(f"{bad_image_problem(e)}. Training stopped; {saved} in '{out / 'last.pth'}': "
                             "replace or remove the image and continue with --resume, or add --skip-bad-images "
                             "to count and skip such images") from None
+    report_rank_agreement(model, logger, step, info.is_main)  # torchrun: every rank's weights alike?
     if skipped_images.count and info.is_main:
         print(f"training: {skipped_images.summary()}")
     if info.is_main:

@@ -85,3 +85,43 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
+
+
+def rank_param_disagreement(model: torch.nn.Module) -> float:
+    """Largest absolute difference of any parameter element between any two ranks (0.0 alone).
+
+    Every rank must call it (two collectives). The parameters are flattened to one float32 vector
+    of ``P`` elements; its element-wise maximum and minimum over ranks are all-reduced, so the
+    memory is ``2 P`` floats whatever the number of ranks. Sharded parameters (FSDP2 DTensors)
+    are gathered whole first. DDP-wrapped models can be passed as they are.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0.0
+    parts = []
+    for p in model.parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p  # DTensor -> whole tensor
+        parts.append(full.detach().float().reshape(-1))
+    if not parts:
+        return 0.0
+    high = torch.cat(parts)
+    low = high.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    return (high - low).abs().max().item()
+
+
+def report_rank_agreement(model: torch.nn.Module, logger, step: int, is_main: bool) -> Optional[float]:
+    """At the end of a multi-process run: print (rank 0) and log the ranks' parameter disagreement.
+
+    Logs ``{"event": "ranks", "step": step, "world_size": W, "rank_max_param_diff": d}`` through
+    ``logger`` (a :class:`~rmt.engine.metrics_log.JsonlLogger`, enabled on rank 0). Returns ``d``,
+    or None for a single process (nothing printed or logged).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    gap = rank_param_disagreement(model)
+    logger.log({"event": "ranks", "step": step, "world_size": dist.get_world_size(), "rank_max_param_diff": gap})
+    if is_main:
+        print(f"ranks agree: largest parameter difference between the {dist.get_world_size()} processes "
+              f"after step {step} is {gap:.3g}")
+    return gap

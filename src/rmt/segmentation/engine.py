@@ -8,7 +8,8 @@ under torchrun (DDP, SyncBatchNorm); bf16 autocast on CUDA.
 Nothing is lost on interruption: ``OUT/last.pt`` is rewritten atomically every
 ``checkpoint_interval`` iterations and when the run stops (Ctrl-C or SIGTERM stop it cleanly at
 the end of the current iteration), and resuming continues exactly: the sampler position,
-per-sample augmentation seeds, optimizer, schedule and every RNG state come back.
+per-sample augmentation seeds, optimizer, schedule and every RNG state come back. Under torchrun
+the run ends by logging the largest parameter difference between ranks (``{"event": "ranks", ...}``).
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ from tqdm.auto import tqdm
 
 from ..bad_images import BadImageError, SkipReport, bad_image_problem
 from ..engine import (DistInfo, JsonlLogger, capture_rng_state, cleanup_distributed, load_checkpoint,
-                      plot_curves, remove_partial_writes, restore_rng_state, save_checkpoint, seed_everything,
-                      setup_distributed)
+                      plot_curves, remove_partial_writes, report_rank_agreement, restore_rng_state,
+                      save_checkpoint, seed_everything, setup_distributed)
 from ..engine.distributed import all_reduce_mean, all_reduce_sum
 from .data import (IGNORE_INDEX, EvalTransform, SegmentationFolder, TrainTransform, collate_skipping_bad,
                    parse_size, read_class_names, read_dataset_meta)
@@ -400,6 +401,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> Dict[str, Any]:
                 checkpoint(done)
                 break
     bar.close()
+    report_rank_agreement(model, logger, done, dist.is_main)  # torchrun: every rank's weights alike?
     if skipped_images.count:
         print(f"training: {skipped_images.summary()}")
     if dist.is_main and done < iterations:
