@@ -20,6 +20,9 @@ DATA = Path(__file__).parent / "data"
 SMALL_ARGS = dict(embed_dims=(16, 32, 64, 128), depths=(1, 2, 2, 1), num_heads=(2, 2, 4, 8),
                   heads_ranges=(4, 4, 6, 6), mlp_ratios=(3, 3, 4, 3), layerscales=(False, False, True, True),
                   head_hidden_size=64, drop_path_rate=0.0)
+# one block per stage: whole-model checks of the Triton kernels, which Triton's interpreter runs on
+# the CPU at seconds per block (both forms, layer scale on and off, every stage's grid)
+ONE_BLOCK_ARGS = dict(SMALL_ARGS, depths=(1, 1, 1, 1))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

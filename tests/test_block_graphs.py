@@ -105,7 +105,7 @@ def test_block_graphs_setting_is_per_model_and_survives_copies():
 def test_block_graphs_on_cpu_train_eagerly_with_the_same_numbers():
     from rmt.ops.block_graphs import graphs_of
     set_fast_path(block_graph_warmup_calls=0)  # on CUDA the second step would capture
-    model, twin = _twins()
+    model, twin = _twins(depths=(1, 1, 1, 1))
     x = torch.randn(1, 3, 32, 36)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # (an attempted capture that failed would warn)

@@ -45,9 +45,10 @@ def test_released_layout_matches_official_key_list(name):
         assert tuple(released[k].shape) == shape, k
 
 
-@pytest.mark.parametrize("name", list(SHORT))
+@pytest.mark.parametrize("name", ["rmt_tiny", "rmt_base"])
 def test_round_trip_through_released_layout(name):
-    """our model -> released layout -> our model gives identical outputs."""
+    """our model -> released layout -> our model gives identical outputs (RMT-T without layer scale,
+    RMT-B with it; every variant's key layout is checked against the released key lists above)."""
     model = _randomize(timm.create_model(name)).eval()
     released = ours_to_released(model.state_dict(), model)
     again = timm.create_model(name).eval()

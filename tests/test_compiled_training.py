@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from rmt.ops.masa import HAS_TRITON
 
-from conftest import SMALL_ARGS, rel_err
+from conftest import ONE_BLOCK_ARGS, SMALL_ARGS, rel_err
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -44,7 +44,7 @@ def _step(run, model, x, y):
 def test_training_graph_takes_the_opaque_kernel_ops():
     """A compiled training step launches MaSA and the depthwise convolutions from the opaque ops
     (strides read at run time); inference keeps the traced-through ops."""
-    model = timm.create_model("rmt_tiny", masa_impl="triton", num_classes=3, **SMALL_ARGS).to(DEVICE).train()
+    model = timm.create_model("rmt_tiny", masa_impl="triton", num_classes=3, **ONE_BLOCK_ARGS).to(DEVICE).train()
     x = torch.randn(1, 3, 40, 36, device=DEVICE)
     names = _ops_in_graph(model, x)
     assert any("masa_attend_train" in n for n in names), names
@@ -61,7 +61,8 @@ def test_compiled_training_step_matches_eager(size, monkeypatch):
     monkeypatch.setattr(rmt.norm, "triton_layer_norm_supported", lambda *args: False)  # as under compile
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
-    model = timm.create_model("rmt_tiny", masa_impl="triton", num_classes=5, **SMALL_ARGS).to(DEVICE).train()
+    model = timm.create_model("rmt_tiny", masa_impl="triton", num_classes=5,
+                              **(SMALL_ARGS if CUDA else ONE_BLOCK_ARGS)).to(DEVICE).train()
     x = torch.randn(2, 3, *size, device=DEVICE)
     y = torch.tensor([1, 4], device=DEVICE)
     torch._dynamo.reset()

@@ -10,7 +10,7 @@ import torch
 from rmt.config import set_fast_path
 from rmt.ops.masa import HAS_TRITON, masa, masa_reference, rotation_tables, head_decays
 
-from conftest import SMALL_ARGS, golden_model_kwargs, rel_err
+from conftest import ONE_BLOCK_ARGS, SMALL_ARGS, golden_model_kwargs, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
@@ -235,8 +235,8 @@ def test_model_training_gradients_fused_path_match_reference():
     """Whole model, fp32: every parameter's gradient through the Triton MaSA, depthwise-conv and
     FFN-tail kernels matches the reference path."""
     torch.manual_seed(0)
-    fast = timm.create_model("rmt_tiny", num_classes=5, masa_impl="triton", **SMALL_ARGS).to(DEVICE)
-    ref = timm.create_model("rmt_tiny", num_classes=5, masa_impl="reference", **SMALL_ARGS).to(DEVICE)
+    fast = timm.create_model("rmt_tiny", num_classes=5, masa_impl="triton", **ONE_BLOCK_ARGS).to(DEVICE)
+    ref = timm.create_model("rmt_tiny", num_classes=5, masa_impl="reference", **ONE_BLOCK_ARGS).to(DEVICE)
     ref.load_state_dict(fast.state_dict())
     x = torch.randn(2, 3, 40, 36, device=DEVICE)
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
