@@ -106,7 +106,7 @@ def resume_args(task: str, s: Dict[str, Any], out: Path, steps: int) -> List[str
     """Arguments continuing the run in ``out`` from its last checkpoint."""
     common = ["--device", s["device"], "--workers", str(s["workers"]), "--out", str(out)]
     if task == "upernet":
-        return ["segment", "train", "--resume", "--log-interval", "1", *common]  # not kept by the checkpoint
+        return ["segment", "train", "--resume", *common]
     return ["detect", "train", "--resume", str(out / "last.pth"), "--max-steps", str(steps), *common]
 
 

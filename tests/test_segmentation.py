@@ -19,7 +19,7 @@ from rmt.cli import main
 from rmt.engine.metrics_log import read_jsonl
 from rmt.segmentation.data import (IGNORE_INDEX, ADE20K_CLASSES, SegmentationFolder, TrainTransform,
                                    read_class_names, reduce_zero_label, rescale_size)
-from rmt.segmentation.engine import TrainConfig, train
+from rmt.segmentation.engine import TrainConfig, resolve_config, train
 from rmt.segmentation.evaluation import load_trained
 from rmt.segmentation.inference import predict_probs, slide_logits, window_starts
 from rmt.segmentation.metrics import confusion_matrix, scores
@@ -264,6 +264,22 @@ def test_resume_continues_exactly(trained, tmp_path):
     a = [r["train_loss"] for r in read_jsonl(out / "log.jsonl") if "train_loss" in r]
     b = [r["train_loss"] for r in read_jsonl(part / "log.jsonl") if "train_loss" in r]
     assert a == b
+
+
+def test_resume_keeps_the_saved_settings_and_refuses_changed_ones(trained):
+    """``rmt segment train --out OUT --resume`` (every other option at its default) continues with the
+    saved settings, runtime ones included unless given; a changed training setting is refused."""
+    data, out, _ = trained
+    cfg, ckpt = resolve_config(TrainConfig(data="", out=str(out), resume="auto"))
+    assert ckpt is not None and cfg.data == str(data)
+    assert (cfg.model, cfg.head, cfg.iterations, cfg.crop_size, cfg.backbone_kwargs) == (
+        "rmt_tiny", "fpn", 10, (64, 64), dict(TINY))
+    assert (cfg.log_interval, cfg.workers, cfg.device, cfg.stop_after) == (1, 0, "cpu", None)
+    again, _ = resolve_config(TrainConfig(data="", out=str(out), resume="auto", workers=2, stop_after=3))
+    assert (again.workers, again.stop_after, again.log_interval) == (2, 3, 1)
+    with pytest.raises(ValueError, match=r"--iters 20 \(the run has 10\), --lr 0.5 \(the run has 0.001\) "
+                                         r"was given: drop those options"):
+        resolve_config(TrainConfig(data="", out=str(out), resume="auto", iterations=20, lr=0.5))
 
 
 def test_a_pair_that_fails_to_load_stops_with_a_checkpoint_or_is_skipped(tmp_path, capsys):

@@ -62,7 +62,8 @@ RECIPES: Dict[str, Recipe] = {
     "upernet": Recipe(160_000, 6e-5, 0.01, 1.0, 0.0, 1500, 1e-6, True, 0.4, 8000),
 }
 
-# fields that may change when a run is resumed; everything else comes from the checkpoint
+# fields that may change when a run is resumed (device, workers and log interval stay as saved unless
+# given); everything else comes from the checkpoint, and giving another value is an error
 RUNTIME_FIELDS = ("out", "resume", "device", "workers", "stop_after", "log_interval", "skip_bad_images")
 
 
@@ -173,10 +174,32 @@ def resolve_config(cfg: TrainConfig) -> Tuple[TrainConfig, Optional[Dict[str, An
     ckpt = load_checkpoint(path)
     saved = dict(ckpt["config"])
     saved.setdefault("decoder", "smp")  # runs started before the mmseg decoder existed used smp's
-    saved.update({k: getattr(cfg, k) for k in RUNTIME_FIELDS})
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    # a setting left at its default keeps the saved value; one given differently must not change the run
+    changed = [k for k, v in dataclasses.asdict(cfg).items()
+               if k not in RUNTIME_FIELDS and k != "data" and k in saved and k in defaults
+               and v != defaults[k] and _comparable(v) != _comparable(saved[k])]
+    if changed:
+        given = ", ".join(f"{_option(k)} {getattr(cfg, k)!r} (the run has {saved[k]!r})" for k in changed)
+        raise ValueError(f"resuming '{path}' keeps the settings it was started with, but {given} was given: "
+                         "drop those options to continue the run, or start a new one with another --out")
+    # this invocation's own settings; device, workers and log interval as saved unless given
+    saved.update({k: getattr(cfg, k) for k in RUNTIME_FIELDS
+                  if k in ("out", "resume", "stop_after", "skip_bad_images")
+                  or getattr(cfg, k) != defaults[k] or k not in saved})
     if cfg.data:  # the dataset may have moved
         saved["data"] = cfg.data
     return TrainConfig(**saved), ckpt
+
+
+def _comparable(value: Any) -> Any:
+    """Tuples and lists compare alike (a checkpoint's config may hold either)."""
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def _option(name: str) -> str:
+    """The ``rmt segment train`` option of a :class:`TrainConfig` field."""
+    return {"iterations": "--iters", "drop_path_rate": "--drop-path"}.get(name, "--" + name.replace("_", "-"))
 
 
 def prepare_data(cfg: TrainConfig, dist: DistInfo) -> Path:
