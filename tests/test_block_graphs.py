@@ -109,10 +109,9 @@ def test_block_graphs_on_cpu_train_eagerly_with_the_same_numbers():
     x = torch.randn(1, 3, 32, 36)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # (an attempted capture that failed would warn)
-        for seed in range(2):
-            _assert_same(_step(model, x, seed), _step(twin, x, seed), 1e-6)
+        _assert_same(_step(model, x, 0), _step(twin, x, 0), 1e-6)   # with no warm-up, CUDA would capture
     assert _stats(model) == (0, 0)
-    assert all(graphs_of(b).eager_backwards == 2 for b in _blocks(model))
+    assert all(graphs_of(b).eager_backwards == 1 for b in _blocks(model))
 
 
 @needs_cuda

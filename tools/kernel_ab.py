@@ -173,7 +173,7 @@ def main() -> int:
     old = load_old(Path(args.old).resolve())
     scaled = [(max(1, side * args.size // 224), c) for side, c in STAGES]
     # ((grid side, width), blocks, heads, full form): RMT-S's full form is stage 4's
-    stages = ([((5, 32), 1, 2, False)] if args.smoke
+    stages = ([((4, 16), 1, 2, False)] if args.smoke
               else [(st, nb, nh, i == 3) for i, (st, nb, nh) in enumerate(zip(scaled, BLOCKS, HEADS))])
     iters = 1 if args.smoke else args.iters
     batch = 1 if args.smoke else args.batch
