@@ -94,11 +94,11 @@ def format_table(results: List[Dict[str, Any]]) -> str:
 
 
 
-def _backbone_ms(name: str, device: torch.device, warmup: int, steps: int) -> Dict[str, Any]:
-    """Milliseconds of a ``features_only`` forward+backward at 1344x800, batch 2, bf16 autocast."""
+def _backbone_ms(name: str, device: torch.device, warmup: int, steps: int, size=(800, 1344)) -> Dict[str, Any]:
+    """Milliseconds of a ``features_only`` forward+backward at ``size`` (H, W), batch 2, bf16 autocast."""
     import timm
     model = timm.create_model(name, features_only=True, pretrained=False).to(device).train()
-    x = torch.randn(2, 3, 800, 1344, device=device)
+    x = torch.randn(2, 3, *size, device=device)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):

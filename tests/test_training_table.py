@@ -79,3 +79,10 @@ def test_every_row_measures_both_sides_and_shares_peers(table, monkeypatch):
     assert by_key["maskrcnn_s"]["ours_peak_gib"] == 2.0
     assert by_key["upernet"]["ours_value"] == 150.0 and by_key["backbone"]["peer_value"] == 10.0
     assert len(table.format_table(results).splitlines()) == 2 + len(table.ROWS)
+
+
+def test_backbone_row_runs_a_real_forward_and_backward(table):
+    """The backbone row's own measurement (the others reuse the detection, segmentation and
+    training-step scripts, tested beside them), at a CPU-sized input."""
+    got = table._backbone_ms("rmt_tiny", torch.device("cpu"), 0, 1, size=(64, 96))
+    assert got["value"] > 0
