@@ -6,7 +6,7 @@ import torch
 from rmt.config import set_fast_path
 from rmt.ops.masa import HAS_TRITON
 
-from conftest import SMALL_ARGS, rel_err
+from conftest import ONE_BLOCK_ARGS, SMALL_ARGS, rel_err
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="the fused inference block runs the Triton kernels")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -57,10 +57,10 @@ def test_inference_block_matches_modules_fp32(monkeypatch):
 
 
 def test_layer_scale_blocks_keep_the_module_path(monkeypatch):
-    model = _model()   # SMALL_ARGS: layer scale in the last two stages
+    model = _model(depths=ONE_BLOCK_ARGS["depths"])   # layer scale in the last two stages
     x = torch.randn(1, 3, 32, 32, device=DEVICE)
     fused, plain, calls = _both(model, x, monkeypatch)
-    assert calls == sum(d for d, ls in zip(SMALL_ARGS["depths"], SMALL_ARGS["layerscales"]) if not ls)
+    assert calls == sum(d for d, ls in zip(ONE_BLOCK_ARGS["depths"], ONE_BLOCK_ARGS["layerscales"]) if not ls) == 2
     assert rel_err(fused, plain) <= 1e-5
 
 
@@ -106,7 +106,7 @@ def test_training_hooks_and_active_drop_path_keep_other_paths(monkeypatch):
 def test_replaced_layers_keep_the_module_path(monkeypatch):
     """Blocks whose norm, attention or Linear layer was swapped for another module (PyTorch's
     LayerNorm, a wrapper) run module by module with that module, and the other blocks stay fused."""
-    model = _model(layerscales=(False,) * 4)
+    model = _model(layerscales=(False,) * 4, depths=ONE_BLOCK_ARGS["depths"])
     x = torch.randn(1, 3, 32, 32, device=DEVICE)
     blocks = [blk for st in model.stages for blk in st.blocks]
     with torch.no_grad():
