@@ -38,6 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from rmt.benchmark import environment  # noqa: E402
 from rmt.engine.metrics_log import read_jsonl  # noqa: E402
 
 TASKS = ("mask_rcnn", "cascade_mask_rcnn", "upernet")
@@ -348,11 +349,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         t0 = time.perf_counter()
         results.append(run_task(task, s, out, kill=not args.no_kill))
         results[-1]["wall_s"] = round(time.perf_counter() - t0, 1)
-    import timm
     import torchvision
-    meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                backend="nccl" if device == "cuda" else "gloo", torch=torch.__version__,
-                torchvision=torchvision.__version__, timm=timm.__version__, settings=s)
+    meta = dict(environment(torch.device(device)), backend="nccl" if device == "cuda" else "gloo",
+                torchvision=torchvision.__version__, settings=s)
     table = markdown_table(results)
     print(f"device {meta['device']} ({meta['backend']}), torch {meta['torch']}, torchvision "
           f"{meta['torchvision']}, timm {meta['timm']}")
